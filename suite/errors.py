@@ -1,0 +1,33 @@
+"""One exception hierarchy, so the CLI can turn any user-facing failure into one `error:` line."""
+
+
+class PruneBenchError(Exception):
+    """Base of every error a user can act on; the CLI prints it as `error: <message>` and exits 2."""
+
+
+class ConfigError(PruneBenchError):
+    """A setting, override or target is invalid."""
+
+
+class UnsupportedModel(PruneBenchError):
+    """The model's family or shape is outside what the structure adapters understand."""
+
+
+class MaskMismatch(PruneBenchError):
+    """Masks were made for a different structure than the one they are applied to."""
+
+
+class TargetUnreachable(PruneBenchError):
+    """The requested sparsity cannot be met under the given constraints."""
+
+
+class UnknownMethod(PruneBenchError):
+    """No pruning method is registered under the requested name."""
+
+
+class ModelLoadError(PruneBenchError):
+    """A model spec could not be resolved or loaded (missing directory, unreachable hub, bad checkpoint)."""
+
+
+class DataError(PruneBenchError):
+    """A text source, data set or calibration spec cannot be resolved."""

@@ -1,0 +1,88 @@
+"""Resolve a model spec (a local directory, or a hub id) to a loaded model and its tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from suite.errors import ConfigError, ModelLoadError, PruneBenchError
+from suite.hub import hub_unreachable_reason, is_cached, offline, require_hub
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve(spec: str) -> Path | str:
+    """A local directory for `zoo:NAME` and path specs, or the hub id itself."""
+    if spec.startswith("zoo:"):
+        from suite import zoo
+
+        return zoo.resolve(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{spec} is not a model directory (no config.json)")
+        return path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model directory {spec} does not exist")
+    return spec
+
+
+def quiet_transformers() -> None:
+    """transformers' per-load progress bars and advisory logs drown the suite's own progress; keep errors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_model(spec: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer or None). Pruned checkpoints of any shape load through load_pruned."""
+    from suite.compact import load_pruned
+
+    quiet_transformers()
+    torch_dtype = parse_dtype(dtype)
+    where = resolve(spec)
+    if isinstance(where, Path):
+        try:
+            model = load_pruned(where, torch_dtype)
+        except PruneBenchError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise ModelLoadError(f"cannot load model from {where}: {str(err).splitlines()[0]}") from None
+        return model, _tokenizer(str(where), local_only=True)
+    return _load_hub(where, torch_dtype)
+
+
+def _tokenizer(where: str, local_only: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    path = Path(where)
+    if path.is_dir() and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(where, local_files_only=local_only)
+
+
+def _load_hub(model_id: str, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
+    """Download (or reuse the cache); with the hub unreachable, a cached copy still loads, anything else fails fast."""
+    from transformers import AutoModelForCausalLM
+
+    reason = hub_unreachable_reason()
+    if reason is not None and not is_cached(model_id, "config.json"):
+        require_hub(f"model {model_id!r}")
+    context = offline() if reason is not None else contextlib.nullcontext()
+    try:
+        with context:
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype or "auto")
+            return model.eval(), _tokenizer(model_id, local_only=reason is not None)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load {model_id!r} from the hub: {str(err).splitlines()[0]}") from None

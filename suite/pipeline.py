@@ -1,0 +1,97 @@
+"""One pruning run on a loaded model: prune, verify compact == gated, compact, measure, and write the outputs.
+
+The CLI's `prune` and the orchestrator share this path, so a number means the same thing wherever it is made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from suite.compact import save_pruned, verified_compact
+from suite.masks import Target
+from suite.pruner import MethodConfig, PruneResult, get_method
+from suite.structures import build_structure
+
+log = logging.getLogger(__name__)
+PROBE_SHAPE = (2, 16)
+VERIFY_TOLERANCE = 1e-3  # fp32; compact and gated logits agree to ~1e-6 when compaction is right
+
+
+@dataclass
+class PruneOutcome:
+    result: PruneResult
+    metrics: dict[str, Any]
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune_model(
+    model: nn.Module,
+    method: str,
+    hyperparameters: MethodConfig,
+    target: Target,
+    *,
+    seed: int = 0,
+    granularity: str = "kv_group",
+    calibration: Any = None,
+    step_callback: Any = None,
+) -> PruneOutcome:
+    """Prune `model` in place and compact it; metrics carry the keys of DESIGN.md's metrics.json contract."""
+    torch.manual_seed(seed)
+    structure = build_structure(model, granularity)
+    pruner = get_method(method)(hyperparameters)
+    pruner.step_callback = step_callback
+    start = time.perf_counter()
+    result = pruner.prune(model, structure, calibration, target, seed=seed)
+    prune_seconds = time.perf_counter() - start
+    masks = result.masks
+    masks.check(structure)
+    masks.meta |= {"method": method, "seed": seed, "target": target.model_dump(mode="json")}
+    probe = torch.randint(model.config.vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    diff = verified_compact(model, structure, masks, probe.to(device))
+    if diff > VERIFY_TOLERANCE and next(model.parameters()).dtype == torch.float32:
+        log.warning("compact model differs from the gated model by %.3g", diff)
+    removed = masks.removed_params(structure)
+    params_compact = param_count(model)
+    if params_compact != structure.total_params - removed:
+        raise RuntimeError(f"compaction removed {structure.total_params - params_compact} params, masks say {removed}")
+    metrics = {
+        "method": method,
+        "hyperparameters": hyperparameters.model_dump(mode="json"),
+        "target": target.model_dump(mode="json"),
+        "seed": seed,
+        "granularity": granularity,
+        "sparsity": masks.sparsity(structure),
+        "total_sparsity": masks.total_sparsity(structure),
+        "params_dense": structure.total_params,
+        "params_prunable": structure.prunable_params,
+        "params_compact": params_compact,
+        "prune_seconds": prune_seconds,
+        "compact_vs_gated_max_abs_diff": diff,
+        "structure_fingerprint": structure.fingerprint,
+        "family": structure.family,
+        "calibration": getattr(calibration, "spec", None),
+        "calibration_hash": getattr(calibration, "content_hash", None),
+    } | {f"diag_{k}": v for k, v in result.diagnostics.items()}
+    return PruneOutcome(result, metrics)
+
+
+def write_outputs(out: Path, model: nn.Module, tokenizer: Any, outcome: PruneOutcome) -> None:
+    """DIR/model/ (compact model + tokenizer), DIR/masks.safetensors + masks.json, DIR/metrics.json, curves."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_pruned(model, out / "model", tokenizer)
+    outcome.result.masks.save(out)
+    if outcome.result.curves:
+        (out / "curves.json").write_text(json.dumps(outcome.result.curves))
+    (out / "metrics.json").write_text(json.dumps(outcome.metrics, indent=1, sort_keys=True))

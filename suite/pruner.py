@@ -1,0 +1,137 @@
+"""The Pruner contract, PruneResult, and the method registry.
+
+A method is one module and one decorator: `@register("name")` on a `Pruner` subclass with a pydantic `Config`.
+The registry finds methods by importing every module of the method packages (`baselines`, `ddp`) and any
+`prunebench.methods` entry point of an installed plugin, the first time a method is asked for; suite/ never
+imports a method by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from suite.errors import UnknownMethod
+from suite.masks import Masks, Normalize, SelectionMode, Target, select
+from suite.structures import Structure
+
+METHOD_PACKAGES = ("baselines", "ddp")
+ENTRY_POINT_GROUP = "prunebench.methods"
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's hyperparameters: unknown keys are refused, values are type-checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SelectionConfig(MethodConfig):
+    """How a score-based method turns its scores into masks (suite.masks.select)."""
+
+    selection: SelectionMode = Field("per_layer", description="global ranking, per-layer uniform ratio, or uniform")
+    normalize: Normalize = Field("per_param", description="rank global scores per parameter or raw")
+
+
+@dataclass
+class PruneResult:
+    """What a pruner hands back: masks (plus any weight changes made in place), curves, timings, diagnostics."""
+
+    masks: Masks
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class Pruner(ABC):
+    """prune(model, structure, calibration, target) -> PruneResult.
+
+    The runner hands every pruner a freshly loaded model; a pruner may change weights in place (reconstruction
+    methods do) but must leave no hooks or swapped modules behind.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+        # called as step_callback(step, curves) by iterative methods (tuning reports intermediate losses)
+        self.step_callback: Callable[[int, dict[str, list[float]]], None] | None = None
+
+    @abstractmethod
+    def prune(
+        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+    ) -> PruneResult:
+        """Choose the units to remove so that `target` is met."""
+
+
+class ScorePruner(Pruner):
+    """A method that scores units once and keeps the best under the target, through the shared `select`."""
+
+    Config: ClassVar[type[MethodConfig]] = SelectionConfig
+
+    @abstractmethod
+    def scores(self, model: nn.Module, structure: Structure, calibration: Any, *, seed: int) -> dict[str, Tensor]:
+        """Per group [n_units], higher = more important."""
+
+    def prune(
+        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+    ) -> PruneResult:
+        scores = self.scores(model, structure, calibration, seed=seed)
+        masks = select(structure, scores, target, mode=self.config.selection, normalize=self.config.normalize)
+        return PruneResult(masks)
+
+
+_REGISTRY: dict[str, type[Pruner]] = {}
+_discovered = False
+
+
+def register(name: str):
+    """Class decorator: make a Pruner available under `name`."""
+
+    def decorate(cls: type[Pruner]) -> type[Pruner]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    for package in METHOD_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{package}.{info.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+    _discovered = True
+
+
+def methods() -> Mapping[str, type[Pruner]]:
+    """Every registered method, by name."""
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> type[Pruner]:
+    """The method class registered as `name`; an unknown name is refused with the closest matches."""
+    known = methods()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise UnknownMethod(f"unknown method {name!r}{hint} (registered: {', '.join(known)})")
+    return known[name]
