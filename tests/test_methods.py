@@ -1,0 +1,59 @@
+"""The contract every registered method must keep, on every family: runs, hits the target, compact == gated,
+and the same seed gives the same masks. A new method joins this matrix by being registered."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from suite.compact import verified_compact
+from suite.masks import Target
+from suite.pruner import get_method, methods
+from suite.structures import build_structure
+from suite.testing import quick_config, tiny_calibration, tiny_model
+
+METHODS = sorted(methods())
+
+
+def _run(method: str, family: str, granularity: str, sparsity: float, seed: int = 0):
+    model = tiny_model(family)
+    s = build_structure(model, granularity)
+    cls = get_method(method)
+    calibration = tiny_calibration(n=16, seed=0) if cls.needs_calibration else None
+    result = cls(quick_config(cls)).prune(model, s, calibration, Target(sparsity=sparsity), seed=seed)
+    return model, s, result
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("granularity", ["kv_group", "query_head"])
+def test_method_contract(method, family, granularity):
+    model, s, result = _run(method, family, granularity, 0.5)
+    masks = result.masks
+    unit = max(g.unit_params + g.kv_params for g in s.groups)
+    assert abs(masks.removed_params(s) - Target(sparsity=0.5).budget(s)) <= unit
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert verified_compact(model, s, masks, ids) <= 1e-4
+    assert sum(p.numel() for p in model.parameters()) == s.total_params - masks.removed_params(s)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_masks(method):
+    _, _, a = _run(method, "qwen3", "kv_group", 0.3, seed=7)
+    _, _, b = _run(method, "qwen3", "kv_group", 0.3, seed=7)
+    assert all(torch.equal(a.masks.keep[n], b.masks.keep[n]) for n in a.masks.keep)
+
+
+def test_random_depends_on_the_seed_and_magnitude_keeps_large_units():
+    _, _, a = _run("random", "llama", "kv_group", 0.5, seed=1)
+    _, _, b = _run("random", "llama", "kv_group", 0.5, seed=2)
+    assert any(not torch.equal(a.masks.keep[n], b.masks.keep[n]) for n in a.masks.keep)
+    model = tiny_model("llama")
+    with torch.no_grad():  # make channel 5 of layer 0 tiny: magnitude must drop it first
+        mlp = model.model.layers[0].mlp
+        for w in (mlp.gate_proj.weight[5], mlp.up_proj.weight[5], mlp.down_proj.weight[:, 5]):
+            w.mul_(1e-3)
+    s = build_structure(copy.deepcopy(model))
+    masks = get_method("magnitude")().prune(model, s, None, Target(sparsity=0.05)).masks
+    assert not masks.keep["L00.mlp"][5]
