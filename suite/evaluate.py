@@ -1,0 +1,255 @@
+"""Evaluation: perplexity (own batched implementation), lm-eval tasks, speed, and the protocol fingerprint."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from suite.errors import ConfigError, DataError
+from suite.tasks import EMBEDDED_TASKS, task_dir
+
+PPL_MODES = ("chunks", "rolling")
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, stream: Tensor, seq_len: int, batch_size: int = 8, mode: str = "chunks",
+    prefix_token: int | None = None,
+) -> dict[str, Any]:
+    """exp(mean token NLL) over non-overlapping windows of `seq_len` tokens.
+
+    `chunks` (default; the LLM-Pruner/SparseGPT convention of METHODS.md B0): the stream is cut into windows, the
+    remainder dropped, no BOS per window, and each window's first token is context only. `rolling` (lm-eval's
+    loglikelihood_rolling): every token is predicted, the first from `prefix_token`, each window's context
+    restarting at the window; the last window may be short. Rolling counts the window-start tokens that chunks
+    leave out (with one token of context) and the remainder, so the two read differently on the same text."""
+    if mode not in PPL_MODES:
+        raise ConfigError(f"unknown perplexity mode {mode!r}; allowed: {', '.join(PPL_MODES)}")
+    if mode == "chunks":
+        n = len(stream) // seq_len
+        if n == 0:
+            raise ValueError(f"stream of {len(stream)} tokens is shorter than one window of {seq_len}")
+        windows = stream[: n * seq_len].view(n, seq_len)
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        pieces = [(inputs, targets)]
+    else:
+        prefix = torch.tensor([prefix_token if prefix_token is not None else model.config.eos_token_id])
+        full = torch.cat([prefix, stream])
+        x, y = full[:-1], full[1:]
+        n = len(y) // seq_len
+        pieces = [(x[: n * seq_len].view(n, seq_len), y[: n * seq_len].view(n, seq_len))]
+        if len(y) % seq_len:
+            pieces.append((x[n * seq_len :][None], y[n * seq_len :][None]))
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for inputs, targets in pieces:
+        for xb, yb in zip(inputs.split(batch_size), targets.split(batch_size), strict=True):
+            logits = model(xb.to(device)).logits.float()
+            nll += float(F.cross_entropy(logits.flatten(0, 1), yb.to(device).flatten(), reduction="sum"))
+            count += yb.numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "seq_len": seq_len, "mode": mode}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# protocol
+
+
+@dataclass(frozen=True)
+class PplSpec:
+    """Perplexity protocol: text source, split, window length. Written `SOURCE[:SPLIT]@SEQ_LEN` (chunks mode)."""
+
+    source: str = "embedded"
+    split: str = "test"
+    seq_len: int = 256
+    mode: str = "chunks"
+
+    @classmethod
+    def parse(cls, text: str) -> PplSpec:
+        body, _, seq = text.partition("@")
+        source, _, split = body.partition(":")
+        try:
+            return cls(source or "embedded", split or "test", int(seq) if seq else 256)
+        except ValueError:
+            raise ConfigError(
+                f"perplexity spec {text!r}: expected SOURCE[:SPLIT]@SEQ_LEN, e.g. wikitext2:test@128"
+            ) from None
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.split}@{self.seq_len}"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What an evaluation measures; its fingerprint goes with every number it produces."""
+
+    tasks: tuple[str, ...] = EMBEDDED_TASKS
+    ppl: tuple[PplSpec, ...] = (PplSpec(),)
+    limit: int | None = None
+    batch_size: int = 16
+    dtype: str = "float32"
+
+
+def protocol(spec: EvalSpec, task_info: dict[str, dict[str, Any]], ppl_hashes: dict[str, str]) -> dict[str, Any]:
+    """The protocol fingerprint: everything that makes two numbers comparable (or not)."""
+    from importlib.metadata import version
+
+    body = {
+        "lm_eval": version("lm_eval"),
+        "tasks": task_info,
+        "metric": ["acc", "acc_norm"],
+        "limit": spec.limit,
+        "ppl": {str(p): {"data_hash": ppl_hashes.get(str(p)), "mode": p.mode, "bos_per_window": False}
+                for p in spec.ppl},
+        "dtype": spec.dtype,
+    }
+    body["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return body
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lm-eval tasks
+
+
+def run_tasks(
+    model: nn.Module, tokenizer: Any, tasks: tuple[str, ...], limit: int | None = None, batch_size: int = 16
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Score lm-eval tasks on the in-memory model: ({task: {acc, acc_norm, n}}, {task: version + data hash}).
+
+    Embedded tasks are local files; standard tasks by name need the hub (or its cache) for their data."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from suite.hub import hub_unreachable_reason, offline
+
+    standard = [t for t in tasks if t not in EMBEDDED_TASKS]
+    include, hashes = task_dir("test")
+    reason = hub_unreachable_reason() if standard else "only local tasks"
+    manager = TaskManager(include_path=str(include), include_defaults=bool(standard), verbosity="ERROR")
+    unknown = [t for t in standard if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s) {unknown}; embedded tasks: {', '.join(EMBEDDED_TASKS)}")
+    device = next(model.parameters()).device
+    max_length = getattr(model.config, "max_position_embeddings", 2048)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size, max_length=max_length)
+    context = offline() if reason else contextlib.nullcontext()
+    try:
+        with context, _quiet_datasets():
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+    except (ConnectionError, OSError) as err:
+        raise DataError(f"cannot load data for tasks {standard}: {reason or str(err).splitlines()[0]}") from None
+    scores, info = {}, {}
+    for task in tasks:
+        r = out["results"][task]
+        scores[task] = {"acc": r["acc,none"], "acc_norm": r.get("acc_norm,none", r["acc,none"]),
+                        "n": int(out["n-samples"][task]["effective"])}
+        info[task] = {"version": out["versions"].get(task), "data_hash": hashes.get(task, "hub")}
+    return scores, info
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    saved = os.environ.get("HF_DATASETS_OFFLINE")
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "0")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# everything at once
+
+
+def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = False) -> dict[str, Any]:
+    """Perplexities + task accuracies + the protocol fingerprint, as one flat-ish dict."""
+    from suite.data import load_source, token_stream
+
+    result: dict[str, Any] = {"ppl": {}, "tasks": {}}
+    ppl_hashes = {}
+    for p in spec.ppl:
+        source = load_source(p.source)
+        result["ppl"][str(p)] = perplexity(model, token_stream(source, p.split, tokenizer), p.seq_len, mode=p.mode)
+        ppl_hashes[str(p)] = source.hashes[p.split]
+    info: dict[str, dict[str, Any]] = {}
+    if spec.tasks:
+        result["tasks"], info = run_tasks(model, tokenizer, spec.tasks, spec.limit, spec.batch_size)
+        accs = [v["acc"] for v in result["tasks"].values()]
+        result["mean_acc"] = sum(accs) / len(accs)
+    result["protocol"] = protocol(spec, info, ppl_hashes)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# speed
+
+
+def compute_params(model: nn.Module) -> int:
+    """Parameters that cost a multiply-add per token (all but the input embedding lookup)."""
+    emb = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not emb)
+
+
+@torch.no_grad()
+def _prefill_seconds(model: nn.Module, ids: Tensor) -> float:
+    start = time.perf_counter()
+    model(ids, use_cache=False)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _decode_seconds_per_token(model: nn.Module, ids: Tensor, new_tokens: int) -> float:
+    out = model(ids, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / new_tokens
+
+
+def speed(
+    model: nn.Module, reference: nn.Module, *, batch: int = 4, prefill_len: int = 256, decode_tokens: int = 32,
+    repeats: int = 5, seed: int = 0,
+) -> dict[str, float]:
+    """Prefill tokens/s and decode ms/token of `model` vs `reference`, interleaved in one process (alternating
+    order every repeat so drift hits both), medians over repeats, with the ideal ratio from parameter counts."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(model.config.vocab_size, reference.config.vocab_size)
+    ids = torch.randint(0, vocab, (batch, prefill_len), generator=gen).to(next(model.parameters()).device)
+    times: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in ("model", "reference")}
+    pair = [("model", model), ("reference", reference)]
+    _prefill_seconds(model, ids), _prefill_seconds(reference, ids)  # warm-up
+    for r in range(repeats):
+        for name, m in pair if r % 2 == 0 else pair[::-1]:
+            times[name]["prefill"].append(_prefill_seconds(m, ids))
+            times[name]["decode"].append(_decode_seconds_per_token(m, ids[:1, :16], decode_tokens))
+    med = {k: {t: statistics.median(v) for t, v in d.items()} for k, d in times.items()}
+    prefill = {k: batch * prefill_len / med[k]["prefill"] for k in med}
+    return {
+        "prefill_tokens_per_s": prefill["model"],
+        "reference_prefill_tokens_per_s": prefill["reference"],
+        "decode_ms_per_token": 1000 * med["model"]["decode"],
+        "reference_decode_ms_per_token": 1000 * med["reference"]["decode"],
+        "prefill_speedup": prefill["model"] / prefill["reference"],
+        "decode_speedup": med["reference"]["decode"] / med["model"]["decode"],
+        "ideal_speedup": compute_params(reference) / compute_params(model),
+    }
