@@ -1,0 +1,140 @@
+"""`prunebench bench NAME`: benchmarks that print ratios measured side by side in one run, never timed tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from suite.errors import ConfigError
+
+BENCHES: dict[str, Callable[..., dict[str, Any]]] = {}
+
+
+def bench(name: str):
+    def register(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        BENCHES[name] = fn
+        return fn
+
+    return register
+
+
+def run_bench(name: str, out: Path | None, models: list[str] | None = None) -> dict[str, Any]:
+    """Run a bench; `models` replaces a model-comparing bench's default models."""
+    if name not in BENCHES:
+        raise ConfigError(f"unknown bench {name!r}; available: {', '.join(BENCHES)}")
+    result = BENCHES[name](models) if models else BENCHES[name]()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, sort_keys=True))
+    return result
+
+
+@bench("speed")
+def speed_bench(models: list[str] | None = None) -> dict[str, Any]:
+    """Dense vs 50%-pruned compact ~100M-parameter Llama (random init): prefill throughput against the ideal.
+    (`models` is not used: the model is built from a config.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from suite.evaluate import speed
+    from suite.pipeline import prune_model
+    from suite.pruner import get_method
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         num_key_value_heads=12, head_dim=64, intermediate_size=3072, max_position_embeddings=1024)
+    dense = AutoModelForCausalLM.from_config(config).eval()
+    pruned = AutoModelForCausalLM.from_config(config).eval()
+    pruned.load_state_dict(dense.state_dict())
+    from suite.masks import Target
+
+    method = get_method("magnitude")
+    prune_model(pruned, "magnitude", method.Config(), Target(sparsity=0.5, round_to=64))
+    r = speed(pruned, dense, batch=2, prefill_len=512, decode_tokens=32, repeats=5)
+    r["params_dense"] = sum(p.numel() for p in dense.parameters())
+    r["params_pruned"] = sum(p.numel() for p in pruned.parameters())
+    r["prefill_fraction_of_ideal"] = r["prefill_speedup"] / r["ideal_speedup"]
+    print(f"speed @50% (magnitude, Llama {r['params_dense'] / 1e6:.0f}M -> {r['params_pruned'] / 1e6:.0f}M, "
+          f"batch 2 x 512, fp32, {torch.get_num_threads()} threads): prefill {r['prefill_speedup']:.2f}x "
+          f"(ideal {r['ideal_speedup']:.2f}x, {r['prefill_fraction_of_ideal']:.2f} of ideal), "
+          f"decode {r['decode_speedup']:.2f}x")
+    return r
+
+
+def _smooth(values: list[float], window: int = 10) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def steps_to_reach(curves: dict[str, list[float]], loss: float, target: float, tol: float = 0.01) -> int | None:
+    """First step (1-based) at the target hard sparsity whose smoothed LM loss is at most `loss`."""
+    for i, (value, sparsity) in enumerate(zip(_smooth(curves["lm_loss"]), curves["hard_sparsity"], strict=True)):
+        if sparsity >= target - tol and value <= loss:
+            return i + 1
+    return None
+
+
+def prune_and_evaluate(model_spec: str, method: str, overrides: dict[str, Any], sparsity: float, seed: int,
+                       calibration: Any, eval_spec: Any) -> dict[str, Any]:
+    """Fresh model -> prune -> compact -> evaluate; one row of a bench table."""
+    from suite.evaluate import evaluate
+    from suite.masks import Target
+    from suite.models import load_model
+    from suite.pipeline import prune_model
+    from suite.pruner import get_method
+
+    model, tokenizer = load_model(model_spec)
+    hyper = get_method(method).Config(**overrides)
+    outcome = prune_model(model, method, hyper, Target(sparsity=sparsity), seed=seed, calibration=calibration)
+    result = evaluate(model, tokenizer, eval_spec)
+    ppl = next(iter(result["ppl"].values()))["ppl"]
+    return {"model": model_spec, "method": method, "sparsity": sparsity, "seed": seed, "test_ppl": ppl,
+            "mean_acc": result["mean_acc"], "tasks": {t: v["acc"] for t, v in result["tasks"].items()},
+            "metrics": outcome.metrics, "curves": outcome.result.curves, "protocol": result["protocol"]["hash"]}
+
+
+@bench("ddp-vs-hc")
+def ddp_vs_hc(models: list[str] | None = None) -> dict[str, Any]:
+    """DDP vs hard-concrete on identical footing (model, calibration, steps, Lagrangian, seed): test perplexity,
+    mean embedded-task accuracy, train-test mismatch, convergence, and wall time."""
+    from suite.data import CalibrationSpec
+    from suite.evaluate import EvalSpec, evaluate
+    from suite.models import load_model
+
+    budget = {"steps": 300, "batch_size": 8}
+    spec = EvalSpec()
+    rows, dense = [], {}
+    for model_spec in models or ("zoo:tiny-llama", "zoo:tiny-qwen3"):
+        model, tokenizer = load_model(model_spec)
+        calibration = CalibrationSpec(n=128, seq_len=256, valid_n=16).build(tokenizer)
+        d = evaluate(model, tokenizer, spec)
+        dense[model_spec] = {"test_ppl": next(iter(d["ppl"].values()))["ppl"], "mean_acc": d["mean_acc"]}
+        for sparsity in (0.2, 0.5):
+            pair = {m: prune_and_evaluate(model_spec, m, budget, sparsity, 0, calibration, spec)
+                    for m in ("ddp", "hard_concrete")}
+            hc_final = sum(pair["hard_concrete"]["curves"]["lm_loss"][-10:]) / 10
+            for row in pair.values():
+                diag = {k.removeprefix("diag_"): v for k, v in row["metrics"].items() if k.startswith("diag_")}
+                row |= {"ppl_ratio": row["test_ppl"] / dense[model_spec]["test_ppl"],
+                        "retained_acc": row["mean_acc"] / dense[model_spec]["mean_acc"],
+                        "mismatch": diag["mismatch"], "convergence_step": diag["convergence_step"],
+                        "effective_sparsity": diag["effective_sparsity"],
+                        "steps_to_hc_final_loss": steps_to_reach(row["curves"], hc_final, sparsity),
+                        "wall_seconds": row["metrics"]["prune_seconds"]}
+                rows.append(row)
+    print(f"{'model':<16} {'sp':>4} {'method':<14} {'test ppl':>9} {'x dense':>8} {'mean acc':>8} {'kept acc':>8} "
+          f"{'mismatch':>9} {'conv.':>5} {'to HC loss':>10} {'eff. sp':>7} {'sec':>6}")
+    for r in rows:
+        reach = r["steps_to_hc_final_loss"]
+        print(f"{r['model'].removeprefix('zoo:'):<16} {r['sparsity']:>4} {r['method']:<14} {r['test_ppl']:>9.3f} "
+              f"{r['ppl_ratio']:>8.3f} {r['mean_acc']:>8.4f} {r['retained_acc']:>8.1%} {r['mismatch']:>9.4f} "
+              f"{r['convergence_step']:>5} {reach if reach is not None else '-':>10} {r['effective_sparsity']:>7.3f} "
+              f"{r['wall_seconds']:>6.0f}")
+    for r in rows:
+        r.pop("curves")
+    return {"budget": budget, "dense": dense, "rows": rows}

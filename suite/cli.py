@@ -1,0 +1,295 @@
+"""`prunebench` command line. Every command exits non-zero with one `error: ...` line on bad input.
+
+Heavy libraries are imported inside the commands, so `prunebench --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from suite.errors import PruneBenchError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one `error:` line like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove")
+    p.add_argument("--uniform", action="store_true", help="same kept width in every pruned layer")
+    p.add_argument("--skip-layers", type=_layers, default=(), help="comma-separated layers never pruned")
+    p.add_argument("--min-keep", type=int, default=1, help="minimum kept units per group")
+    p.add_argument("--round-to", type=int, default=1, help="kept MLP/expert widths a multiple of N")
+    p.add_argument("--granularity", default="kv_group", help="attention unit: kv_group (default) or query_head")
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from suite.pruner import methods
+
+    for name, cls in methods().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        calib = "needs calibration" if cls.needs_calibration else "data-free"
+        print(f"{name}  ({calib})  {doc}")
+        for field, info in cls.Config.model_fields.items():
+            print(f"    {field} = {info.default!r}    {info.description or ''}".rstrip())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from suite.models import load_model
+    from suite.structures import build_structure
+
+    model, _ = load_model(args.model, args.dtype)
+    s = build_structure(model, args.granularity)
+    print(f"family {s.family}  granularity {s.granularity}  layers {s.n_layers}  fingerprint {s.fingerprint}")
+    print(f"{'layer':>5}  {'group':<16} {'units':>6} {'params/unit':>12} {'params':>12}")
+    for g in s.groups:
+        print(f"{g.layer:>5}  {g.name:<16} {g.n_units:>6} {g.unit_params:>12} {g.params:>12}")
+    share = s.prunable_params / s.total_params
+    print(f"total params {s.total_params}  prunable {s.prunable_params} ({share:.1%})")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from suite.config import apply_overrides
+    from suite.data import CalibrationSpec
+    from suite.masks import Target
+    from suite.models import load_model
+    from suite.pipeline import prune_model, write_outputs
+    from suite.pruner import get_method
+    from suite.structures import check_granularity
+
+    check_granularity(args.granularity)
+    target = Target.parse(sparsity=args.sparsity, uniform=args.uniform, skip_layers=args.skip_layers,
+                          min_keep=args.min_keep, round_to=args.round_to)
+    method = get_method(args.method)
+    hyper = apply_overrides(method.Config, {}, args.set, where=f"{args.method}.")
+    calib_spec = apply_overrides(CalibrationSpec, {}, args.calib, where="calib.")
+    model, tokenizer = load_model(args.model, args.dtype)
+    calibration = None
+    if method.needs_calibration:
+        if tokenizer is None:
+            raise PruneBenchError(f"{args.method} needs calibration text, and {args.model} has no tokenizer")
+        calibration = calib_spec.build(tokenizer)
+    outcome = prune_model(model, args.method, hyper, target, seed=args.seed, granularity=args.granularity,
+                          calibration=calibration)
+    outcome.metrics["model"] = args.model
+    write_outputs(Path(args.out), model, tokenizer, outcome)
+    m = outcome.metrics
+    print(f"{args.method}: sparsity {m['sparsity']:.4f} (total {m['total_sparsity']:.4f}), "
+          f"params {m['params_dense']} -> {m['params_compact']}, {m['prune_seconds']:.2f}s, "
+          f"compact-vs-gated {m['compact_vs_gated_max_abs_diff']:.1e} -> {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from suite.evaluate import EvalSpec, PplSpec, evaluate
+    from suite.models import load_model
+
+    tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks is not None else None
+    ppl = tuple(PplSpec.parse(p) for p in args.ppl) if args.ppl else (PplSpec(),)
+    spec = EvalSpec(ppl=ppl, limit=args.limit, dtype=args.dtype, **({"tasks": tasks} if tasks is not None else {}))
+    model, tokenizer = load_model(args.model, args.dtype)
+    if tokenizer is None:
+        raise PruneBenchError(f"{args.model} has no tokenizer files; evaluation needs one")
+    result = evaluate(model, tokenizer, spec)
+    result["model"] = args.model
+    for name, r in result["ppl"].items():
+        print(f"ppl {name:<24} {r['ppl']:.4f}  ({r['tokens']} tokens)")
+    for name, r in result["tasks"].items():
+        print(f"task {name:<23} acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  (n={r['n']})")
+    if "mean_acc" in result:
+        print(f"mean acc {result['mean_acc']:.4f}")
+    print(f"protocol {result['protocol']['hash']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from suite.bench import run_bench
+
+    models = [m for m in args.models.split(",") if m] if args.models else None
+    run_bench(args.name, Path(args.out) if args.out else None, models)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from suite.config import load_experiment
+
+    exp = load_experiment(args.config, args.set)
+    n = len(exp.models) * len(exp.methods) * len(exp.sparsities) * len(exp.seeds)
+    print(f"{args.config}: ok ({exp.name}: {len(exp.models)} models x {len(exp.methods)} methods x "
+          f"{len(exp.sparsities)} sparsities x {len(exp.seeds)} seeds = {n} runs)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from suite.config import load_experiment
+    from suite.models import quiet_transformers
+    from suite.runner import Runner, results_table
+
+    exp = load_experiment(args.config, args.set)
+    quiet_transformers()
+    rows = Runner(exp, Path(args.workdir), fail_fast=args.fail_fast).run()
+    print(results_table(rows))
+    failed = sum(r["status"] != "FINISHED" for r in rows)
+    if failed:
+        print(f"error: {failed} of {len(rows)} runs FAILED (see the table)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from suite.config import load_experiment
+    from suite.models import quiet_transformers
+    from suite.tuning import tune
+
+    exp = load_experiment(args.config, args.set)
+    quiet_transformers()
+    for s in tune(exp, Path(args.workdir)):
+        print(f"{s['study']}: best valid loss {s['best_value']:.4f} after {s['n_trials']} trials "
+              f"({s['complete']} complete, {s['pruned']} pruned) with {s['best_params']}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    db = (Path(args.workdir) / "mlflow.db").resolve()
+    if not db.is_file():
+        raise PruneBenchError(f"no tracking store at {db}; run an experiment first")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+           "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    return subprocess.call(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from suite import zoo
+
+    if args.zoo_command == "list":
+        for name, s in zoo.ZOO.items():
+            rec = zoo.record(name)
+            if rec is None:
+                print(f"{name:<16} {s.family:<10} (not trained: prunebench zoo train {name})")
+                continue
+            tasks = " ".join(f"{t}={v:.3f}" for t, v in sorted(rec.get("tasks", {}).items()))
+            print(f"{name:<16} {s.family:<10} params {rec['params']:>9,}  tokens {rec['tokens']:>11,}  "
+                  f"valid ppl {rec['valid_ppl']:.3f}  test ppl {rec['test_ppl']:.3f}  {tasks}".rstrip())
+    elif args.zoo_command == "path":
+        print(zoo.resolve(args.name))
+    elif args.zoo_command == "train":
+        zoo.spec(args.name)
+        rec = zoo.train(args.name)
+        print(f"{args.name}: valid ppl {rec['valid_ppl']:.3f}, test ppl {rec['test_ppl']:.3f}, "
+              f"{rec['tokens']:,} tokens in {rec['wall_seconds']:.0f}s -> {zoo.model_dir(args.name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="prunebench", description="Compare LLM structured-pruning methods fairly.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("methods", help="registered methods and their hyperparameters")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("inspect", help="the prunable structure of a model")
+    p.add_argument("--model", required=True, help="local directory or hub id")
+    p.add_argument("--granularity", default="kv_group", help="kv_group (default) or query_head")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("prune", help="prune one model with one method and write the compact model")
+    p.add_argument("--model", required=True, help="local directory or hub id")
+    p.add_argument("--method", required=True, help="a registered method (see `prunebench methods`)")
+    _add_target_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
+    p.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
+                   help="calibration setting: source, split, n, seq_len, valid_n, seed (default embedded train 64x256)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity, lm-eval tasks and the protocol fingerprint of a model")
+    p.add_argument("--model", required=True, help="zoo:NAME, local directory or hub id")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the embedded tasks; '' for none)")
+    p.add_argument("--ppl", action="append", help="perplexity spec SOURCE[:SPLIT]@SEQ_LEN (default embedded:test@256)")
+    p.add_argument("--limit", type=int, help="items per task (recorded in the protocol)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--json", help="write the full result here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run")
+    p.add_argument("name", help="speed or ddp-vs-hc")
+    p.add_argument("--out", help="also save the table (JSON) here")
+    p.add_argument("--models", help="comma-separated models for model-comparing benches")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("validate", help="check an experiment config without running it")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run an experiment grid; finished runs are skipped")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--workdir", default="runs", help="tracking store, artifacts and caches (default ./runs)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tune", help="Optuna study per (tuned method, model); resumes and adds trials")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--workdir", default="runs")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("ui", help="the MLflow UI for a workdir, on 127.0.0.1")
+    p.add_argument("--workdir", default="runs")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("zoo", help="the embedded tiny reference models")
+    zsub = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
+    zsub.add_parser("list", help="zoo models with their recorded scores")
+    for verb, text in (("path", "print the checkpoint directory"), ("train", "train (or resume) a zoo model")):
+        z = zsub.add_parser(verb, help=text)
+        z.add_argument("name", help="tiny-llama, tiny-qwen3 or tiny-qwen3-moe")
+    p.set_defaults(func=cmd_zoo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except PruneBenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Typed experiment configuration: YAML -> pydantic, with errors that name the key path and the allowed values.
+
+`--set a.b=c` overrides (list items by index: `methods.0.params.steps=50`) apply to the raw YAML before
+validation, on every command, so an override is checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from suite.data import CalibrationSpec
+from suite.errors import ConfigError, PruneBenchError
+from suite.masks import pydantic_message
+from suite.structures import GRANULARITIES
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], c) with c read as YAML, so `0.5`, `true`, `[1, 2]` get their natural types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def set_path(data: dict[str, Any], path: list[str], value: Any, where: str = "") -> None:
+    """Assign `value` at a dotted path, creating mappings as needed; integer parts index lists."""
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        here = where + ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{here}: no item {part} (the list has {len(node)})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{here}: {path[i - 1]} is not a mapping or list")
+
+
+def validation_error(err: ValidationError, model: type[BaseModel], where: str = "") -> ConfigError:
+    """One line naming the key path; unknown keys list the allowed ones."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        owner: Any = model
+        for part in first["loc"][:-1]:
+            field = getattr(owner, "model_fields", {}).get(part)
+            annotation = getattr(field, "annotation", None)
+            owner = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else owner
+        allowed = ", ".join(getattr(owner, "model_fields", {}))
+        return ConfigError(f"{where}{loc}: unknown key (allowed: {allowed})")
+    return ConfigError(f"{where}{pydantic_message(err)}")
+
+
+def apply_overrides(model: type[M], base: dict[str, Any], overrides: Iterable[str], where: str = "") -> M:
+    """Validate `base` updated by dotted `key=value` overrides into `model`."""
+    data = yaml.safe_load(yaml.safe_dump(base)) if base else {}  # a deep copy the overrides may change
+    for text in overrides:
+        path, value = parse_assignment(text)
+        set_path(data, path, value, where)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err, model, where) from None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MethodEntry(Strict):
+    """One method of the grid: a registered name, its hyperparameters, and whether tuned values override them."""
+
+    name: str
+    label: str | None = Field(None, description="unique name in tables (default: the method name)")
+    params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters, checked by the method")
+    tuned: bool = Field(False, description="use the best parameters of `prunebench tune` for this method")
+
+    @model_validator(mode="after")
+    def _check_params(self) -> MethodEntry:
+        from suite.pruner import get_method
+
+        try:
+            cls = get_method(self.name)
+        except PruneBenchError as err:
+            raise ValueError(str(err)) from None
+        try:
+            cls.Config.model_validate(self.params)
+        except ValidationError as err:
+            raise ValueError(str(validation_error(err, cls.Config, "params."))) from None
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class TargetConfig(Strict):
+    uniform: bool = False
+    skip_layers: tuple[int, ...] = ()
+    min_keep: int = Field(1, ge=1)
+    round_to: int = Field(1, ge=1)
+
+
+class EvaluationConfig(Strict):
+    ppl: list[str] = Field(default_factory=lambda: ["embedded:test@256"], description="SOURCE[:SPLIT]@SEQ_LEN")
+    tasks: list[str] = Field(default_factory=lambda: ["pb_next_line", "pb_self_attr", "pb_return"])
+    limit: int | None = Field(None, ge=1, description="items per task (recorded in the protocol)")
+    batch_size: int = Field(16, ge=1)
+    speed: bool = Field(False, description="measure prefill/decode speed of the compact model vs the dense one")
+
+
+class SearchDim(Strict):
+    """One dimension of an Optuna search space."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDim:
+        if self.type == "categorical" and not self.choices:
+            raise ValueError("categorical dimensions need choices")
+        if self.type != "categorical" and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"{self.type} dimensions need low < high")
+        return self
+
+
+class TuningConfig(Strict):
+    methods: list[str] = Field(default_factory=lambda: ["ddp"], description="method labels to tune")
+    n_trials: int = Field(10, ge=1, description="trials per (method, model): equal for every tuned method")
+    sparsity: float | None = Field(None, gt=0, lt=1, description="sparsity tuned at (default: the first one)")
+    search_space: dict[str, dict[str, SearchDim]] = Field(
+        default_factory=dict, description="per method label: parameter -> dimension (default: DDP's anneal)")
+    seed: int = 0
+    report_every: int = Field(10, ge=1, description="steps between intermediate losses (MedianPruner)")
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite in the workdir)")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the experiment name)")
+
+
+class ExecutorConfig(Strict):
+    kind: Literal["local"] = "local"
+
+
+class Experiment(Strict):
+    """An experiment: the grid models x methods x sparsities x seeds, and how each point is run and recorded."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    models: list[str] = Field(min_length=1)
+    methods: list[MethodEntry] = Field(min_length=1)
+    sparsities: list[float] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    granularity: str = "kv_group"
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsity_range(cls, values: list[float]) -> list[float]:
+        for v in values:
+            if not 0 < v < 1:
+                raise ValueError(f"sparsity {v} is outside (0, 1)")
+        return values
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, value: str) -> str:
+        if value not in GRANULARITIES:
+            raise ValueError(f"{value!r} is not one of {', '.join(GRANULARITIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> Experiment:
+        keys = [m.key for m in self.methods]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"method labels must be unique; repeated: {dupes} (set `label:`)")
+        return self
+
+
+def load_experiment(path: str | Path, overrides: Iterable[str] = ()) -> Experiment:
+    """Read, override and validate an experiment YAML; every failure is one ConfigError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return apply_overrides(Experiment, data, overrides, where="")

@@ -1,0 +1,278 @@
+"""Run an experiment: expand the grid, skip what is FINISHED, prune + evaluate the rest, record everything.
+
+Every grid point has an identity: a hash of all that determines its result (model weights fingerprint, method
+and resolved hyperparameters, target, seed, calibration spec and data hash, evaluation spec, suite version). A
+FINISHED run with the same identity is never repeated, so a crashed sweep resumes where it stopped. Each dense
+model is evaluated once per protocol and reused for every retained-% number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import suite
+from suite.config import Experiment
+from suite.errors import ConfigError, PruneBenchError
+from suite.evaluate import EvalSpec, PplSpec
+from suite.tracking import ERROR, PREFIX, Tracker, flatten
+
+log = logging.getLogger(__name__)
+KIND = PREFIX + "kind"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One grid point, fully resolved."""
+
+    model: str
+    label: str
+    method: str
+    hyperparameters: dict[str, Any]
+    sparsity: float
+    seed: int
+    target: dict[str, Any]
+    granularity: str
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    dtype: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self, fingerprint: str) -> str:
+        body = asdict(self) | {"model_fingerprint": fingerprint, "suite_version": suite.__version__}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.removeprefix('zoo:')}/{self.label}/sp{self.sparsity}/seed{self.seed}"
+
+
+def model_fingerprint(spec: str) -> str:
+    """Content hash of a local checkpoint (config + weights), or the hub id (its cache pins the revision)."""
+    from suite.models import resolve
+
+    where = resolve(spec)
+    if not isinstance(where, Path):
+        return f"hub:{where}"
+    h = hashlib.sha256()
+    for path in sorted(where.iterdir()):
+        if path.suffix in (".json", ".safetensors", ".bin"):
+            h.update(path.name.encode())
+            if path.stat().st_size < 512 * 2**20:
+                h.update(path.read_bytes())
+            else:  # multi-GB shards: name, size and mtime stand in for the bytes
+                h.update(f"{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def eval_spec(exp: Experiment) -> EvalSpec:
+    e = exp.evaluation
+    return EvalSpec(tasks=tuple(e.tasks), ppl=tuple(PplSpec.parse(p) for p in e.ppl), limit=e.limit,
+                    batch_size=e.batch_size, dtype=exp.dtype)
+
+
+def tuned_path(workdir: Path, experiment: str, label: str, model: str) -> Path:
+    slug = model.replace("/", "_").replace(":", "_")
+    return workdir / "tuned" / experiment / label / f"{slug}.json"
+
+
+def expand(exp: Experiment, workdir: Path) -> list[RunSpec]:
+    """The grid in a stable order: model, method, sparsity, seed."""
+    specs = []
+    for model in exp.models:
+        for entry in exp.methods:
+            params = dict(entry.params)
+            if entry.tuned:
+                path = tuned_path(workdir, exp.name, entry.key, model)
+                if not path.is_file():
+                    raise ConfigError(f"methods.{entry.key}: tuned: true but no tuning result for {model} "
+                                      f"(run `prunebench tune` first; looked for {path})")
+                params |= json.loads(path.read_text())["best_params"]
+            from suite.pruner import get_method
+
+            hyper = get_method(entry.name).Config(**params).model_dump(mode="json")
+            for sparsity in exp.sparsities:
+                for seed in exp.seeds:
+                    specs.append(RunSpec(
+                        model=model, label=entry.key, method=entry.name, hyperparameters=hyper, sparsity=sparsity,
+                        seed=seed, target=exp.target.model_dump(mode="json") | {"sparsity": sparsity},
+                        granularity=exp.granularity, calibration=exp.calibration.model_dump(mode="json"),
+                        evaluation=exp.evaluation.model_dump(mode="json"), dtype=exp.dtype,
+                    ))
+    return specs
+
+
+def flat_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Evaluation result -> flat MLflow metrics (ppl.<spec>, acc.<task>, acc_norm.<task>, mean_acc)."""
+    out = {f"{prefix}ppl.{name}": r["ppl"] for name, r in result["ppl"].items()}
+    for task, r in result["tasks"].items():
+        out[f"{prefix}acc.{task}"] = r["acc"]
+        out[f"{prefix}acc_norm.{task}"] = r["acc_norm"]
+    if "mean_acc" in result:
+        out[f"{prefix}mean_acc"] = result["mean_acc"]
+    return out
+
+
+class Runner:
+    """Executes an experiment against one tracking store (local executor)."""
+
+    def __init__(self, exp: Experiment, workdir: Path, fail_fast: bool = False, progress: bool = True) -> None:
+        self.exp = exp
+        self.workdir = workdir
+        self.fail_fast = fail_fast
+        self.progress = progress
+        self.tracker = Tracker(workdir, exp.tracking.experiment or exp.name, exp.tracking.uri)
+        self.spec = eval_spec(exp)
+        self._calibration: dict[str, Any] = {}
+
+    def run(self) -> list[dict[str, Any]]:
+        from tqdm import tqdm
+
+        specs = expand(self.exp, self.workdir)
+        self.tracker.parent()
+        rows = []
+        bar = tqdm(total=len(specs), desc=f"{self.exp.name}", unit="run", disable=not self.progress)
+        for model in dict.fromkeys(s.model for s in specs):
+            fingerprint = model_fingerprint(model)
+            dense = self._dense(model, fingerprint)
+            dense_model = None
+            for spec in (s for s in specs if s.model == model):
+                identity = spec.identity(fingerprint)
+                bar.set_postfix_str(spec.name)
+                done = self.tracker.find(identity)
+                if done is None:
+                    if dense_model is None and self.exp.evaluation.speed:
+                        from suite.models import load_model
+
+                        dense_model, _ = load_model(model, self.exp.dtype)
+                    done = self._execute(spec, identity, fingerprint, dense, dense_model)
+                rows.append(_row(spec, done))
+                bar.update(1)
+        bar.close()
+        return rows
+
+    def _dense(self, model: str, fingerprint: str) -> dict[str, float]:
+        """Dense metrics for this protocol: measured once, then found by identity."""
+        from suite.evaluate import evaluate
+        from suite.models import load_model
+
+        identity = hashlib.sha256(json.dumps(
+            {"dense": model, "fp": fingerprint, "eval": self.exp.evaluation.model_dump(mode="json"),
+             "dtype": self.exp.dtype, "suite": suite.__version__}, sort_keys=True).encode()).hexdigest()[:20]
+        found = self.tracker.find(identity)
+        if found is not None:
+            return dict(found.data.metrics)
+        run_id = self.tracker.start(f"{model.removeprefix('zoo:')}/dense", identity,
+                                    {KIND: "dense", PREFIX + "model": model})
+        try:
+            m, tok = load_model(model, self.exp.dtype)
+            result = evaluate(m, tok, self.spec)
+            metrics = flat_metrics(result) | {"params_dense": sum(p.numel() for p in m.parameters())}
+            self.tracker.log(run_id, params={"model": model, "method": "dense", "sparsity": 0.0},
+                             metrics=metrics, tags={PREFIX + "protocol": result["protocol"]["hash"]})
+            self.tracker.log_json(run_id, result, "evaluation.json")
+            self.tracker.finish(run_id)
+            return metrics
+        except Exception as err:
+            self.tracker.log(run_id, tags={ERROR: _one_line(err)})
+            self.tracker.finish(run_id, "FAILED")
+            raise
+
+    def _calibration_for(self, model: str, tokenizer: Any) -> Any:
+        """One calibration set per model, identical (same hash) for every method."""
+        if model not in self._calibration:
+            self._calibration[model] = self.exp.calibration.build(tokenizer)
+        return self._calibration[model]
+
+    def _execute(self, spec: RunSpec, identity: str, fingerprint: str, dense: dict[str, float],
+                 dense_model: Any) -> Any:
+        from suite.evaluate import evaluate, speed
+        from suite.masks import Target
+        from suite.models import load_model
+        from suite.pipeline import prune_model
+        from suite.pruner import get_method
+
+        tags = {KIND: "pruned", PREFIX + "model": spec.model, PREFIX + "method": spec.method,
+                PREFIX + "label": spec.label, PREFIX + "model_fingerprint": fingerprint}
+        run_id = self.tracker.start(spec.name, identity, tags)
+        try:
+            model, tokenizer = load_model(spec.model, spec.dtype)
+            method = get_method(spec.method)
+            calibration = self._calibration_for(spec.model, tokenizer)  # data-free methods ignore it
+            outcome = prune_model(model, spec.method, method.Config(**spec.hyperparameters),
+                                  Target(**spec.target), seed=spec.seed, granularity=spec.granularity,
+                                  calibration=calibration)
+            result = evaluate(model, tokenizer, self.spec)
+            numbers = outcome.metrics.items()
+            metrics = {k: v for k, v in numbers if isinstance(v, int | float) and not isinstance(v, bool)}
+            metrics |= flat_metrics(result)
+            metrics |= {f"dense.{k}": v for k, v in dense.items()}
+            for key, value in flat_metrics(result).items():
+                if dense.get(key):
+                    metrics[f"retained.{key}"] = 100 * value / dense[key]
+            if dense_model is not None:
+                metrics |= {f"speed.{k}": v for k, v in speed(model, dense_model).items()}
+            params = {"model": spec.model, "method": spec.method, "label": spec.label, "sparsity": spec.sparsity,
+                      "seed": spec.seed, "granularity": spec.granularity, "dtype": spec.dtype}
+            params |= flatten("hp", spec.hyperparameters) | flatten("target", spec.target)
+            params |= flatten("calibration", spec.calibration)
+            params["calibration.hash"] = outcome.metrics["calibration_hash"]
+            self.tracker.log(run_id, params=params, metrics=metrics,
+                             tags={PREFIX + "protocol": result["protocol"]["hash"]})
+            self.tracker.log_curves(run_id, outcome.result.curves)
+            self._artifacts(run_id, spec, outcome, result)
+            self.tracker.finish(run_id)
+        except Exception as err:  # a sweep records the failure and goes on (--fail-fast re-raises)
+            log.debug("run %s failed", spec.name, exc_info=True)
+            self.tracker.log(run_id, tags={ERROR: _one_line(err)})
+            self.tracker.finish(run_id, "FAILED")
+            if self.fail_fast:
+                raise
+            return self.tracker.client.get_run(run_id)
+        return self.tracker.client.get_run(run_id)
+
+    def _artifacts(self, run_id: str, spec: RunSpec, outcome: Any, result: dict[str, Any]) -> None:
+        from reports.heatmaps import plot_masks
+
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            masks = outcome.result.masks
+            masks.save(d)
+            (d / "metrics.json").write_text(json.dumps(outcome.metrics | {"evaluation": result}, indent=1,
+                                                       sort_keys=True, default=str))
+            if outcome.result.curves:
+                (d / "curves.json").write_text(json.dumps(outcome.result.curves))
+            keep = {n: k.numpy() for n, k in masks.keep.items()}
+            plot_masks(keep, d / "heatmap.png", title=spec.name)
+            self.tracker.log_artifacts(run_id, d)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if not isinstance(err, PruneBenchError) else text
+
+
+def _row(spec: RunSpec, run: Any) -> dict[str, Any]:
+    m = run.data.metrics
+    ppl = next((v for k, v in sorted(m.items()) if k.startswith("ppl.")), float("nan"))
+    return {"model": spec.model, "method": spec.label, "sparsity": spec.sparsity, "seed": spec.seed,
+            "status": run.info.status, "ppl": ppl, "mean_acc": m.get("mean_acc", float("nan")),
+            "retained_acc_%": m.get("retained.mean_acc", float("nan")),
+            "params": int(m.get("params_compact", 0)), "prune_s": m.get("prune_seconds", float("nan")),
+            "error": run.data.tags.get(ERROR, "")}
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    import pandas as pd
+
+    if not rows:
+        return "(no runs)"
+    df = pd.DataFrame(rows)
+    if not df["error"].astype(bool).any():
+        df = df.drop(columns="error")
+    return df.to_string(index=False, float_format=lambda v: f"{v:.4g}")

@@ -1,0 +1,128 @@
+"""Optuna studies per (method, model): by default over DDP's anneal schedule, or any space declared in YAML.
+
+The objective is the calibration-valid loss of the pruned model (held-out windows of the valid split, never the
+test split). Intermediate training losses feed a MedianPruner; the RDB storage (sqlite in the workdir by default)
+is resumed with load_if_exists, so `prunebench tune` run again adds trials to the same study. Every tuned method
+gets the same number of trials per invocation; every trial is a nested MLflow run; the best parameters are saved
+where `prunebench run` finds them for methods marked `tuned: true`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from suite.config import Experiment, SearchDim
+from suite.errors import ConfigError
+from suite.runner import tuned_path
+from suite.tracking import PREFIX, Tracker
+
+DDP_SPACE: dict[str, SearchDim] = {
+    "schedule": SearchDim(type="categorical", choices=["linear", "geometric", "cosine", "adaptive"]),
+    "mu_start": SearchDim(type="float", low=0.5, high=5.0, log=True),
+    "mu_end": SearchDim(type="float", low=10.0, high=500.0, log=True),
+    "target_warmup": SearchDim(type="float", low=0.0, high=0.5),
+    "lr": SearchDim(type="float", low=0.01, high=0.2, log=True),
+}
+
+
+def storage_uri(workdir: Path) -> str:
+    return f"sqlite:///{(workdir / 'optuna.db').resolve()}"
+
+
+def suggest(trial: Any, space: dict[str, SearchDim]) -> dict[str, Any]:
+    out = {}
+    for name, dim in space.items():
+        if dim.type == "categorical":
+            out[name] = trial.suggest_categorical(name, dim.choices)
+        elif dim.type == "int":
+            out[name] = trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
+        else:
+            out[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+    return out
+
+
+def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Run `tuning.n_trials` more trials for every (tuned method, model); returns a summary per study."""
+    import optuna
+
+    from suite.masklearn import lm_loss
+    from suite.masks import Target
+    from suite.models import load_model
+    from suite.pipeline import prune_model
+    from suite.pruner import get_method
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    entries = {m.key: m for m in exp.methods}
+    unknown = [k for k in exp.tuning.methods if k not in entries]
+    if unknown:
+        raise ConfigError(f"tuning.methods: {unknown} are not method labels of this experiment ({', '.join(entries)})")
+    tracker = Tracker(workdir, exp.tracking.experiment or exp.name, exp.tracking.uri)
+    sparsity = exp.tuning.sparsity or exp.sparsities[0]
+    summaries = []
+    for label in exp.tuning.methods:
+        entry = entries[label]
+        space = exp.tuning.search_space.get(label) or (DDP_SPACE if entry.name == "ddp" else None)
+        if space is None:
+            raise ConfigError(f"tuning.search_space.{label}: no default search space for {entry.name}; declare one")
+        method = get_method(entry.name)
+        unknown_params = [p for p in space if p not in method.Config.model_fields]
+        if unknown_params:
+            raise ConfigError(f"tuning.search_space.{label}: {unknown_params} are not {entry.name} hyperparameters")
+        for model_spec in exp.models:
+            study_name = f"{exp.name}/{label}/{model_spec}"
+            study = optuna.create_study(
+                study_name=study_name, storage=storage_uri(workdir), direction="minimize", load_if_exists=True,
+                sampler=optuna.samplers.TPESampler(seed=exp.tuning.seed),
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=exp.tuning.report_every),
+            )
+            _, tokenizer = load_model(model_spec, exp.dtype)
+            calibration = exp.calibration.build(tokenizer)
+
+            def objective(trial: Any, entry=entry, space=space, model_spec=model_spec, study_name=study_name,
+                          calibration=calibration, label=label, method=method) -> float:
+                params = entry.params | suggest(trial, space)
+                run_id = tracker.start(f"tune/{label}/{model_spec.removeprefix('zoo:')}/trial{trial.number}",
+                                       f"trial:{study_name}:{trial.number}", {PREFIX + "kind": "trial"})
+                tracker.log(run_id, params={"method": entry.name, "label": label, "model": model_spec,
+                                            "sparsity": sparsity, "trial": trial.number} | params)
+
+                def report(step: int, curves: dict[str, list[float]]) -> None:
+                    if (step + 1) % exp.tuning.report_every == 0:
+                        trial.report(curves["lm_loss"][-1], step)
+                        if trial.should_prune():
+                            raise optuna.TrialPruned()
+
+                try:
+                    model, _ = load_model(model_spec, exp.dtype)
+                    target = Target(**exp.target.model_dump(), sparsity=sparsity)
+                    prune_model(model, entry.name, method.Config(**params), target, seed=exp.tuning.seed,
+                                granularity=exp.granularity, calibration=calibration, step_callback=report)
+                    value = lm_loss(model, calibration.valid_ids, next(model.parameters()).device)
+                except optuna.TrialPruned:
+                    tracker.finish(run_id, "KILLED")
+                    raise
+                except Exception:
+                    tracker.finish(run_id, "FAILED")
+                    raise
+                tracker.log(run_id, metrics={"valid_loss": value})
+                tracker.finish(run_id)
+                return value
+
+            study.optimize(objective, n_trials=exp.tuning.n_trials, catch=(ValueError, RuntimeError),
+                           show_progress_bar=progress)
+            best = study.best_trial
+            out = tuned_path(workdir, exp.name, label, model_spec)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            summary = {"study": study_name, "best_params": best.params, "best_value": best.value,
+                       "n_trials": len(study.trials), "sparsity": sparsity,
+                       "complete": sum(t.state.name == "COMPLETE" for t in study.trials),
+                       "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
+            tmp.replace(out)
+            logging.getLogger(__name__).info("%s: best %.4f with %s", study_name, best.value, best.params)
+            summaries.append(summary)
+    return summaries

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from suite.cli import main
+from suite.compact import load_pruned
+from suite.testing import tiny_model
+
+
+@pytest.fixture
+def model_dir(tmp_path, family):
+    d = tmp_path / "dense"
+    tiny_model(family).save_pretrained(d)
+    return d
+
+
+def test_prune_writes_the_contracted_layout(model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--method", "random", "--sparsity", "0.5", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("method", "target", "sparsity", "total_sparsity", "params_dense", "params_compact",
+                "prune_seconds", "seed"):
+        assert key in metrics
+    assert abs(metrics["sparsity"] - 0.5) < 0.05
+    assert (out / "masks.safetensors").is_file() and (out / "masks.json").is_file()
+    reloaded = load_pruned(out / "model")
+    assert sum(p.numel() for p in reloaded.parameters()) == metrics["params_compact"]
+    assert "random: sparsity" in capsys.readouterr().out
+
+
+def test_prune_with_overrides_and_constraints(tmp_path):
+    d = tmp_path / "dense"
+    tiny_model("qwen3").save_pretrained(d)
+    out = tmp_path / "p"
+    args = ["prune", "--model", str(d), "--method", "magnitude", "--sparsity", "0.3", "--uniform",
+            "--granularity", "query_head", "--set", "selection=global", "--out", str(out)]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["hyperparameters"]["selection"] == "global" and metrics["target"]["uniform"]
+    assert metrics["granularity"] == "query_head"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "nosuch", "--sparsity", "0.5"], "unknown method 'nosuch'"),
+        (["--method", "random", "--sparsity", "1.5"], "target.sparsity"),
+        (["--method", "random", "--sparsity", "0.5", "--set", "bogus=1"], "random.bogus: unknown key"),
+        (["--method", "random", "--sparsity", "0.5", "--granularity", "layer"], "granularity"),
+        (["--method", "random", "--sparsity", "abc"], "invalid float"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_nonzero_exit(tmp_path, args, message):
+    d = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(d)
+    cmd = [sys.executable, "-m", "suite.cli", "prune", "--model", str(d), *args, "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_and_unsupported_family(tmp_path, capsys):
+    assert main(["inspect", "--model", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "g")
+    assert main(["inspect", "--model", str(tmp_path / "g")]) == 2
+    assert "unsupported model family 'gpt2'" in capsys.readouterr().err
+
+
+def test_hub_model_offline_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["inspect", "--model", "someone/not-cached-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the Hugging Face hub") and "\n" not in err
+
+
+def test_methods_and_inspect_list_what_exists(tmp_path, capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "random" in out and "magnitude" in out and "selection" in out
+    tiny_model("mixtral").save_pretrained(tmp_path / "m")
+    assert main(["inspect", "--model", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "family mixtral" in out and "L00.expert003" in out and "prunable" in out
+    torch.manual_seed(0)
