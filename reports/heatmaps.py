@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,17 +27,20 @@ def parse(keep: Mapping[str, np.ndarray]) -> dict[str, dict]:
     return out
 
 
-def plot_masks(keep: Mapping[str, np.ndarray], path: Path, title: str = "") -> Path:
-    """One figure: layer x attention-unit kept map, per-layer MLP kept fraction, layer x expert kept fraction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_masks(keep: Mapping[str, np.ndarray], stem: Path, title: str = "") -> Path:
+    """One figure (`stem`.png/.pdf): layer x attention-unit kept map (the DDP paper's Fig. 4/5 style), per-layer MLP
+    kept fraction, layer x expert kept fraction (its Fig. 6 style)."""
+    from reports.plots import figure, save
 
     groups = parse(keep)
     panels = [k for k in ("attn", "mlp", "expert") if groups[k]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, kind in zip(axes[0], panels, strict=True):
+    fig, axes = figure(len(panels), width=4.2, height=3.6)
+    import matplotlib.ticker
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, kind in zip(axes, panels, strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         data = groups[kind]
         if kind == "attn":
             layers = sorted(data)
@@ -50,6 +54,7 @@ def plot_masks(keep: Mapping[str, np.ndarray], path: Path, title: str = "") -> P
         elif kind == "mlp":
             layers = sorted(data)
             ax.barh(layers, [data[layer].mean() for layer in layers], color="tab:blue")
+            ax.xaxis.set_major_locator(matplotlib.ticker.AutoLocator())
             ax.set(xlim=(0, 1), xlabel="fraction of channels kept", ylabel="layer", title="MLP channels kept")
             ax.invert_yaxis()
         else:
@@ -64,8 +69,72 @@ def plot_masks(keep: Mapping[str, np.ndarray], path: Path, title: str = "") -> P
             fig.colorbar(im, ax=ax, fraction=0.046)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, stem)
+
+
+def layer_sparsity(keep: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[int, float]:
+    """Fraction of each layer's prunable parameters removed (weights from the per-group counts in the masks meta;
+    unit counts where an older run did not record them)."""
+    params, removed = meta.get("group_params", {}), meta.get("group_removed", {})
+    total: dict[int, float] = {}
+    gone: dict[int, float] = {}
+    for name, k in keep.items():
+        m = _NAME.match(name)
+        if m is None:
+            continue
+        layer = int(m.group(1))
+        k = np.asarray(k, dtype=bool)
+        total[layer] = total.get(layer, 0.0) + params.get(name, k.size)
+        gone[layer] = gone.get(layer, 0.0) + removed.get(name, int((~k).sum()))
+    return {layer: gone[layer] / total[layer] for layer in sorted(total) if total[layer]}
+
+
+def plot_profiles(profiles: Mapping[str, Mapping[int, float]], stem: Path, title: str) -> Path:
+    """Per-layer sparsity of every method on one plot: where does each method cut?"""
+    from reports.plots import figure, save
+
+    fig, (ax,) = figure()
+    from matplotlib.ticker import MaxNLocator
+
+    styles = ["-", "--", ":", "-."]
+    for i, (method, profile) in enumerate(profiles.items()):  # line styles keep coinciding profiles visible
+        layers = sorted(profile)
+        ax.plot(layers, [profile[layer] for layer in layers], marker="os^vD"[i % 5], ls=styles[i % 4], label=method)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="layer", ylabel="fraction of layer's prunable params removed", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    return save(fig, stem)
+
+
+def removed_units(keep: Mapping[str, np.ndarray]) -> np.ndarray:
+    """All units of a model in a fixed order (sorted group names), True where removed."""
+    return np.concatenate([~np.asarray(keep[name], dtype=bool) for name in sorted(keep)])
+
+
+def jaccard(keeps: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[list[str], np.ndarray]:
+    """Jaccard overlap |A and B| / |A or B| of the units two methods removed (same model, sparsity and seed)."""
+    names = list(keeps)
+    removed = {n: removed_units(keeps[n]) for n in names}
+    out = np.ones((len(names), len(names)))
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            union = np.logical_or(removed[a], removed[b]).sum()
+            out[i, j] = np.logical_and(removed[a], removed[b]).sum() / union if union else 1.0
+    return names, out
+
+
+def plot_jaccard(names: list[str], matrix: np.ndarray, stem: Path, title: str) -> Path:
+    from reports.plots import figure, save
+
+    fig, (ax,) = figure(width=1.2 + 0.7 * len(names), height=0.9 + 0.6 * len(names))
+    im = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=9)
+    return save(fig, stem)

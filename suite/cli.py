@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -182,6 +183,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.build import build_report
+
+    start = time.perf_counter()
+    index = build_report(Path(args.workdir), args.experiment, Path(args.out), allow_mixed=args.allow_mixed)
+    print(f"report: {index} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from suite import zoo
 
@@ -262,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     p.add_argument("--workdir", default="runs")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("report", help="tables, heatmaps, plots and a leaderboard from the tracking store")
+    p.add_argument("--experiment", action="append", required=True, help="experiment name (repeat to combine)")
+    p.add_argument("--workdir", default="runs")
+    p.add_argument("--out", required=True, help="directory for index.html and everything it links")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="report results of different protocols in separate sections instead of refusing")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="the MLflow UI for a workdir, on 127.0.0.1")
     p.add_argument("--workdir", default="runs")

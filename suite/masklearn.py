@@ -220,7 +220,7 @@ class MaskLearner(Pruner):
                 if self.step_callback is not None:
                     self.step_callback(step, curves)
                 keep_history.append(b"".join(hard[n].numpy().tobytes() for n in sorted(hard)))
-                bar.set_postfix(loss=f"{float(lm):.3f}", sp=f"{hard_sparsity:.3f}")
+                bar.set_postfix(loss=f"{float(lm.detach()):.3f}", sp=f"{hard_sparsity:.3f}")
                 stable = len(keep_history) - convergence_step(keep_history)
                 if cfg.early_stop and stable > cfg.early_stop and abs(hard_sparsity - target.sparsity) < 5e-3:
                     stopped_at = step + 1

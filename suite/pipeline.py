@@ -56,7 +56,10 @@ def prune_model(
     prune_seconds = time.perf_counter() - start
     masks = result.masks
     masks.check(structure)
-    masks.meta |= {"method": method, "seed": seed, "target": target.model_dump(mode="json")}
+    # per-group parameter counts travel with the masks, so reports can weight what was removed without a model
+    masks.meta |= {"method": method, "seed": seed, "target": target.model_dump(mode="json"),
+                   "group_params": {g.name: g.params for g in structure.groups},
+                   "group_removed": {g.name: g.removed_params(masks.keep[g.name]) for g in structure.groups}}
     probe = torch.randint(model.config.vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
     diff = verified_compact(model, structure, masks, probe.to(device))

@@ -174,7 +174,7 @@ class Runner:
             result = evaluate(m, tok, self.spec)
             metrics = flat_metrics(result) | {"params_dense": sum(p.numel() for p in m.parameters())}
             self.tracker.log(run_id, params={"model": model, "method": "dense", "sparsity": 0.0},
-                             metrics=metrics, tags={PREFIX + "protocol": result["protocol"]["hash"]})
+                             metrics=metrics, tags=protocol_tags(result["protocol"]))
             self.tracker.log_json(run_id, result, "evaluation.json")
             self.tracker.finish(run_id)
             return metrics
@@ -222,8 +222,7 @@ class Runner:
             params |= flatten("hp", spec.hyperparameters) | flatten("target", spec.target)
             params |= flatten("calibration", spec.calibration)
             params["calibration.hash"] = outcome.metrics["calibration_hash"]
-            self.tracker.log(run_id, params=params, metrics=metrics,
-                             tags={PREFIX + "protocol": result["protocol"]["hash"]})
+            self.tracker.log(run_id, params=params, metrics=metrics, tags=protocol_tags(result["protocol"]))
             self.tracker.log_curves(run_id, outcome.result.curves)
             self._artifacts(run_id, spec, outcome, result)
             self.tracker.finish(run_id)
@@ -248,8 +247,13 @@ class Runner:
             if outcome.result.curves:
                 (d / "curves.json").write_text(json.dumps(outcome.result.curves))
             keep = {n: k.numpy() for n, k in masks.keep.items()}
-            plot_masks(keep, d / "heatmap.png", title=spec.name)
+            plot_masks(keep, d / "heatmap", title=spec.name)
             self.tracker.log_artifacts(run_id, d)
+
+
+def protocol_tags(protocol: dict[str, Any]) -> dict[str, str]:
+    """The protocol hash to group by, and its body so a report can say how two protocols differ."""
+    return {PREFIX + "protocol": protocol["hash"], PREFIX + "protocol_body": json.dumps(protocol, sort_keys=True)}
 
 
 def _one_line(err: BaseException) -> str:

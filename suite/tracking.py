@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import suite
+from suite.errors import ConfigError
 
 PREFIX = "prunebench."
 ROLE, IDENTITY, ERROR = PREFIX + "role", PREFIX + "identity", PREFIX + "error"
@@ -49,10 +50,14 @@ def git_commit() -> str:
 class Tracker:
     """The MLflow experiment of one prunebench experiment."""
 
-    def __init__(self, workdir: Path, experiment: str, uri: str | None = None) -> None:
+    def __init__(self, workdir: Path, experiment: str, uri: str | None = None, create: bool = True) -> None:
+        """`create=False` (readers such as reports): refuse a store or experiment that does not exist yet."""
         import logging
 
         from mlflow.tracking import MlflowClient
+
+        if not create and uri is None and not (workdir / "mlflow.db").is_file():
+            raise ConfigError(f"no tracking store at {workdir / 'mlflow.db'} (run `prunebench run` first)")
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -64,6 +69,8 @@ class Tracker:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.client = MlflowClient(tracking_uri=self.uri)
             found = self.client.get_experiment_by_name(experiment)
+            if found is None and not create:
+                raise ConfigError(f"no experiment {experiment!r} in the store of {workdir}")
             if found is None:
                 artifacts = (workdir / "mlartifacts" / experiment).resolve().as_uri()
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)

@@ -1,0 +1,214 @@
+"""`prunebench report`: tables, heatmaps, plots and a leaderboard from an MLflow store, linked by one index.html.
+
+Protocol guard: results measured under different protocols (evaluation data, window length, task versions, limit,
+dtype) never share a table column or a rank. By default such a report is refused with the difference named;
+`allow_mixed` reports each protocol in its own section, marked as such.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reports import heatmaps, leaderboard, plots, tables
+from reports.query import export, load_results, read_masks
+from suite.errors import ConfigError
+
+
+def slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text).strip("_")
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b) and path:
+            return [f"{path}: {sorted(a)} vs {sorted(b)}"]
+        out = []
+        for key in sorted(set(a) | set(b)):
+            if key != "hash" and a.get(key) != b.get(key):
+                out += _differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [f"{path}: {json.dumps(a)} vs {json.dumps(b)}"]
+
+
+def protocol_difference(a: pd.Series, b: pd.Series) -> str:
+    """What makes two protocols differ, in words: `ppl: ['embedded:test@128'] vs ['embedded:test@256']`."""
+    try:
+        diffs = _differences(json.loads(a["protocol_body"]), json.loads(b["protocol_body"]))
+    except (TypeError, ValueError):
+        diffs = []
+    where = f"{a['experiment']}/{a['model']} vs {b['experiment']}/{b['model']}"
+    return f"{where}: " + ("; ".join(diffs[:3]) if diffs else f"protocol {a['protocol']} vs {b['protocol']}")
+
+
+def guard(df: pd.DataFrame, allow_mixed: bool) -> list[pd.DataFrame]:
+    """One frame per protocol; refuse several unless `allow_mixed`."""
+    groups = [g for _, g in df.groupby("protocol", sort=True)]
+    if len(groups) > 1 and not allow_mixed:
+        first = [g.iloc[0] for g in groups]
+        raise ConfigError(f"refusing to merge results measured under {len(groups)} different protocols "
+                          f"({protocol_difference(first[0], first[1])}); use --allow-mixed to report them "
+                          "in separate sections")
+    return groups
+
+
+@dataclass
+class Page:
+    """The report being written: files under `out`, and the HTML sections that link them."""
+
+    out: Path
+    sections: list[str] = field(default_factory=list)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.out).as_posix()
+
+    def write(self, relative: str, text: str) -> Path:
+        path = self.out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def figure(self, png: Path | None, caption: str) -> str:
+        if png is None:
+            return ""
+        pdf = png.with_suffix(".pdf")
+        link = f' (<a href="{self.rel(pdf)}">PDF</a>)' if pdf.is_file() else ""
+        return (f'<figure><img src="{self.rel(png)}" alt="{html.escape(caption)}">'
+                f"<figcaption>{html.escape(caption)}{link}</figcaption></figure>")
+
+    def links(self, *paths: Path) -> str:
+        return " · ".join(f'<a href="{self.rel(p)}">{p.suffix.lstrip(".")}</a>' for p in paths)
+
+
+def model_section(page: Page, runs: pd.DataFrame, model: str, prefix: str) -> str:
+    """Table, Pareto/speed/cost plots, curves, heatmaps and cross-method views of one model."""
+    runs = runs[runs["model"] == model]
+    name = f"{prefix}{slug(model)}"
+    summary = tables.summarize(runs, model)
+    files = [page.write(f"tables/{name}.md", tables.markdown(summary)),
+             page.write(f"tables/{name}.tex", tables.latex(summary)),
+             page.write(f"tables/{name}.html", tables.html_table(summary))]
+    files.append(export(tables.csv_frame(summary), page.out / "tables" / f"{name}.csv"))
+    ppl = next((c for c in summary.columns if c.startswith("ppl.")), None)
+    figs = page.out / "figures"
+    parts = [f"<h2>{html.escape(model)}</h2>", f"<p>table: {page.links(*files)}</p>", tables.html_table(summary),
+             page.figure(plots.pareto(runs, ppl, figs / f"{name}_pareto", model),
+                         "sparsity vs perplexity and accuracy"),
+             page.figure(plots.scatter_vs_accuracy(runs, tables.SPEED, "measured prefill speedup vs dense",
+                                                   figs / f"{name}_speedup", model), "speedup vs accuracy"),
+             page.figure(plots.scatter_vs_accuracy(runs, "prune_seconds", "prune time (s)", figs / f"{name}_cost",
+                                                   model, log_x=True), "prune cost vs accuracy"),
+             page.figure(plots.curves(runs, figs / f"{name}_curves", model), "mask-learning curves and mismatch")]
+    pruned = runs[runs["kind"] == "pruned"]
+    masks = {i: read_masks(row) for i, row in pruned.iterrows()}
+    heat = page.out / "heatmaps" / name
+    parts.append("<h3>what each method removed</h3>")
+    for (sparsity, seed), cell in pruned.groupby(["sparsity", "seed"]):
+        found = {row["method"]: masks[i] for i, row in cell.iterrows() if masks[i] is not None}
+        if not found:
+            continue
+        tag = f"sp{sparsity:g}_seed{seed}"
+        for method, m in found.items():
+            keep = {k: v.numpy() for k, v in m.keep.items()}
+            png = heatmaps.plot_masks(keep, heat / f"{slug(method)}_{tag}", f"{model} {method} sp{sparsity:g}")
+            parts.append(page.figure(png, f"{method}, sparsity {sparsity:g}, seed {seed}"))
+        keeps = {method: {k: v.numpy() for k, v in m.keep.items()} for method, m in found.items()}
+        profiles = {method: heatmaps.layer_sparsity(keeps[method], m.meta) for method, m in found.items()}
+        parts.append(page.figure(heatmaps.plot_profiles(profiles, heat / f"profiles_{tag}",
+                                                        f"{model} sp{sparsity:g}: per-layer sparsity"),
+                                 f"per-layer sparsity of every method, sparsity {sparsity:g}"))
+        if len(keeps) > 1:
+            names, matrix = heatmaps.jaccard(keeps)
+            parts.append(page.figure(heatmaps.plot_jaccard(names, matrix, heat / f"jaccard_{tag}",
+                                                           f"{model} sp{sparsity:g}: overlap of removed units"),
+                                     f"Jaccard overlap of removed units, sparsity {sparsity:g}"))
+    return "\n".join(p for p in parts if p)
+
+
+def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
+    pruned = runs[runs["kind"] == "pruned"]
+    rank = leaderboard.ranking(pruned)
+    if rank.empty:
+        return ""
+    order = list(rank["method"])
+    win = leaderboard.win_rate(pruned, order)
+    sig = leaderboard.significance(pruned, order)
+    files = [export(rank, page.out / "tables" / f"{prefix}leaderboard.csv"),
+             page.write(f"tables/{prefix}leaderboard.md", tables.frame_markdown(rank)),
+             page.write(f"tables/{prefix}leaderboard.tex", leaderboard_latex(rank)),
+             export(win.reset_index(names="method"), page.out / "tables" / f"{prefix}win_rate.csv"),
+             export(sig, page.out / "tables" / f"{prefix}significance.csv")]
+    png = leaderboard.plot_win_rate(win, page.out / "figures" / f"{prefix}win_rate")
+    return "\n".join([
+        "<h2>leaderboard</h2>", "<p>methods ranked by mean retained accuracy (% of dense mean task accuracy) over "
+        f"every model, sparsity and seed; files: {page.links(*files)}</p>",
+        rank.to_html(index=False, float_format=lambda v: f"{v:.2f}"),
+        page.figure(png, "win rate: share of shared (model, sparsity, seed) cells where the row beats the column"),
+        "<h3>paired significance over tasks x seeds x cells</h3>",
+        sig.to_html(index=False, float_format=lambda v: f"{v:.4g}")])
+
+
+def leaderboard_latex(rank: pd.DataFrame) -> str:
+    lines = [r"\begin{tabular}{rlrrr}", r"\toprule", r"rank & method & retained acc (\%) & std & runs \\", r"\midrule"]
+    for _, r in rank.iterrows():
+        std = "-" if r["std"] != r["std"] else f"{r['std']:.2f}"
+        lines.append(f"{r['rank']} & {tables.tex_escape(str(r['method']))} & {r['retained_acc_%']:.2f} & {std} & "
+                     f"{r['runs']} \\\\")
+    return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border-bottom:1px solid #ccc;padding:3px 8px;
+text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}
+.warn{background:#fee;border:1px solid #c00;padding:.6em}"""
+
+
+def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | None = None,
+                 allow_mixed: bool = False, log_to_mlflow: bool = True) -> Path:
+    """Write the report under `out` and return its index.html."""
+    start = time.perf_counter()
+    df = load_results(workdir, experiments, uri)
+    if df.empty:
+        raise ConfigError(f"no finished runs in experiment(s) {', '.join(experiments)} under {workdir}")
+    groups = guard(df, allow_mixed)
+    out.mkdir(parents=True, exist_ok=True)
+    page = Page(out)
+    export(df, out / "results.csv")
+    export(df, out / "results.parquet")
+    mixed = len(groups) > 1
+    for i, runs in enumerate(groups):
+        prefix = f"protocol{i + 1}_" if mixed else ""
+        if mixed:
+            page.sections.append(f'<h1 class="warn">protocol {i + 1} of {len(groups)} '
+                                 f"({html.escape(runs['protocol'].iloc[0])}): not comparable with the other "
+                                 "sections (--allow-mixed)</h1>")
+        page.sections.append(leaderboard_section(page, runs, prefix))
+        page.sections += [model_section(page, runs, model, prefix) for model in sorted(runs["model"].unique())]
+    note = ('<p class="warn">MIXED PROTOCOLS: sections below were measured under different protocols and are '
+            "never ranked together.</p>") if mixed else ""
+    body = "\n".join(page.sections)
+    index = page.write("index.html", f"""<!doctype html><html><head><meta charset="utf-8">
+<title>prunebench report: {html.escape(', '.join(experiments))}</title><style>{STYLE}</style></head><body>
+<h1>prunebench report: {html.escape(', '.join(experiments))}</h1>{note}
+<p>{len(df[df['kind'] == 'pruned'])} pruned runs, {len(df[df['kind'] == 'dense'])} dense; protocol(s)
+{html.escape(', '.join(sorted(df['protocol'].unique())))}; all runs: <a href="results.csv">csv</a> ·
+<a href="results.parquet">parquet</a>. Tables: mean ± 95% CI over seeds where there are several; best pruned value
+per column and sparsity in bold.</p>
+{body}
+</body></html>
+""")
+    if log_to_mlflow:
+        from suite.tracking import Tracker
+
+        for name in experiments:
+            tracker = Tracker(workdir, name, uri, create=False)
+            tracker.client.log_artifacts(tracker.parent(), str(out), artifact_path="report")
+    (out / "report.json").write_text(json.dumps({"experiments": experiments, "runs": len(df), "mixed": mixed,
+                                                 "seconds": round(time.perf_counter() - start, 2)}))
+    return index

@@ -1,0 +1,111 @@
+"""Figures: Pareto fronts (sparsity vs perplexity / accuracy), speedup and prune cost vs accuracy, mask-learning
+loss curves and train-test mismatch. Every figure is written as PNG (web) and PDF (papers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from reports.query import read_json
+
+
+def figure(ncols: int = 1, width: float = 4.6, height: float = 3.4) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, axes[0]
+
+
+def save(fig: Any, stem: Path) -> Path:
+    """`stem`.png and `stem`.pdf; returns the PNG."""
+    import matplotlib.pyplot as plt
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    fig.savefig(stem.with_suffix(".pdf"))
+    plt.close(fig)
+    return stem.with_suffix(".png")
+
+
+def _by_method(runs: pd.DataFrame, column: str) -> dict[str, pd.DataFrame]:
+    """Mean and std over seeds of `column` per (method, sparsity), dense runs excluded."""
+    pruned = runs[(runs["kind"] == "pruned") & runs[column].notna()] if column in runs else runs.iloc[:0]
+    out = {}
+    for method, rows in pruned.groupby("method"):
+        out[str(method)] = rows.groupby("sparsity")[column].agg(["mean", "std"]).reset_index()
+    return out
+
+
+def pareto(runs: pd.DataFrame, ppl_column: str | None, stem: Path, title: str) -> Path:
+    """Sparsity vs perplexity (log scale) and vs mean accuracy, one line per method, dense as a reference."""
+    panels = [c for c in (ppl_column, "mean_acc") if c and c in runs]
+    fig, axes = figure(len(panels))
+    dense = runs[runs["kind"] == "dense"]
+    for ax, column in zip(axes, panels, strict=True):
+        for method, agg in _by_method(runs, column).items():
+            ax.errorbar(agg["sparsity"], agg["mean"], yerr=agg["std"].fillna(0), marker="o", capsize=3, label=method)
+        if len(dense) and dense[column].notna().any():
+            ax.axhline(dense[column].mean(), color="black", ls="--", lw=1, label="dense")
+        ax.set(xlabel="sparsity (prunable params removed)", ylabel=column.replace("ppl.", "ppl "))
+        if column.startswith("ppl."):
+            ax.set_yscale("log")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, stem)
+
+
+def scatter_vs_accuracy(runs: pd.DataFrame, x: str, xlabel: str, stem: Path, title: str,
+                        log_x: bool = False) -> Path | None:
+    """Mean accuracy against `x` (measured speedup, prune seconds), one marker per method, size by sparsity; None
+    when no run measured `x` (speed off)."""
+    pruned = runs[(runs["kind"] == "pruned")]
+    if x not in pruned or "mean_acc" not in pruned or pruned[x].isna().all():
+        return None
+    fig, (ax,) = figure()
+    for method, rows in pruned.groupby("method"):
+        if rows[x].notna().any():
+            ax.scatter(rows[x], rows["mean_acc"], s=30 + 200 * rows["sparsity"], alpha=0.75, label=str(method))
+    ax.set(xlabel=xlabel, ylabel="mean accuracy")
+    if log_x:
+        ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    return save(fig, stem)
+
+
+def curves(runs: pd.DataFrame, stem: Path, title: str,
+           reader: Callable[[pd.Series, str], Any] = read_json) -> Path | None:
+    """Loss curves (LM loss and hard sparsity over steps) of mask-learning runs, and their train-test mismatch."""
+    learned = []
+    for _, row in runs[runs["kind"] == "pruned"].iterrows():
+        data = reader(row, "curves.json")
+        if data and "lm_loss" in data:
+            learned.append((row, data))
+    if not learned:
+        return None
+    fig, axes = figure(3, width=4.2)
+    for row, data in learned:
+        name = f"{row['method']} sp{row['sparsity']:g} s{row['seed']}"
+        axes[0].plot(np.arange(1, len(data["lm_loss"]) + 1), data["lm_loss"], lw=1, label=name)
+        if "hard_sparsity" in data:
+            axes[1].plot(np.arange(1, len(data["hard_sparsity"]) + 1), data["hard_sparsity"], lw=1, label=name)
+    axes[0].set(xlabel="step", ylabel="calibration LM loss", title="loss")
+    axes[1].set(xlabel="step", ylabel="hard sparsity", title="discrete mask sparsity")
+    frame = pd.DataFrame([{"name": f"{r['method']} sp{r['sparsity']:g}", "mismatch": r.get("diag_mismatch")}
+                          for r, _ in learned]).dropna()
+    if len(frame):
+        means = frame.groupby("name", sort=False)["mismatch"].mean()
+        axes[2].barh(means.index, means.values, color="tab:red")
+        axes[2].axvline(0, color="black", lw=0.8)
+    axes[2].set(xlabel="valid loss: last training mask - compact", title="train-test mismatch")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, stem)

@@ -1,0 +1,85 @@
+"""The one way reports read results: an MLflow store -> a tidy DataFrame, one row per run.
+
+Reports never import a pruner: everything they show comes from what the runner recorded (params, metrics, tags,
+and artifacts such as masks and curves), so a report can be rebuilt from a store alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from suite.errors import ConfigError
+from suite.masks import Masks
+from suite.tracking import ERROR, PREFIX, Tracker
+
+KIND = PREFIX + "kind"
+ID_COLUMNS = ["experiment", "run_id", "kind", "status", "model", "method", "method_name", "sparsity", "seed",
+              "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity"]
+
+
+def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
+                 finished_only: bool = True) -> pd.DataFrame:
+    """Dense and pruned runs of `experiments` with their metrics as columns (`ppl.*`, `acc.*`, `mean_acc`, ...)."""
+    rows: list[dict[str, Any]] = []
+    for name in experiments:
+        tracker = Tracker(workdir, name, uri, create=False)
+        for run in tracker.client.search_runs([tracker.experiment_id], max_results=50_000):
+            tags, params = run.data.tags, run.data.params
+            kind = tags.get(KIND)
+            if kind not in ("dense", "pruned") or (finished_only and run.info.status != "FINISHED"):
+                continue
+            row = {
+                "experiment": name, "run_id": run.info.run_id, "kind": kind, "status": run.info.status,
+                "model": params.get("model", tags.get(PREFIX + "model", "")),
+                "method": params.get("label", "dense") if kind == "pruned" else "dense",
+                "method_name": params.get("method", "dense"),
+                "sparsity": float(params.get("sparsity", 0.0)), "seed": int(params.get("seed", -1)),
+                "protocol": tags.get(PREFIX + "protocol", ""), "protocol_body": tags.get(PREFIX + "protocol_body", ""),
+                "artifact_uri": run.info.artifact_uri, "error": tags.get(ERROR, ""),
+            }
+            metrics = dict(run.data.metrics)
+            # the `sparsity` param is the grid's target; the metric of that name is what the method achieved
+            row["achieved_sparsity"] = metrics.pop("sparsity", row["sparsity"])
+            if kind == "dense":  # the reference row of every table
+                metrics |= {"params_compact": metrics.get("params_dense"), "retained.mean_acc": 100.0}
+            rows.append(row | metrics)
+    df = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
+    return df.sort_values(["experiment", "model", "kind", "method", "sparsity", "seed"], ignore_index=True)
+
+
+def export(df: pd.DataFrame, path: Path) -> Path:
+    """CSV or parquet by suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    elif path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    else:
+        raise ConfigError(f"cannot export to {path.name}: use .csv or .parquet")
+    return path
+
+
+def artifact(row: pd.Series, name: str) -> Path | None:
+    """A file the runner stored with this run (local stores only), or None."""
+    uri = str(row["artifact_uri"])
+    if not uri.startswith("file:"):
+        return None
+    from urllib.parse import unquote, urlparse
+
+    path = Path(unquote(urlparse(uri).path)) / name
+    return path if path.is_file() else None
+
+
+def read_json(row: pd.Series, name: str) -> Any | None:
+    path = artifact(row, name)
+    return json.loads(path.read_text()) if path else None
+
+
+def read_masks(row: pd.Series) -> Masks | None:
+    """The masks a pruned run stored (keep vectors, and per-group parameter counts in `meta`), or None."""
+    path = artifact(row, "masks.safetensors")
+    return Masks.load(path.parent) if path else None

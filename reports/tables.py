@@ -1,0 +1,175 @@
+"""Per-model results tables: method x sparsity, mean +- 95% CI over seeds, best per column in bold.
+
+One summary (numbers) renders to Markdown, LaTeX (booktabs), HTML and CSV, so the formats never disagree.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+SPEED = "speed.prefill_speedup"
+FIXED = ["mean_acc", "retained.mean_acc", "params_compact", SPEED, "prune_seconds"]
+LABELS = {"mean_acc": "mean acc", "retained.mean_acc": "retained %", "params_compact": "params",
+          SPEED: "speedup", "prune_seconds": "prune s"}
+
+
+def columns(df: pd.DataFrame) -> list[str]:
+    """Perplexities, each task's accuracy, then the fixed columns, as far as the runs recorded them."""
+    ppl = sorted(c for c in df.columns if c.startswith("ppl."))
+    acc = sorted(c for c in df.columns if c.startswith("acc."))
+    return [c for c in ppl + acc + FIXED if c in df.columns and df[c].notna().any()]
+
+
+def better(column: str) -> int:
+    """+1 higher is better, -1 lower is better, 0 not ranked."""
+    if column.startswith("ppl.") or column == "prune_seconds":
+        return -1
+    if column == "params_compact":
+        return 0
+    return 1
+
+
+def label(column: str) -> str:
+    if column in LABELS:
+        return LABELS[column]
+    kind, _, name = column.partition(".")
+    return f"{name} ppl" if kind == "ppl" else name
+
+
+def ci95(values: pd.Series) -> float:
+    """Half-width of the t-interval of the mean; NaN for a single seed."""
+    from scipy import stats
+
+    v = values.dropna()
+    if len(v) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+@dataclass
+class Summary:
+    """Numbers of one model's table: a row per (method, sparsity), with mean, CI and seed count per column."""
+
+    model: str
+    columns: list[str]
+    frame: pd.DataFrame  # index (method, sparsity); columns (column, 'mean'|'ci'|'n')
+
+    def best(self) -> set[tuple[int, str]]:
+        """(row position, column) pairs to bold: best pruned mean per column within each sparsity."""
+        out = set()
+        rows = self.frame.reset_index()
+        for column in self.columns:
+            sign = better(column)
+            if sign == 0:
+                continue
+            for _, block in rows[rows["method"] != "dense"].groupby("sparsity"):
+                values = block[(column, "mean")].dropna()
+                if len(values) > 1:
+                    target = values.max() if sign > 0 else values.min()
+                    out |= {(int(i), column) for i in values.index[values == target]}
+        return out
+
+
+def summarize(df: pd.DataFrame, model: str) -> Summary:
+    runs = df[df["model"] == model]
+    cols = columns(runs)
+    grouped = runs.groupby(["method", "sparsity"], sort=False)[cols]
+    parts = {"mean": grouped.mean(), "ci": grouped.agg(ci95), "n": grouped.count()}
+    frame = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
+    order = sorted(frame.index, key=lambda k: (k[0] != "dense", k[1], k[0]))
+    return Summary(model, cols, frame.loc[order])
+
+
+def _cell(column: str, mean: float, ci: float) -> str:
+    if mean != mean:
+        return "-"
+    if column == "params_compact":
+        return f"{mean / 1e6:.2f}M"
+    if column.startswith(("acc.", "mean_acc")):
+        text, half = f"{100 * mean:.1f}", f"{100 * ci:.1f}"
+    elif column.startswith(("retained", "ppl.")) or column == "prune_seconds":
+        text, half = f"{mean:.2f}" if mean < 100 else f"{mean:.1f}", f"{ci:.2f}"
+    else:
+        text, half = f"{mean:.2f}", f"{ci:.2f}"
+    return text if ci != ci else f"{text} ± {half}"
+
+
+def cells(summary: Summary) -> tuple[list[str], list[list[str]], set[tuple[int, str]]]:
+    """Header, string cells, and which cells are bold (as (row, column) pairs)."""
+    header = ["method", "sparsity", *(label(c) for c in summary.columns)]
+    body = []
+    for (method, sparsity), row in summary.frame.iterrows():
+        body.append([str(method), f"{sparsity:.2f}"] +
+                    [_cell(c, row[(c, "mean")], row[(c, "ci")]) for c in summary.columns])
+    return header, body, summary.best()
+
+
+def markdown(summary: Summary) -> str:
+    header, body, bold = cells(summary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for i, row in enumerate(body):
+        out = row[:2] + [f"**{v}**" if (i, c) in bold else v for c, v in zip(summary.columns, row[2:], strict=True)]
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in text).replace("±", r"$\pm$")
+
+
+def latex(summary: Summary) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs}); a rule between sparsity levels."""
+    header, body, bold = cells(summary)
+    lines = [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+             " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
+    previous = None
+    for i, row in enumerate(body):
+        if previous is not None and row[1] != previous:
+            lines.append(r"\midrule")
+        previous = row[1]
+        out = [tex_escape(v) for v in row[:2]]
+        for c, v in zip(summary.columns, row[2:], strict=True):
+            out.append(r"\textbf{" + tex_escape(v) + "}" if (i, c) in bold else tex_escape(v))
+        lines.append(" & ".join(out) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(summary: Summary) -> str:
+    header, body, bold = cells(summary)
+    out = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
+           "<tbody>"]
+    for i, row in enumerate(body):
+        tds = [f"<td>{html.escape(v)}</td>" for v in row[:2]]
+        tds += [f"<td><b>{html.escape(v)}</b></td>" if (i, c) in bold else f"<td>{html.escape(v)}</td>"
+                for c, v in zip(summary.columns, row[2:], strict=True)]
+        out.append("<tr>" + "".join(tds) + "</tr>")
+    return "\n".join([*out, "</tbody>", "</table>"]) + "\n"
+
+
+def csv_frame(summary: Summary) -> pd.DataFrame:
+    """Flat numbers: `<column>` (mean), `<column>.ci95`, `<column>.n`."""
+    flat = pd.DataFrame(index=summary.frame.index)
+    for c in summary.columns:
+        flat[c] = summary.frame[(c, "mean")]
+        flat[f"{c}.ci95"] = summary.frame[(c, "ci")]
+        flat[f"{c}.n"] = summary.frame[(c, "n")]
+    return flat.reset_index()
+
+
+def frame_markdown(df: pd.DataFrame) -> str:
+    """Any small frame as a Markdown table (floats to 4 significant digits)."""
+    def fmt(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join(["---"] * len(df.columns)) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

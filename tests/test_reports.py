@@ -1,0 +1,174 @@
+"""Reports: built from the tracking store alone; tables, heatmaps, plots, leaderboard, protocol guard, rendering."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from reports import heatmaps, leaderboard, tables
+from reports.build import build_report
+from reports.query import load_results
+from suite.cli import main
+from suite.errors import ConfigError
+from suite.testing import tiny_text_model
+from suite.tracking import Tracker
+
+
+def _experiment(root, model, name, ppl="embedded:test@128", **extra):
+    cfg = {"name": name, "models": [str(model)],
+           "methods": [{"name": "random"}, {"name": "magnitude"},
+                       {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1}}],
+           "sparsities": [0.3, 0.5], "seeds": [0, 1], "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
+           "evaluation": {"ppl": [ppl], "tasks": ["pb_next_line", "pb_return"], "limit": 12}} | extra
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--workdir", str(root / "runs")]) == 0
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reports")
+    model = tiny_text_model(root / "tiny")
+    _experiment(root, model, "unit")
+    _experiment(root, model, "other", ppl="embedded:test@64", methods=[{"name": "random"}], sparsities=[0.5],
+                seeds=[0])
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(store):
+    out = store / "report"
+    assert main(["report", "--experiment", "unit", "--workdir", str(store / "runs"), "--out", str(out)]) == 0
+    return out
+
+
+def test_query_is_one_tidy_row_per_finished_run(store):
+    df = load_results(store / "runs", ["unit"])
+    assert (df["kind"] == "pruned").sum() == 12 and (df["kind"] == "dense").sum() == 1
+    pruned = df[df["kind"] == "pruned"]
+    assert sorted(pruned["sparsity"].unique()) == [0.3, 0.5]  # the target, not what was achieved
+    assert (pruned["achieved_sparsity"] - pruned["sparsity"]).abs().max() < 0.1
+    assert {"ppl.embedded_test_128", "acc.pb_next_line", "mean_acc", "retained.mean_acc"} <= set(df.columns)
+
+
+def test_report_has_every_part(report, store):
+    index = (report / "index.html").read_text()
+    for rel in re.findall(r'(?:src|href)="([^"]+)"', index):
+        assert (report / rel).is_file(), rel
+    model = next(p.stem for p in (report / "tables").glob("*.md") if "leaderboard" not in p.stem)
+    md = (report / "tables" / f"{model}.md").read_text()
+    assert md.count("\n") == 2 + 1 + 3 * 2  # header, rule, dense, 3 methods x 2 sparsities
+    assert "**" in md and "±" in md  # best in bold, 95% CI over the two seeds
+    csv = pd.read_csv(report / "tables" / f"{model}.csv")
+    df = load_results(store / "runs", ["unit"])
+    ddp = df[(df["method"] == "ddp") & (df["sparsity"] == 0.5)]
+    row = csv[(csv["method"] == "ddp") & (csv["sparsity"] == 0.5)].iloc[0]
+    assert row["mean_acc"] == pytest.approx(ddp["mean_acc"].mean())
+    assert row["mean_acc.n"] == 2
+    for stem in ("pareto", "cost", "curves"):
+        assert (report / "figures" / f"{model}_{stem}.png").is_file()
+        assert (report / "figures" / f"{model}_{stem}.pdf").is_file()
+    heat = report / "heatmaps" / model
+    for method in ("random", "magnitude", "ddp"):
+        assert (heat / f"{method}_sp0.5_seed1.png").is_file()
+    assert (heat / "profiles_sp0.3_seed0.png").is_file() and (heat / "jaccard_sp0.3_seed0.png").is_file()
+    board = pd.read_csv(report / "tables" / "leaderboard.csv")
+    assert sorted(board["method"]) == ["ddp", "magnitude", "random"] and list(board["rank"]) == [1, 2, 3]
+    assert set(pd.read_csv(report / "tables" / "significance.csv").columns) >= {"p_bootstrap", "p_wilcoxon"}
+    assert json.loads((report / "report.json").read_text())["seconds"] < 60
+
+
+def _tabular_rows(tex):
+    assert tex.startswith(r"\begin{tabular}{") and tex.rstrip().endswith(r"\end{tabular}")
+    spec = re.match(r"\\begin\{tabular\}\{([lcr]+)\}", tex).group(1)
+    assert tex.count(r"\toprule") == 1 and tex.count(r"\bottomrule") == 1 and r"\midrule" in tex
+    rows = [line for line in tex.splitlines() if line.endswith(r"\\")]
+    for line in rows:
+        assert len(re.split(r"(?<!\\)&", line)) == len(spec), line
+        assert not re.search(r"(?<!\\)[_%#]", line), line  # specials escaped
+        assert line.count("{") == line.count("}"), line
+    return rows
+
+
+def test_latex_tables_are_valid_booktabs_tabulars(report):
+    texs = list((report / "tables").glob("*.tex"))
+    assert len(texs) == 2
+    for tex in texs:
+        assert _tabular_rows(tex.read_text())
+
+
+def test_report_is_logged_on_the_parent_run(report, store):
+    t = Tracker(store / "runs", "unit", create=False)
+    names = [a.path for a in t.client.list_artifacts(t.parent(), "report")]
+    assert "report/index.html" in names
+
+
+def test_mixed_protocols_are_refused_with_the_difference_named(store, capsys):
+    with pytest.raises(ConfigError, match=r"embedded:test@128.*embedded:test@64|embedded:test@64.*embedded:test@128"):
+        build_report(store / "runs", ["unit", "other"], store / "mixed", log_to_mlflow=False)
+    assert main(["report", "--experiment", "unit", "--experiment", "other", "--workdir", str(store / "runs"),
+                 "--out", str(store / "mixed")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: refusing to merge") and "\n" not in err
+    index = build_report(store / "runs", ["unit", "other"], store / "mixed", allow_mixed=True, log_to_mlflow=False)
+    assert "MIXED PROTOCOLS" in index.read_text()
+    assert (store / "mixed" / "tables" / "protocol1_leaderboard.csv").is_file()
+
+
+def test_unknown_experiment_is_one_line(store, capsys):
+    assert main(["report", "--experiment", "nope", "--workdir", str(store / "runs"), "--out", str(store / "x")]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_report_renders_in_headless_chromium(report):
+    from reports.render import chromium, images_drawn, ink, screenshot
+
+    if chromium() is None:
+        pytest.skip("headless Chromium not installed (.ci/run installs Debian's chromium)")
+    png = screenshot(report / "index.html", report / "index.png")
+    assert ink(png) > 0.02  # not blank
+    assert images_drawn(png)  # the figures loaded
+
+
+# -- the statistics, on hand-made data ---------------------------------------------------------------------------
+
+
+def _frame(acc_a, acc_b):
+    rows = []
+    for seed, (a, b) in enumerate(zip(acc_a, acc_b, strict=True)):
+        for method, acc in (("a", a), ("b", b)):
+            rows.append({"model": "m", "sparsity": 0.5, "seed": seed, "method": method, "mean_acc": acc,
+                         "acc.t1": acc, "acc.t2": acc + 0.01, "retained.mean_acc": 100 * acc / 0.8})
+    return pd.DataFrame(rows)
+
+
+def test_win_rate_ranking_and_paired_tests():
+    df = _frame([0.70, 0.72, 0.71, 0.69, 0.73, 0.70], [0.60, 0.61, 0.62, 0.60, 0.59, 0.61])
+    rank = leaderboard.ranking(df)
+    assert list(rank["method"]) == ["a", "b"]
+    win = leaderboard.win_rate(df, ["a", "b"])
+    assert win.loc["a", "b"] == 1.0 and win.loc["b", "a"] == 0.0
+    sig = leaderboard.significance(df, ["a", "b"]).iloc[0]
+    assert sig["pairs"] == 12 and sig["mean_diff_acc"] == pytest.approx(0.1, abs=0.01)
+    assert sig["p_bootstrap"] < 0.01 and sig["p_wilcoxon"] < 0.01
+    same = leaderboard.significance(_frame([0.7, 0.6, 0.65], [0.7, 0.6, 0.65]), ["a", "b"]).iloc[0]
+    assert same["p_wilcoxon"] == 1.0 and same["p_bootstrap"] == 1.0
+
+
+def test_ci95_is_the_t_interval():
+    values = pd.Series([1.0, 2.0, 3.0])
+    assert tables.ci95(values) == pytest.approx(4.302653 * 1.0 / np.sqrt(3), rel=1e-5)
+    assert np.isnan(tables.ci95(pd.Series([1.0])))
+
+
+def test_jaccard_and_parameter_weighted_layer_profile():
+    a = {"L00.attn": np.array([1, 0, 0, 1]), "L00.mlp": np.array([1, 1, 0, 0])}
+    b = {"L00.attn": np.array([1, 0, 1, 1]), "L00.mlp": np.array([1, 0, 0, 0])}
+    names, m = heatmaps.jaccard({"a": a, "b": b})
+    # removed: a = attn{1,2} mlp{2,3}; b = attn{1} mlp{1,2,3} -> shared 3 of 5
+    assert m[0, 1] == pytest.approx(3 / 5) and m[0, 0] == 1.0
+    meta = {"group_params": {"L00.attn": 400, "L00.mlp": 100}, "group_removed": {"L00.attn": 200, "L00.mlp": 50}}
+    assert heatmaps.layer_sparsity(a, meta) == {0: pytest.approx(250 / 500)}
