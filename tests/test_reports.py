@@ -168,6 +168,7 @@ def test_jaccard_and_parameter_weighted_layer_profile():
     a = {"L00.attn": np.array([1, 0, 0, 1]), "L00.mlp": np.array([1, 1, 0, 0])}
     b = {"L00.attn": np.array([1, 0, 1, 1]), "L00.mlp": np.array([1, 0, 0, 0])}
     names, m = heatmaps.jaccard({"a": a, "b": b})
+    assert names == ["a", "b"]
     # removed: a = attn{1,2} mlp{2,3}; b = attn{1} mlp{1,2,3} -> shared 3 of 5
     assert m[0, 1] == pytest.approx(3 / 5) and m[0, 0] == 1.0
     meta = {"group_params": {"L00.attn": 400, "L00.mlp": 100}, "group_removed": {"L00.attn": 200, "L00.mlp": 50}}
