@@ -102,7 +102,8 @@ def _compact_attention(attn: nn.Module, group: Group, keep: Tensor, scale: Tenso
         _linear(o_weight, o_bias),
         per_slot,
     )
-    return {"q_heads": len(q_rows) // hd, "kv_heads": len(kv_rows) // hd, "kv_index": kv_index, "head_dim": hd}
+    return {"q_heads": len(q_rows) // hd, "kv_heads": len(kv_rows) // hd, "kv_index": kv_index, "head_dim": hd,
+            "o_bias": o_bias is not None}
 
 
 def _compact_mlp(mlp: nn.Module, keep: Tensor, scale: Tensor | None) -> int:
@@ -161,6 +162,7 @@ def compact(model: nn.Module, structure: Structure, masks: Masks) -> dict[str, A
                 spec |= _compact_attention(layer.self_attn, g, masks.keep[g.name], masks.scale.get(g.name))
             elif g.kind == "mlp":
                 spec["intermediate"] = _compact_mlp(layer.mlp, masks.keep[g.name], masks.scale.get(g.name))
+                spec["down_bias"] = layer.mlp.down_proj.bias is not None
         expert_groups = [g for g in groups if g.kind == "expert"]
         if expert_groups:
             spec |= _compact_experts(layer.mlp, expert_groups, masks)
@@ -189,13 +191,25 @@ def _write_layout(model: nn.Module, family: str, layers: list[dict[str, Any]]) -
         if expert:
             sizes[info.expert_width_key] = expert.pop()
         try:  # the family's own validator has the last word (Llama wants hidden % heads == 0)
-            type(cfg).from_dict(cfg.to_dict() | sizes)
+            candidate = type(cfg).from_dict(cfg.to_dict() | sizes)
         except (ValueError, StrictDataclassError):
             stock = False
         else:
-            for key, value in sizes.items():
-                setattr(cfg, key, value)
+            stock = _same_parameters(model, candidate)  # e.g. a bias a method added that the stock module lacks
+            if stock:
+                for key, value in sizes.items():
+                    setattr(cfg, key, value)
     cfg.prunebench_layout = {"version": 1, "stock": stock, "layers": layers}
+
+
+def _same_parameters(model: nn.Module, config: Any) -> bool:
+    """Whether the stock model class built from `config` has exactly `model`'s parameter names and shapes."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return shapes == {name: tuple(p.shape) for name, p in reference.named_parameters()}
 
 
 def verified_compact(model: nn.Module, structure: Structure, masks: Masks, probe: Tensor) -> float:
@@ -259,7 +273,7 @@ def _reshape(model: nn.Module, layers: list[dict[str, Any]]) -> None:
 
         q_out, kv_out = spec["q_heads"] * hd, spec["kv_heads"] * hd
         per_slot = spec["q_heads"] // (len(spec["kv_index"]) if spec["kv_index"] else spec["kv_heads"])
-        o_bias = None if attn.o_proj.bias is None else _empty(hidden, like=like)
+        o_bias = _empty(hidden, like=like) if spec.get("o_bias", attn.o_proj.bias is not None) else None
         _install_attention(
             attn,
             _linear(*proj(attn.q_proj, q_out)),
@@ -273,7 +287,7 @@ def _reshape(model: nn.Module, layers: list[dict[str, Any]]) -> None:
             w = spec["intermediate"]
             mlp.gate_proj = _linear(*proj(mlp.gate_proj, w))
             mlp.up_proj = _linear(*proj(mlp.up_proj, w))
-            down_bias = None if mlp.down_proj.bias is None else _empty(hidden, like=like)
+            down_bias = _empty(hidden, like=like) if spec.get("down_bias", mlp.down_proj.bias is not None) else None
             mlp.down_proj = _linear(_empty(hidden, w, like=like), down_bias)
         if spec.get("experts_fused"):
             experts, (w, *_) = mlp.experts, spec["experts"]

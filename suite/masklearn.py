@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from suite.errors import ConfigError, PruneBenchError
 from suite.gates import Gates
 from suite.masks import Masks, Target, select
-from suite.pruner import MethodConfig, Pruner, PruneResult
+from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
 from suite.structures import Group, Structure
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,7 @@ class MaskLearner(Pruner):
         self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
     ) -> PruneResult:
         cfg = self.config
-        if calibration is None:
-            raise ConfigError(f"{self.name} needs calibration data")
+        calibration_ids(self.name, calibration)
         torch.manual_seed(seed)
         groups = [g for g in structure.groups if g.layer not in target.skip_layers]
         rank_masks(structure, {g.name: torch.zeros(g.n_units) for g in groups}, target)  # unreachable: fail now

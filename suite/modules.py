@@ -56,8 +56,11 @@ def is_experts(module: nn.Module) -> bool:
     )
 
 
-def _expert_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, act: Callable, channel_gate: Tensor | None):
+def _expert_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, act: Callable, channel_gate: Tensor | None,
+                observe: Callable[[Tensor], None] | None = None):
     h = act(nn.functional.linear(x, gate)) * nn.functional.linear(x, up)  # [n, I]
+    if observe is not None:
+        observe(h)
     if channel_gate is not None:
         h = h * channel_gate.to(h)
     return nn.functional.linear(h, down)
@@ -105,19 +108,23 @@ class GatedExperts(nn.Module):
     """Wraps an experts module (fused or ragged) and multiplies each expert's intermediate activation by a gate.
 
     Holds the wrapped module itself, so no weight is copied; `channel_gate(e)` returns expert e's gate or None.
+    `observe(e, h)`, if given, sees expert e's intermediate activation (the down projection's input) ungated.
     """
 
-    def __init__(self, inner: nn.Module, channel_gate: Callable[[int], Tensor | None]) -> None:
+    def __init__(self, inner: nn.Module, channel_gate: Callable[[int], Tensor | None],
+                 observe: Callable[[int, Tensor], None] | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.channel_gate = channel_gate
+        self.observe = observe
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         return route(
             hidden_states,
             top_k_index,
             top_k_weights,
-            lambda e, x: _expert_mlp(x, *expert_weights(self.inner, e), self.inner.act_fn, self.channel_gate(e)),
+            lambda e, x: _expert_mlp(x, *expert_weights(self.inner, e), self.inner.act_fn, self.channel_gate(e),
+                                     None if self.observe is None else lambda h: self.observe(e, h)),
         )
 
 

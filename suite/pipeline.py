@@ -60,6 +60,7 @@ def prune_model(
     masks.meta |= {"method": method, "seed": seed, "target": target.model_dump(mode="json"),
                    "group_params": {g.name: g.params for g in structure.groups},
                    "group_removed": {g.name: g.removed_params(masks.keep[g.name]) for g in structure.groups}}
+    added = param_count(model) - structure.total_params  # e.g. FLAP's compensation biases
     probe = torch.randint(model.config.vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
     diff = verified_compact(model, structure, masks, probe.to(device))
@@ -67,8 +68,9 @@ def prune_model(
         log.warning("compact model differs from the gated model by %.3g", diff)
     removed = masks.removed_params(structure)
     params_compact = param_count(model)
-    if params_compact != structure.total_params - removed:
-        raise RuntimeError(f"compaction removed {structure.total_params - params_compact} params, masks say {removed}")
+    if params_compact != structure.total_params - removed + added:
+        raise RuntimeError(f"compaction removed {structure.total_params + added - params_compact} params, "
+                           f"masks say {removed}")
     metrics = {
         "method": method,
         "hyperparameters": hyperparameters.model_dump(mode="json"),
@@ -80,6 +82,7 @@ def prune_model(
         "params_dense": structure.total_params,
         "params_prunable": structure.prunable_params,
         "params_compact": params_compact,
+        "params_added": added,
         "prune_seconds": prune_seconds,
         "compact_vs_gated_max_abs_diff": diff,
         "structure_fingerprint": structure.fingerprint,

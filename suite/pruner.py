@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from suite.errors import UnknownMethod
+from suite.errors import ConfigError, UnknownMethod
 from suite.masks import Masks, Normalize, SelectionMode, Target, select
 from suite.structures import Structure
 
@@ -72,6 +72,13 @@ class Pruner(ABC):
         self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
     ) -> PruneResult:
         """Choose the units to remove so that `target` is met."""
+
+
+def calibration_ids(method: str, calibration: Any) -> Tensor:
+    """The calibration token ids [n, seq_len], or a clear error for a data-driven method run without data."""
+    if calibration is None:
+        raise ConfigError(f"{method} needs calibration data")
+    return calibration.input_ids
 
 
 class ScorePruner(Pruner):

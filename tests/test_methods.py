@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from suite.compact import verified_compact
+from suite.compact import load_pruned, save_pruned, verified_compact
 from suite.masks import Target
 from suite.pruner import get_method, methods
 from suite.structures import build_structure
@@ -28,14 +28,19 @@ def _run(method: str, family: str, granularity: str, sparsity: float, seed: int 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("granularity", ["kv_group", "query_head"])
-def test_method_contract(method, family, granularity):
+def test_method_contract(method, family, granularity, tmp_path):
     model, s, result = _run(method, family, granularity, 0.5)
     masks = result.masks
     unit = max(g.unit_params + g.kv_params for g in s.groups)
     assert abs(masks.removed_params(s) - Target(sparsity=0.5).budget(s)) <= unit
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    added = sum(p.numel() for p in model.parameters()) - s.total_params  # only FLAP adds (its biases)
+    assert added == 0 or method == "flap"
     assert verified_compact(model, s, masks, ids) <= 1e-4
-    assert sum(p.numel() for p in model.parameters()) == s.total_params - masks.removed_params(s)
+    assert sum(p.numel() for p in model.parameters()) == s.total_params - masks.removed_params(s) + added
+    save_pruned(model, tmp_path)  # whatever the method changed (refits, added biases) survives a reload
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path)(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,0 +1,42 @@
+"""`llm_pruner`: LLM-Pruner's first-order Taylor importance, block-wise (Ma et al. 2023; METHODS.md B3)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from suite.capture import gradients
+from suite.pruner import ScorePruner, SelectionConfig, calibration_ids, register
+from suite.structures import Structure, unit_sum
+
+
+class LLMPrunerConfig(SelectionConfig):
+    taylor: Literal["param_first", "param_mix"] = Field(
+        "param_first", description="sum |W g| (the reference scripts' choice) or sum |W g - W^2 F / 2|")
+    batch_size: int = Field(4, ge=1, description="sequences per backward pass (param_mix: one per sequence)")
+
+
+@register("llm_pruner")
+class LLMPruner(ScorePruner):
+    """Element-wise Taylor importance |W * dL/dW| (plus the diagonal-Fisher term under `param_mix`) summed over
+    every weight a unit owns; per-layer uniform ratio by default; LLM-Pruner's layer skipping is the target's
+    `skip_layers` (e.g. [0, 1, 2, 3, 30, 31] for a 32-layer model)."""
+
+    Config = LLMPrunerConfig
+    needs_calibration = True
+
+    def scores(self, model: nn.Module, structure: Structure, calibration: Any, *, seed: int) -> dict[str, Tensor]:
+        cfg = self.config
+        ids = calibration_ids(self.name, calibration)
+        grads = gradients(model, structure, ids, fisher=cfg.taylor == "param_mix", batch_size=cfg.batch_size)
+
+        def importance(p: Tensor) -> Tensor:
+            w = p.detach().float()
+            first = w * grads.of(p)
+            if grads.fisher is None:
+                return first.abs()
+            return (first - 0.5 * w * w * grads.fisher[id(p)]).abs()
+
+        return {g.name: unit_sum(model, g, importance) for g in structure.groups}

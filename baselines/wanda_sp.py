@@ -1,0 +1,22 @@
+"""`wanda_sp`: structured Wanda (FLAP repo's `prune_wanda_sp`, METHODS.md B4b) — local, no reconstruction."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from suite.capture import InputStats, consumer_weight, unit_columns
+from suite.layerwise import LayerwisePruner, closest_removal
+from suite.pruner import register
+from suite.structures import Group
+
+
+@register("wanda_sp")
+class WandaSP(LayerwisePruner):
+    """Column score mean_i |W_ij| * ||X_j||_2 on the consumer (o_proj / down_proj / expert down), summed over a unit's
+    columns; per-layer uniform ratio; layers decided in order on the pruned prefix."""
+
+    def prune_group(self, model: nn.Module, group: Group, stats: InputStats, goal: int) -> Tensor:
+        w = consumer_weight(model, group).detach().double().cpu()
+        score = (w.abs().mean(0) * stats.norm)[unit_columns(group)].sum(1)
+        return closest_removal(group, torch.sort(score, stable=True).indices, goal)

@@ -1,0 +1,140 @@
+"""Layer-wise and gradient baselines cross-checked against straightforward independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baselines.flap import column_metric
+from baselines.slimgpt import refit
+from suite import capture
+from suite.layerwise import closest_removal, removal_goals
+from suite.masks import Target
+from suite.pruner import get_method
+from suite.structures import build_structure
+from suite.testing import tiny_calibration, tiny_model
+
+
+def test_taylor_scores_equal_per_weight_autograd_products():
+    model = tiny_model("llama").float()
+    s = build_structure(model)
+    calib = tiny_calibration(n=4, seq_len=16)
+    cls = get_method("llm_pruner")
+    scores = cls(cls.Config(batch_size=4)).scores(model, s, calib, seed=0)
+    ids = calib.input_ids
+    logits = model(ids).logits.float()
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    layer = model.model.layers[1]
+    attn, mlp = layer.self_attn, layer.mlp
+    weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+               mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    grads = torch.autograd.grad(loss, weights)
+    imp = [(w * g).abs().detach().double() for w, g in zip(weights, grads, strict=True)]
+    q, k, v, o, gate, up, down = imp
+    hd = attn.head_dim
+    for j in range(s.group("L01.attn").n_units):  # MHA: a unit is one head
+        rows = slice(j * hd, (j + 1) * hd)
+        expected = q[rows].sum() + k[rows].sum() + v[rows].sum() + o[:, rows].sum()
+        assert scores["L01.attn"][j] == pytest.approx(float(expected), rel=1e-4)
+    expected = gate.sum(1) + up.sum(1) + down.sum(0)
+    assert torch.allclose(scores["L01.mlp"], expected, rtol=1e-4)
+
+
+def test_param_mix_adds_the_fisher_term():
+    model = tiny_model("llama").float()
+    s = build_structure(model)
+    calib = tiny_calibration(n=4, seq_len=16)
+    cls = get_method("llm_pruner")
+    first = cls(cls.Config()).scores(model, s, calib, seed=0)
+    mix = cls(cls.Config(taylor="param_mix")).scores(model, s, calib, seed=0)
+    assert not torch.allclose(first["L00.mlp"], mix["L00.mlp"])
+
+
+def test_flap_fluctuation_matches_numpy_on_the_captured_activations():
+    model = tiny_model("qwen3").float().eval()
+    s = build_structure(model)
+    ids = tiny_calibration(n=6, seq_len=16).input_ids
+    captured: dict[str, list[np.ndarray]] = {"attn": [], "mlp": []}
+    layer = model.model.layers[2]
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+                 lambda _m, a: captured["attn"].append(a[0].reshape(-1, a[0].shape[-1]).numpy().astype(np.float64))),
+             layer.mlp.down_proj.register_forward_pre_hook(
+                 lambda _m, a: captured["mlp"].append(a[0].reshape(-1, a[0].shape[-1]).numpy().astype(np.float64)))]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    stats = dict(capture.walk(model, s, ids, sequential=False))[2]
+    for kind, lin in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+        x = np.concatenate(captured[kind])
+        w = lin.weight.detach().numpy().astype(np.float64)
+        expected = x.var(axis=0, ddof=1) * (w**2).sum(axis=0)
+        ours = column_metric("wifv", lin.weight, stats[f"L02.{kind}"]).numpy()
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_flap_bias_keeps_the_first_layers_mean_output():
+    model = tiny_model("llama").float().eval()
+    s = build_structure(model)
+    calib = tiny_calibration(n=8, seq_len=16)
+    outputs: list[torch.Tensor] = []
+    o_proj = model.model.layers[0].self_attn.o_proj
+    hook = o_proj.register_forward_hook(lambda _m, _a, out: outputs.append(out.reshape(-1, out.shape[-1])))
+    with torch.no_grad():
+        model(calib.input_ids)
+        before = torch.cat(outputs).double().mean(0)
+        outputs.clear()
+        masks = get_method("flap")().prune(model, s, calib, Target(sparsity=0.5)).masks
+        model(calib.input_ids)  # layer 0 sees the same inputs; its removed heads are replaced by their mean
+        after = torch.cat(outputs).double().mean(0)
+    hook.remove()
+    assert not masks.keep["L00.attn"].all() and o_proj.bias is not None
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_refit_is_the_least_squares_solution():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=gen, dtype=torch.float64)
+    b = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    ours = refit(x.T @ x, b, kept)
+    expected = torch.linalg.lstsq(x[:, kept], x @ b).solution
+    assert torch.allclose(ours[kept], expected, atol=1e-9)
+    assert ours[[1, 4, 5, 6, 9, 10]].abs().max() == 0
+
+
+def test_slimgpt_reconstructs_better_than_zeroing_the_same_units():
+    model = tiny_model("llama").float().eval()
+    s = build_structure(model)
+    calib = tiny_calibration(n=8, seq_len=16)
+    ids = calib.input_ids
+    stats = dict(capture.walk(model, s, ids, gram=True, sequential=False))[0]
+    lin = model.model.layers[0].mlp.down_proj
+    w0 = lin.weight.detach().clone()
+    cls = get_method("slimgpt")
+    g = s.group("L00.mlp")
+    keep = cls(cls.Config(damp=0.0)).prune_group(model, g, stats["L00.mlp"], goal=20 * g.unit_params)
+    assert int((~keep).sum()) == 20
+    h = stats["L00.mlp"].hessian(0.0)
+
+    def err(w):  # ||X W^T - X W0^T||^2 through H
+        d = (w - w0).double().T
+        return float(torch.trace(d.T @ h @ d))
+
+    zeroed = w0.clone()
+    zeroed[:, ~keep] = 0
+    assert err(lin.weight.detach()) < 0.9 * err(zeroed)  # least squares: never worse, here clearly better
+
+
+def test_removal_goals_follow_the_shared_selection_and_free_kv_heads_by_choice():
+    model = tiny_model("qwen3")  # GQA: 2 query heads per K/V head
+    s = build_structure(model, "query_head")
+    goals = removal_goals(s, Target(sparsity=0.5), "per_layer")
+    assert abs(sum(goals.values()) - Target(sparsity=0.5).budget(s)) <= max(g.unit_params + g.kv_params
+                                                                          for g in s.groups)
+    g = s.group("L00.attn")
+    scattered = torch.arange(g.n_units).flip(0)  # remove from the end: K/V heads freed in pairs
+    keep = closest_removal(g, scattered, goals[g.name])
+    assert abs(g.removed_params(keep) - goals[g.name]) <= g.unit_params + g.kv_params
