@@ -138,3 +138,124 @@ def ddp_vs_hc(models: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         r.pop("curves")
     return {"budget": budget, "dense": dense, "rows": rows}
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled from /proc every few ms (CUDA: the allocator's own
+    peak). Sampling misses spikes shorter than the interval; good enough to tell one layer from the whole depth."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_start = torch.cuda.memory_allocated()
+        self._start = self._rss()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._rss() - self._start)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self._start)
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated() - self._cuda_start
+
+
+LOCAL_METHODS = ("wanda_sp", "flap", "slimgpt")
+
+
+def depth_memory(method: str, layers: int) -> dict[str, Any]:
+    """Peak prune memory of `method` on a random-init Llama with `layers` layers (run in a fresh process)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from suite.data import Calibration
+    from suite.masks import Target
+    from suite.pipeline import prune_model
+    from suite.pruner import get_method
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=8, head_dim=32, intermediate_size=688)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 4096, (32, 256), generator=torch.Generator().manual_seed(0))
+    calibration = Calibration.from_ids(ids, "random-tokens:n=32,seq_len=256")
+    cls = get_method(method)
+    with PeakMemory() as mem:
+        prune_model(model, method, cls.Config(), Target(sparsity=0.5), calibration=calibration)
+    return {"method": method, "layers": layers, "peak_mb": mem.peak / 2**20,
+            "model_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
+
+
+@bench("baselines")
+def baselines_bench(models: list[str] | None = None) -> dict[str, Any]:
+    """One-shot and local baselines on zoo models at 20% and 50%: test perplexity, mean task accuracy, prune
+    seconds, peak prune memory; then peak memory against depth (2, 8, 16 layers) for the layer-wise methods, each
+    in a fresh process, with `llm_pruner` (whole-model gradients) as the contrast."""
+    import subprocess
+    import sys
+
+    from suite.data import CalibrationSpec
+    from suite.evaluate import EvalSpec, evaluate
+    from suite.models import load_model
+
+    spec = EvalSpec()
+    rows, dense = [], {}
+    for model_spec in models or ("zoo:tiny-llama", "zoo:tiny-qwen3"):
+        model, tokenizer = load_model(model_spec)
+        calibration = CalibrationSpec(n=128, seq_len=256, valid_n=0).build(tokenizer)
+        d = evaluate(model, tokenizer, spec)
+        dense[model_spec] = {"test_ppl": next(iter(d["ppl"].values()))["ppl"], "mean_acc": d["mean_acc"]}
+        for sparsity in (0.2, 0.5):
+            for method in ("random", "magnitude", "llm_pruner", *LOCAL_METHODS):
+                with PeakMemory() as mem:
+                    row = prune_and_evaluate(model_spec, method, {}, sparsity, 0, calibration, spec)
+                row.pop("curves")
+                row |= {"prune_seconds": row["metrics"]["prune_seconds"], "peak_mb": mem.peak / 2**20,
+                        "ppl_ratio": row["test_ppl"] / dense[model_spec]["test_ppl"],
+                        "retained_acc": row["mean_acc"] / dense[model_spec]["mean_acc"]}
+                rows.append(row)
+    print(f"{'model':<16} {'sp':>4} {'method':<11} {'test ppl':>9} {'x dense':>8} {'mean acc':>8} {'kept acc':>8} "
+          f"{'prune s':>8} {'peak MB':>8}")
+    for r in rows:
+        print(f"{r['model'].removeprefix('zoo:'):<16} {r['sparsity']:>4} {r['method']:<11} {r['test_ppl']:>9.3f} "
+              f"{r['ppl_ratio']:>8.3f} {r['mean_acc']:>8.4f} {r['retained_acc']:>8.1%} {r['prune_seconds']:>8.2f} "
+              f"{r['peak_mb']:>8.1f}")
+    depth = []
+    for method in (*LOCAL_METHODS, "llm_pruner"):
+        for layers in (2, 8, 16):
+            code = ("import json; from suite.bench import depth_memory; "
+                    f"print(json.dumps(depth_memory({method!r}, {layers})))")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            depth.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print("\npeak prune memory vs depth (random-init Llama h256, 32 x 256 calibration tokens, 50%):")
+    for method in (*LOCAL_METHODS, "llm_pruner"):
+        cells = [r for r in depth if r["method"] == method]
+        print(f"  {method:<11} " + "  ".join(f"{r['layers']:>2} layers: {r['peak_mb']:6.1f} MB "
+                                             f"(model {r['model_mb']:5.1f} MB)" for r in cells))
+    return {"dense": dense, "rows": rows, "depth": depth, "eval": "embedded test ppl@256 + 3 tasks, full",
+            "calibration": "embedded train n128 x 256, seed 0"}
