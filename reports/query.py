@@ -46,7 +46,7 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
             row["achieved_sparsity"] = metrics.pop("sparsity", row["sparsity"])
             if kind == "dense":  # the reference row of every table
                 metrics |= {"params_compact": metrics.get("params_dense"), "retained.mean_acc": 100.0}
-            rows.append(row | metrics)
+            rows.append(row | {k: v for k, v in metrics.items() if k not in row})  # params win (e.g. seed)
     df = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
     return df.sort_values(["experiment", "model", "kind", "method", "sparsity", "seed"], ignore_index=True)
 
