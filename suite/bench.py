@@ -98,22 +98,29 @@ def prune_and_evaluate(model_spec: str, method: str, overrides: dict[str, Any], 
             "metrics": outcome.metrics, "curves": outcome.result.curves, "protocol": result["protocol"]["hash"]}
 
 
+def dense_reference(model_spec: str, spec: Any, valid_n: int) -> tuple[Any, dict[str, float]]:
+    """The bench calibration set (embedded train, 128 x 256, seed 0) and the dense model's scores under `spec`."""
+    from suite.data import CalibrationSpec
+    from suite.evaluate import evaluate
+    from suite.models import load_model
+
+    model, tokenizer = load_model(model_spec)
+    calibration = CalibrationSpec(n=128, seq_len=256, valid_n=valid_n).build(tokenizer)
+    d = evaluate(model, tokenizer, spec)
+    return calibration, {"test_ppl": next(iter(d["ppl"].values()))["ppl"], "mean_acc": d["mean_acc"]}
+
+
 @bench("ddp-vs-hc")
 def ddp_vs_hc(models: list[str] | None = None) -> dict[str, Any]:
     """DDP vs hard-concrete on identical footing (model, calibration, steps, Lagrangian, seed): test perplexity,
     mean embedded-task accuracy, train-test mismatch, convergence, and wall time."""
-    from suite.data import CalibrationSpec
-    from suite.evaluate import EvalSpec, evaluate
-    from suite.models import load_model
+    from suite.evaluate import EvalSpec
 
     budget = {"steps": 300, "batch_size": 8}
     spec = EvalSpec()
     rows, dense = [], {}
     for model_spec in models or ("zoo:tiny-llama", "zoo:tiny-qwen3"):
-        model, tokenizer = load_model(model_spec)
-        calibration = CalibrationSpec(n=128, seq_len=256, valid_n=16).build(tokenizer)
-        d = evaluate(model, tokenizer, spec)
-        dense[model_spec] = {"test_ppl": next(iter(d["ppl"].values()))["ppl"], "mean_acc": d["mean_acc"]}
+        calibration, dense[model_spec] = dense_reference(model_spec, spec, valid_n=16)
         for sparsity in (0.2, 0.5):
             pair = {m: prune_and_evaluate(model_spec, m, budget, sparsity, 0, calibration, spec)
                     for m in ("ddp", "hard_concrete")}
@@ -219,17 +226,12 @@ def baselines_bench(models: list[str] | None = None) -> dict[str, Any]:
     import subprocess
     import sys
 
-    from suite.data import CalibrationSpec
-    from suite.evaluate import EvalSpec, evaluate
-    from suite.models import load_model
+    from suite.evaluate import EvalSpec
 
     spec = EvalSpec()
     rows, dense = [], {}
     for model_spec in models or ("zoo:tiny-llama", "zoo:tiny-qwen3"):
-        model, tokenizer = load_model(model_spec)
-        calibration = CalibrationSpec(n=128, seq_len=256, valid_n=0).build(tokenizer)
-        d = evaluate(model, tokenizer, spec)
-        dense[model_spec] = {"test_ppl": next(iter(d["ppl"].values()))["ppl"], "mean_acc": d["mean_acc"]}
+        calibration, dense[model_spec] = dense_reference(model_spec, spec, valid_n=0)
         for sparsity in (0.2, 0.5):
             for method in ("random", "magnitude", "llm_pruner", *LOCAL_METHODS):
                 with PeakMemory() as mem:
