@@ -114,11 +114,10 @@ def model_section(page: Page, runs: pd.DataFrame, model: str, prefix: str) -> st
         if not found:
             continue
         tag = f"sp{sparsity:g}_seed{seed}"
-        for method, m in found.items():
-            keep = {k: v.numpy() for k, v in m.keep.items()}
+        keeps = {method: {k: v.numpy() for k, v in m.keep.items()} for method, m in found.items()}
+        for method, keep in keeps.items():
             png = heatmaps.plot_masks(keep, heat / f"{slug(method)}_{tag}", f"{model} {method} sp{sparsity:g}")
             parts.append(page.figure(png, f"{method}, sparsity {sparsity:g}, seed {seed}"))
-        keeps = {method: {k: v.numpy() for k, v in m.keep.items()} for method, m in found.items()}
         profiles = {method: heatmaps.layer_sparsity(keeps[method], m.meta) for method, m in found.items()}
         parts.append(page.figure(heatmaps.plot_profiles(profiles, heat / f"profiles_{tag}",
                                                         f"{model} sp{sparsity:g}: per-layer sparsity"),
