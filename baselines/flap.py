@@ -38,7 +38,9 @@ def standardize(x: Tensor) -> Tensor:
 
 @register("flap")
 class Flap(Pruner):
-    """Statistics from one dense pass (FLAP measures every layer on the unpruned model, then selects globally);
+    """FLAP: fluctuation scores from one dense pass, standardised global ranking, bias compensation.
+
+    Statistics come from one dense pass (FLAP measures every layer on the unpruned model, then selects globally);
     the attention metric is squared as in the reference code; under `al_am` each group's column scores are
     standardised, a unit scores the mean of its columns, and units are ranked across all layers by raw score with
     parameter-counted budget. Removed columns' mean contribution W[:, S] mean(X_S) becomes a bias of o_proj /

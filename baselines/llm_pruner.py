@@ -20,7 +20,9 @@ class LLMPrunerConfig(SelectionConfig):
 
 @register("llm_pruner")
 class LLMPruner(ScorePruner):
-    """Element-wise Taylor importance |W * dL/dW| (plus the diagonal-Fisher term under `param_mix`) summed over
+    """LLM-Pruner: first-order Taylor importance of every weight a unit owns, per-layer ratio.
+
+    Element-wise Taylor importance |W * dL/dW| (plus the diagonal-Fisher term under `param_mix`) summed over
     every weight a unit owns; per-layer uniform ratio by default; LLM-Pruner's layer skipping is the target's
     `skip_layers` (e.g. [0, 1, 2, 3, 30, 31] for a 32-layer model)."""
 

@@ -36,7 +36,9 @@ def refit(h: Tensor, b: Tensor, kept: Tensor) -> Tensor:
 
 @register("slimgpt")
 class SlimGPT(LayerwisePruner):
-    """Per consumer: H = X^T X (damped); units removed greedily by OBS cost with the OBS weight update and the
+    """SlimGPT-style group OBS selection and exact least-squares refit, layer by layer on the pruned prefix.
+
+    Per consumer: H = X^T X (damped); units removed greedily by OBS cost with the OBS weight update and the
     inverse-Hessian downdate between rounds (heads one at a time, channels in `rounds` batches); the survivors are
     then refit exactly. Layers in order, each measured on the pruned prefix. GQA: a unit is a whole KV group."""
 

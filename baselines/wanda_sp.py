@@ -13,7 +13,9 @@ from suite.structures import Group
 
 @register("wanda_sp")
 class WandaSP(LayerwisePruner):
-    """Column score mean_i |W_ij| * ||X_j||_2 on the consumer (o_proj / down_proj / expert down), summed over a unit's
+    """Structured Wanda: weight magnitude times input norm per consumer column, per-layer ratio, no refit.
+
+    Column score mean_i |W_ij| * ||X_j||_2 on the consumer (o_proj / down_proj / expert down), summed over a unit's
     columns; per-layer uniform ratio; layers decided in order on the pruned prefix."""
 
     def prune_group(self, model: nn.Module, group: Group, stats: InputStats, goal: int) -> Tensor:
