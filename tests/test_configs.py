@@ -20,3 +20,11 @@ def test_the_required_configs_exist():
 def test_config_validates(path, capsys):
     assert main(["validate", str(path)]) == 0
     assert ": ok (" in capsys.readouterr().out
+
+
+def test_the_leaderboard_config_lists_every_registered_method():
+    from suite.config import load_experiment
+    from suite.pruner import methods
+
+    exp = load_experiment(str(next(p for p in CONFIGS if p.stem == "leaderboard-embedded")), [])
+    assert {m.name for m in exp.methods} == set(methods())
