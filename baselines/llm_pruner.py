@@ -7,9 +7,9 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.capture import gradients
+from suite.capture import gradients, taylor_scores
 from suite.pruner import ScorePruner, SelectionConfig, calibration_ids, register
-from suite.structures import Structure, unit_sum
+from suite.structures import Structure
 
 
 class LLMPrunerConfig(SelectionConfig):
@@ -32,13 +32,5 @@ class LLMPruner(ScorePruner):
     def scores(self, model: nn.Module, structure: Structure, calibration: Any, *, seed: int) -> dict[str, Tensor]:
         cfg = self.config
         ids = calibration_ids(self.name, calibration)
-        grads = gradients(model, structure, ids, fisher=cfg.taylor == "param_mix", batch_size=cfg.batch_size)
-
-        def importance(p: Tensor) -> Tensor:
-            w = p.detach().float()
-            first = w * grads.of(p)
-            if grads.fisher is None:
-                return first.abs()
-            return (first - 0.5 * w * w * grads.fisher[id(p)]).abs()
-
-        return {g.name: unit_sum(model, g, importance) for g in structure.groups}
+        return taylor_scores(model, structure, gradients(model, structure, ids, fisher=cfg.taylor == "param_mix",
+                                                         batch_size=cfg.batch_size))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from suite.modules import GatedExperts, expert_weights
-from suite.structures import Group, Structure, decoder_layers, group_parts
+from suite.structures import Group, Structure, decoder_layers, group_parts, unit_sum
 
 
 @dataclass
@@ -257,3 +257,16 @@ def add_output_bias(model: nn.Module, group: Group, delta: Tensor) -> None:
             lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
                                     requires_grad=False)
         lin.bias += delta.to(lin.bias)
+
+
+def taylor_scores(model: nn.Module, structure: Structure, grads: Gradients) -> dict[str, Tensor]:
+    """Per unit, the sum over every weight it owns of |W g| (first-order Taylor), or |W g - W^2 F / 2| when the
+    Fisher diagonal was captured (LLM-Pruner's `param_mix`)."""
+    def importance(p: Tensor) -> Tensor:
+        w = p.detach().float()
+        first = w * grads.of(p)
+        if grads.fisher is None:
+            return first.abs()
+        return (first - 0.5 * w * w * grads.fisher[id(p)]).abs()
+
+    return {g.name: unit_sum(model, g, importance) for g in structure.groups}

@@ -33,8 +33,14 @@ def route(
     return out
 
 
+def unwrap(experts: nn.Module) -> nn.Module:
+    """The experts module holding the weights (through a GatedExperts installed by gates or capture)."""
+    return experts.inner if isinstance(experts, GatedExperts) else experts
+
+
 def expert_weights(experts: nn.Module, e: int) -> tuple[Tensor, Tensor, Tensor]:
     """Views (gate [I, H], up [I, H], down [H, I]) of expert e, for HF fused experts or RaggedExperts."""
+    experts = unwrap(experts)
     if isinstance(experts, RaggedExperts):
         mlp = experts[e]
         return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight

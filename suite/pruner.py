@@ -49,6 +49,7 @@ class PruneResult:
     curves: dict[str, list[float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    nested: dict[float, Masks] = field(default_factory=dict)  # lower-sparsity subsets met on the way (GISP)
 
 
 class Pruner(ABC):

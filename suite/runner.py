@@ -242,6 +242,8 @@ class Runner:
             d = Path(tmp)
             masks = outcome.result.masks
             masks.save(d)
+            for level, nested in outcome.result.nested.items():
+                nested.save(d / "nested" / f"sp{level:g}")
             (d / "metrics.json").write_text(json.dumps(outcome.metrics | {"evaluation": result}, indent=1,
                                                        sort_keys=True, default=str))
             if outcome.result.curves:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, UnsupportedModel
-from suite.modules import RepeatedHeadsLinear, expert_weights, expert_widths, is_experts
+from suite.modules import RepeatedHeadsLinear, expert_weights, expert_widths, is_experts, unwrap
 
 Granularity = Literal["kv_group", "query_head"]
 GRANULARITIES: tuple[str, ...] = ("kv_group", "query_head")
@@ -227,7 +227,7 @@ def group_parts(model: nn.Module, group: Group) -> Iterator[Part]:
             if lin.bias is not None and dim == 0:
                 yield Part(lin.bias, (slice(None),), 0)
     else:
-        experts = layer.mlp.experts
+        experts = unwrap(layer.mlp.experts)
         e = group.expert
         if hasattr(experts, "gate_up_proj"):
             width = group.n_units

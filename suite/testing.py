@@ -70,6 +70,8 @@ def quick_config(method_cls):
 
     if issubclass(method_cls.Config, MaskLearningConfig):
         return method_cls.Config(steps=12, batch_size=4, valid_batches=1)
+    if "iterations" in method_cls.Config.model_fields:  # iterative one-shot methods (GISP)
+        return method_cls.Config(iterations=4)
     return method_cls.Config()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,25 @@ def test_removal_goals_follow_the_shared_selection_and_free_kv_heads_by_choice()
     scattered = torch.arange(g.n_units).flip(0)  # remove from the end: K/V heads freed in pairs
     keep = closest_removal(g, scattered, goals[g.name])
     assert abs(g.removed_params(keep) - goals[g.name]) <= g.unit_params + g.kv_params
+
+
+def test_gisp_emits_nested_masks_each_a_subset_of_the_next(tmp_path):
+    from suite.masks import Masks
+    from suite.pipeline import prune_model, write_outputs
+
+    model = tiny_model("qwen3").float()
+    cls = get_method("gisp")
+    cfg = cls.Config(iterations=6, nested=[0.1, 0.2, 0.35])
+    out = prune_model(model, "gisp", cfg, Target(sparsity=0.5), calibration=tiny_calibration(n=8, seq_len=16))
+    result = out.result
+    assert sorted(result.nested) == [0.1, 0.2, 0.35]
+    chain = [result.nested[s] for s in (0.1, 0.2, 0.35)] + [result.masks]
+    s = build_structure(tiny_model("qwen3"))
+    sparsities = [m.sparsity(s) for m in chain]
+    assert sparsities == sorted(sparsities) and abs(sparsities[-1] - 0.5) < 0.05
+    for small, large in itertools.pairwise(chain):  # removed(small) is a subset of removed(large)
+        for name in small.keep:
+            assert not (~small.keep[name] & large.keep[name]).any(), name
+    write_outputs(tmp_path, model, None, out)
+    assert Masks.load(tmp_path / "nested" / "sp0.2", s).sparsity(s) == pytest.approx(sparsities[1])
+    assert out.result.curves["sparsity"] == sorted(out.result.curves["sparsity"])
