@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from suite.compact import save_pruned, verified_compact
-from suite.masks import Target
+from suite.masks import Masks, Target
 from suite.pruner import MethodConfig, PruneResult, get_method
-from suite.structures import build_structure
+from suite.structures import Structure, build_structure
 
 log = logging.getLogger(__name__)
 PROBE_SHAPE = (2, 16)
@@ -54,11 +54,26 @@ def prune_model(
     start = time.perf_counter()
     result = pruner.prune(model, structure, calibration, target, seed=seed)
     prune_seconds = time.perf_counter() - start
-    masks = result.masks
+    result.masks.meta |= {"method": method, "seed": seed, "target": target.model_dump(mode="json")}
+    metrics = {
+        "method": method,
+        "hyperparameters": hyperparameters.model_dump(mode="json"),
+        "target": target.model_dump(mode="json"),
+        "seed": seed,
+        "granularity": granularity,
+        "prune_seconds": prune_seconds,
+        "calibration": getattr(calibration, "spec", None),
+        "calibration_hash": getattr(calibration, "content_hash", None),
+    } | compact_and_measure(model, structure, result.masks, seed)
+    metrics |= {f"diag_{k}": v for k, v in result.diagnostics.items()}
+    return PruneOutcome(result, metrics)
+
+
+def compact_and_measure(model: nn.Module, structure: Structure, masks: Masks, seed: int = 0) -> dict[str, Any]:
+    """Compact `model` to `masks` after checking compact == gated on a probe batch; the size metrics."""
     masks.check(structure)
     # per-group parameter counts travel with the masks, so reports can weight what was removed without a model
-    masks.meta |= {"method": method, "seed": seed, "target": target.model_dump(mode="json"),
-                   "group_params": {g.name: g.params for g in structure.groups},
+    masks.meta |= {"group_params": {g.name: g.params for g in structure.groups},
                    "group_removed": {g.name: g.removed_params(masks.keep[g.name]) for g in structure.groups}}
     added = param_count(model) - structure.total_params  # e.g. FLAP's compensation biases
     probe = torch.randint(model.config.vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(seed))
@@ -71,26 +86,17 @@ def prune_model(
     if params_compact != structure.total_params - removed + added:
         raise RuntimeError(f"compaction removed {structure.total_params + added - params_compact} params, "
                            f"masks say {removed}")
-    metrics = {
-        "method": method,
-        "hyperparameters": hyperparameters.model_dump(mode="json"),
-        "target": target.model_dump(mode="json"),
-        "seed": seed,
-        "granularity": granularity,
+    return {
         "sparsity": masks.sparsity(structure),
         "total_sparsity": masks.total_sparsity(structure),
         "params_dense": structure.total_params,
         "params_prunable": structure.prunable_params,
         "params_compact": params_compact,
         "params_added": added,
-        "prune_seconds": prune_seconds,
         "compact_vs_gated_max_abs_diff": diff,
         "structure_fingerprint": structure.fingerprint,
         "family": structure.family,
-        "calibration": getattr(calibration, "spec", None),
-        "calibration_hash": getattr(calibration, "content_hash", None),
-    } | {f"diag_{k}": v for k, v in result.diagnostics.items()}
-    return PruneOutcome(result, metrics)
+    }
 
 
 def write_outputs(out: Path, model: nn.Module, tokenizer: Any, outcome: PruneOutcome) -> None:

@@ -191,7 +191,6 @@ class Runner:
 
     def _execute(self, spec: RunSpec, identity: str, fingerprint: str, dense: dict[str, float],
                  dense_model: Any) -> Any:
-        from suite.evaluate import evaluate, speed
         from suite.masks import Target
         from suite.models import load_model
         from suite.pipeline import prune_model
@@ -207,47 +206,85 @@ class Runner:
             outcome = prune_model(model, spec.method, method.Config(**spec.hyperparameters),
                                   Target(**spec.target), seed=spec.seed, granularity=spec.granularity,
                                   calibration=calibration)
-            result = evaluate(model, tokenizer, self.spec)
-            numbers = outcome.metrics.items()
-            metrics = {k: v for k, v in numbers if isinstance(v, int | float) and not isinstance(v, bool)}
-            metrics |= flat_metrics(result)
-            metrics |= {f"dense.{k}": v for k, v in dense.items()}
-            for key, value in flat_metrics(result).items():
-                if dense.get(key):
-                    metrics[f"retained.{key}"] = 100 * value / dense[key]
-            if dense_model is not None:
-                metrics |= {f"speed.{k}": v for k, v in speed(model, dense_model).items()}
-            params = {"model": spec.model, "method": spec.method, "label": spec.label, "sparsity": spec.sparsity,
-                      "seed": spec.seed, "granularity": spec.granularity, "dtype": spec.dtype}
-            params |= flatten("hp", spec.hyperparameters) | flatten("target", spec.target)
-            params |= flatten("calibration", spec.calibration)
-            params["calibration.hash"] = outcome.metrics["calibration_hash"]
-            self.tracker.log(run_id, params=params, metrics=metrics, tags=protocol_tags(result["protocol"]))
-            self.tracker.log_curves(run_id, outcome.result.curves)
-            self._artifacts(run_id, spec, outcome, result)
+            self._record(run_id, spec, model, tokenizer, outcome.metrics, outcome.result, dense, dense_model)
+            for level, masks in sorted(outcome.result.nested.items()):  # logged before the parent finishes
+                self._nested(spec, identity, fingerprint, tags, level, masks, outcome.metrics, dense, dense_model)
             self.tracker.finish(run_id)
         except Exception as err:  # a sweep records the failure and goes on (--fail-fast re-raises)
-            log.debug("run %s failed", spec.name, exc_info=True)
-            self.tracker.log(run_id, tags={ERROR: _one_line(err)})
-            self.tracker.finish(run_id, "FAILED")
-            if self.fail_fast:
-                raise
-            return self.tracker.client.get_run(run_id)
+            self._failed(run_id, spec, err)
         return self.tracker.client.get_run(run_id)
 
-    def _artifacts(self, run_id: str, spec: RunSpec, outcome: Any, result: dict[str, Any]) -> None:
+    def _nested(self, spec: RunSpec, identity: str, fingerprint: str, tags: dict[str, str], level: float,
+                masks: Any, parent_metrics: dict[str, Any], dense: dict[str, float], dense_model: Any) -> None:
+        """A lower-sparsity subnetwork the method met on the way (GISP): its own row, on a fresh copy of the model."""
+        from dataclasses import replace
+
+        from suite.models import load_model
+        from suite.pipeline import compact_and_measure
+        from suite.pruner import PruneResult
+        from suite.structures import build_structure
+
+        nested = replace(spec, sparsity=level, target=spec.target | {"sparsity": level},
+                         extra=spec.extra | {"nested_in": identity})
+        nested_id = nested.identity(fingerprint)
+        if self.tracker.find(nested_id) is not None:
+            return
+        run_id = self.tracker.start(nested.name, nested_id, tags | {PREFIX + "nested_in": identity})
+        try:
+            model, tokenizer = load_model(spec.model, spec.dtype)
+            structure = build_structure(model, spec.granularity)
+            masks.meta |= {"method": spec.method, "seed": spec.seed, "target": nested.target, "nested_in": identity}
+            metrics = parent_metrics | compact_and_measure(model, structure, masks, spec.seed)
+            self._record(run_id, nested, model, tokenizer, metrics, PruneResult(masks), dense, dense_model)
+            self.tracker.finish(run_id)
+        except Exception as err:
+            self._failed(run_id, nested, err)
+
+    def _failed(self, run_id: str, spec: RunSpec, err: Exception) -> None:
+        log.debug("run %s failed", spec.name, exc_info=True)
+        self.tracker.log(run_id, tags={ERROR: _one_line(err)})
+        self.tracker.finish(run_id, "FAILED")
+        if self.fail_fast:
+            raise err
+
+    def _record(self, run_id: str, spec: RunSpec, model: Any, tokenizer: Any, prune_metrics: dict[str, Any],
+                result: Any, dense: dict[str, float], dense_model: Any) -> None:
+        """Evaluate the compact model and log params, metrics (pruned, dense, retained %), curves and artifacts."""
+        from suite.evaluate import evaluate, speed
+
+        evaluation = evaluate(model, tokenizer, self.spec)
+        numbers = prune_metrics.items()
+        metrics = {k: v for k, v in numbers if isinstance(v, int | float) and not isinstance(v, bool)}
+        metrics |= flat_metrics(evaluation)
+        metrics |= {f"dense.{k}": v for k, v in dense.items()}
+        for key, value in flat_metrics(evaluation).items():
+            if dense.get(key):
+                metrics[f"retained.{key}"] = 100 * value / dense[key]
+        if dense_model is not None:
+            metrics |= {f"speed.{k}": v for k, v in speed(model, dense_model).items()}
+        params = {"model": spec.model, "method": spec.method, "label": spec.label, "sparsity": spec.sparsity,
+                  "seed": spec.seed, "granularity": spec.granularity, "dtype": spec.dtype}
+        params |= flatten("hp", spec.hyperparameters) | flatten("target", spec.target)
+        params |= flatten("calibration", spec.calibration)
+        params["calibration.hash"] = prune_metrics["calibration_hash"]
+        self.tracker.log(run_id, params=params, metrics=metrics, tags=protocol_tags(evaluation["protocol"]))
+        self.tracker.log_curves(run_id, result.curves)
+        self._artifacts(run_id, spec, prune_metrics, result, evaluation)
+
+    def _artifacts(self, run_id: str, spec: RunSpec, prune_metrics: dict[str, Any], result: Any,
+                   evaluation: dict[str, Any]) -> None:
         from reports.heatmaps import plot_masks
 
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
-            masks = outcome.result.masks
+            masks = result.masks
             masks.save(d)
-            for level, nested in outcome.result.nested.items():
+            for level, nested in result.nested.items():
                 nested.save(d / "nested" / f"sp{level:g}")
-            (d / "metrics.json").write_text(json.dumps(outcome.metrics | {"evaluation": result}, indent=1,
+            (d / "metrics.json").write_text(json.dumps(prune_metrics | {"evaluation": evaluation}, indent=1,
                                                        sort_keys=True, default=str))
-            if outcome.result.curves:
-                (d / "curves.json").write_text(json.dumps(outcome.result.curves))
+            if result.curves:
+                (d / "curves.json").write_text(json.dumps(result.curves))
             keep = {n: k.numpy() for n, k in masks.keep.items()}
             plot_masks(keep, d / "heatmap", title=spec.name)
             self.tracker.log_artifacts(run_id, d)

@@ -173,3 +173,20 @@ def test_killed_sweep_resumes_with_only_the_missing_runs(tmp_path, model_dir):
     done = finished()
     assert sorted(r.data.params["method"] for r in done) == ["ddp", "random"]
     assert next(r for r in done if r.data.params["method"] == "random").info.run_id == first[0].info.run_id
+
+
+def test_nested_masks_become_their_own_rows_once(tmp_path, model_dir):
+    """GISP's "prune once, deploy many": the lower sparsities met on the way are evaluated as their own runs."""
+    cfg = _config(tmp_path, model_dir, methods=[{"name": "gisp", "params": {"iterations": 4, "nested": [0.2]}}],
+                  sparsities=[0.4], seeds=[0])
+    workdir = tmp_path / "runs"
+    assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
+    pruned = [r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned"]
+    assert sorted(float(r.data.params["sparsity"]) for r in pruned) == [0.2, 0.4]
+    assert all(r.info.status == "FINISHED" for r in pruned)
+    nested = next(r for r in pruned if r.data.params["sparsity"] == "0.2")
+    parent = next(r for r in pruned if r.data.params["sparsity"] == "0.4")
+    assert nested.data.tags["prunebench.nested_in"] == parent.data.tags["prunebench.identity"]
+    assert abs(nested.data.metrics["sparsity"] - 0.2) < 0.05 and nested.data.metrics["sparsity"] < 0.4
+    assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0  # resumed: nothing new
+    assert len([r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned"]) == 2
