@@ -71,9 +71,12 @@ class InputStats:
 
     def hessian(self, damp: float) -> Tensor:
         """H = X^T X in fp64 with dead columns made harmless (unit diagonal) and `damp * mean(diag)` added."""
-        if self.xtx is None:
+        if not self.gram:
             raise RuntimeError("Gram matrix was not captured (walk(..., gram=True))")
-        h = self.xtx.double().clone()
+        if self.xtx is None:  # no token reached this consumer (an expert the router never picked)
+            h = torch.zeros(self.columns, self.columns, dtype=torch.float64)
+        else:
+            h = self.xtx.double().clone()
         dead = h.diagonal() == 0
         h[dead, :] = 0
         h[:, dead] = 0

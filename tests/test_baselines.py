@@ -162,3 +162,11 @@ def test_gisp_emits_nested_masks_each_a_subset_of_the_next(tmp_path):
     write_outputs(tmp_path, model, None, out)
     assert Masks.load(tmp_path / "nested" / "sp0.2", s).sparsity(s) == pytest.approx(sparsities[1])
     assert out.result.curves["sparsity"] == sorted(out.result.curves["sparsity"])
+
+
+def test_an_expert_no_token_reached_still_has_a_usable_hessian():
+    stats = capture.InputStats(6, gram=True)  # the router never picked this expert on the calibration set
+    h = stats.hessian(0.01)
+    assert torch.allclose(h, torch.eye(6, dtype=torch.float64) * 1.01)
+    with pytest.raises(RuntimeError, match="not captured"):
+        capture.InputStats(6).hessian(0.01)
