@@ -24,15 +24,20 @@ def figure(ncols: int = 1, width: float = 4.6, height: float = 3.4) -> tuple[Any
 
 
 def save(fig: Any, stem: Path) -> Path:
-    """`stem`.png and `stem`.pdf; returns the PNG."""
+    """`stem`.png and `stem`.pdf; returns the PNG.
+
+    Suffixes are appended, never substituted: stems carry sparsities such as `sp0.5`, and `with_suffix` would
+    cut them at the dot and let every cell of a grid overwrite the same file.
+    """
     import matplotlib.pyplot as plt
 
     stem.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    fig.savefig(stem.with_suffix(".pdf"))
+    png, pdf = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"
+    fig.savefig(png, dpi=110)
+    fig.savefig(pdf)
     plt.close(fig)
-    return stem.with_suffix(".png")
+    return png
 
 
 def _by_method(runs: pd.DataFrame, column: str) -> dict[str, pd.DataFrame]:
