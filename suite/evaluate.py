@@ -25,7 +25,7 @@ PPL_MODES = ("chunks", "rolling")
 @torch.no_grad()
 def perplexity(
     model: nn.Module, stream: Tensor, seq_len: int, batch_size: int = 8, mode: str = "chunks",
-    prefix_token: int | None = None,
+    prefix_token: int | None = None, windows: int | None = None,
 ) -> dict[str, Any]:
     """exp(mean token NLL) over non-overlapping windows of `seq_len` tokens.
 
@@ -33,15 +33,22 @@ def perplexity(
     remainder dropped, no BOS per window, and each window's first token is context only. `rolling` (lm-eval's
     loglikelihood_rolling): every token is predicted, the first from `prefix_token`, each window's context
     restarting at the window; the last window may be short. Rolling counts the window-start tokens that chunks
-    leave out (with one token of context) and the remainder, so the two read differently on the same text."""
+    leave out (with one token of context) and the remainder, so the two read differently on the same text.
+
+    `windows` (chunks only) scores that many windows spread evenly over the whole stream instead of all of them: a
+    cheaper estimate that still sees every part of the split, for quick runs; it is part of the protocol."""
     if mode not in PPL_MODES:
         raise ConfigError(f"unknown perplexity mode {mode!r}; allowed: {', '.join(PPL_MODES)}")
+    if windows is not None and mode != "chunks":
+        raise ConfigError("a window budget applies to chunks perplexity only")
     if mode == "chunks":
         n = len(stream) // seq_len
         if n == 0:
             raise ValueError(f"stream of {len(stream)} tokens is shorter than one window of {seq_len}")
-        windows = stream[: n * seq_len].view(n, seq_len)
-        inputs, targets = windows[:, :-1], windows[:, 1:]
+        chunks = stream[: n * seq_len].view(n, seq_len)
+        if windows is not None and windows < n:
+            chunks = chunks[torch.linspace(0, n - 1, windows).round().long()]
+        inputs, targets = chunks[:, :-1], chunks[:, 1:]
         pieces = [(inputs, targets)]
     else:
         prefix = torch.tensor([prefix_token if prefix_token is not None else model.config.eos_token_id])
@@ -67,26 +74,32 @@ def perplexity(
 
 @dataclass(frozen=True)
 class PplSpec:
-    """Perplexity protocol: text source, split, window length. Written `SOURCE[:SPLIT]@SEQ_LEN` (chunks mode)."""
+    """Perplexity protocol: text source, split, window length and optionally how many windows, spread evenly
+    over the split. Written `SOURCE[:SPLIT]@SEQ_LEN[/WINDOWS]` (chunks mode)."""
 
     source: str = "embedded"
     split: str = "test"
     seq_len: int = 256
     mode: str = "chunks"
+    windows: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> PplSpec:
-        body, _, seq = text.partition("@")
+        body, _, tail = text.partition("@")
         source, _, split = body.partition(":")
+        seq, _, windows = tail.partition("/")
         try:
-            return cls(source or "embedded", split or "test", int(seq) if seq else 256)
+            spec = cls(source or "embedded", split or "test", int(seq) if seq else 256,
+                       windows=int(windows) if windows else None)
         except ValueError:
-            raise ConfigError(
-                f"perplexity spec {text!r}: expected SOURCE[:SPLIT]@SEQ_LEN, e.g. wikitext2:test@128"
-            ) from None
+            spec = None
+        if spec is None or spec.seq_len < 2 or (spec.windows is not None and spec.windows < 1):
+            raise ConfigError(f"perplexity spec {text!r}: expected SOURCE[:SPLIT]@SEQ_LEN[/WINDOWS], e.g. "
+                              "wikitext2:test@128 or embedded:test@256/128")
+        return spec
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.split}@{self.seq_len}"
+        return f"{self.source}:{self.split}@{self.seq_len}" + (f"/{self.windows}" if self.windows else "")
 
 
 @dataclass(frozen=True)
@@ -128,10 +141,10 @@ def run_tasks(
 
     Embedded tasks are local files; standard tasks by name need the hub (or its cache) for their data."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     from suite.hub import hub_unreachable_reason, offline
+    from suite.lm import SharedContextLM
 
     standard = [t for t in tasks if t not in EMBEDDED_TASKS]
     include, hashes = task_dir("test")
@@ -142,7 +155,8 @@ def run_tasks(
         raise ConfigError(f"unknown lm-eval task(s) {unknown}; embedded tasks: {', '.join(EMBEDDED_TASKS)}")
     device = next(model.parameters()).device
     max_length = getattr(model.config, "max_position_embeddings", 2048)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size, max_length=max_length)
+    lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size,
+                         max_length=max_length)
     context = offline() if reason else contextlib.nullcontext()
     try:
         with context, _quiet_datasets():
@@ -187,7 +201,8 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = 
     ppl_hashes = {}
     for p in spec.ppl:
         source = load_source(p.source)
-        result["ppl"][str(p)] = perplexity(model, token_stream(source, p.split, tokenizer), p.seq_len, mode=p.mode)
+        result["ppl"][str(p)] = perplexity(model, token_stream(source, p.split, tokenizer), p.seq_len, mode=p.mode,
+                                           windows=p.windows)
         ppl_hashes[str(p)] = source.hashes[p.split]
     info: dict[str, dict[str, Any]] = {}
     if spec.tasks:

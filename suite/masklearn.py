@@ -199,7 +199,7 @@ class MaskLearner(Pruner):
                     gap = expected - t_now
                     loss = lm + lagrangian(gap.float())
                     if not torch.isfinite(loss):
-                        raise NumericalError(f"{self.name}: loss became {float(loss)} at step {step} "
+                        raise NumericalError(f"{self.name}: loss became {loss.item()} at step {step} "
                                              f"(lr {cfg.lr}, lambda lr {cfg.lambda_lr}); lower the learning rates")
                     (loss / cfg.grad_accum).backward()
                 for o in (opt, lag_opt, weight_opt):
