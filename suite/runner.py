@@ -131,11 +131,21 @@ class Runner:
         self._calibration: dict[str, Any] = {}
 
     def run(self) -> list[dict[str, Any]]:
+        specs = expand(self.exp, self.workdir)
+        parent = self.tracker.parent()
+        self.tracker.reopen(parent)
+        rows: list[dict[str, Any]] = []
+        try:
+            self._sweep(specs, rows)
+        except BaseException as err:  # the parent says how the sweep ended: FAILED on an error, KILLED on Ctrl-C
+            self.tracker.finish(parent, "FAILED" if isinstance(err, Exception) else "KILLED")
+            raise
+        self.tracker.finish(parent, "FINISHED" if all(r["status"] == "FINISHED" for r in rows) else "FAILED")
+        return rows
+
+    def _sweep(self, specs: list[RunSpec], rows: list[dict[str, Any]]) -> None:
         from tqdm import tqdm
 
-        specs = expand(self.exp, self.workdir)
-        self.tracker.parent()
-        rows = []
         bar = tqdm(total=len(specs), desc=f"{self.exp.name}", unit="run", disable=not self.progress)
         for model in dict.fromkeys(s.model for s in specs):
             fingerprint = model_fingerprint(model)
@@ -154,7 +164,6 @@ class Runner:
                 rows.append(_row(spec, done))
                 bar.update(1)
         bar.close()
-        return rows
 
     def _dense(self, model: str, fingerprint: str) -> dict[str, float]:
         """Dense metrics for this protocol: measured once, then found by identity."""

@@ -78,6 +78,10 @@ class Tracker:
                 self.experiment_id = found.experiment_id
         self.name = experiment
 
+    def reopen(self, run_id: str) -> None:
+        """A resumed sweep's parent is RUNNING again until the sweep ends."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def parent(self) -> str:
         """The experiment's parent run (created once, reused on every resume)."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'parent'", max_results=1)

@@ -45,6 +45,7 @@ def test_run_records_each_grid_point_once_and_resumes(tmp_path, model_dir, capsy
     assert kinds == ["dense", "parent", "pruned", "pruned"]
     pruned = [r for r in runs if r.data.tags.get("prunebench.kind") == "pruned"]
     parent = next(r for r in runs if r.data.tags.get("prunebench.role") == "parent")
+    assert parent.info.status == "FINISHED"  # the sweep ended; a resume reopens it
     for r in pruned:
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -71,6 +72,8 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, model_dir):
     pruned = [r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned"]
     assert len(pruned) == 2 and all(r.info.status == "FAILED" for r in pruned)
     assert all("unreachable" in r.data.tags["prunebench.error"] for r in pruned)
+    parent = next(r for r in _runs(workdir) if r.data.tags.get("prunebench.role") == "parent")
+    assert parent.info.status == "FAILED"
     with pytest.raises(Exception, match="unreachable"):
         Runner(load_experiment(cfg), tmp_path / "runs2", fail_fast=True, progress=False).run()
 
