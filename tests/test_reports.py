@@ -173,3 +173,16 @@ def test_jaccard_and_parameter_weighted_layer_profile():
     assert m[0, 1] == pytest.approx(3 / 5) and m[0, 0] == 1.0
     meta = {"group_params": {"L00.attn": 400, "L00.mlp": 100}, "group_removed": {"L00.attn": 200, "L00.mlp": 50}}
     assert heatmaps.layer_sparsity(a, meta) == {0: pytest.approx(250 / 500)}
+
+
+def test_wilcoxon_is_scipys_exact_null_with_ties_and_zeros_and_its_approximation_beyond():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        diff = rng.integers(-3, 4, size=int(rng.integers(3, 15))) / 100  # accuracy steps: ties and zeros
+        nonzero = diff[diff != 0]
+        if len(nonzero):  # scipy's auto mode runs its generic permutation test here: the same exact null
+            assert leaderboard.wilcoxon_p(diff) == pytest.approx(stats.wilcoxon(nonzero).pvalue, abs=1e-12)
+    big = rng.normal(0.01, 0.02, size=40)
+    assert leaderboard.wilcoxon_p(big) == pytest.approx(stats.wilcoxon(big, method="approx").pvalue)
