@@ -10,7 +10,7 @@ import torch
 
 from suite.cli import main
 from suite.data import CalibrationSpec, embedded_corpus, token_stream
-from suite.evaluate import EvalSpec, evaluate, perplexity
+from suite.evaluate import EvalSpec, PplSpec, evaluate, perplexity
 from suite.masks import Target
 from suite.models import load_model
 from suite.pipeline import prune_model
@@ -35,13 +35,13 @@ def test_eval_command_reports_perplexity_tasks_and_fingerprint(tmp_path, capsys)
 
 
 def test_random_pruning_damage_is_visible_to_the_embedded_evaluation():
-    spec = EvalSpec(limit=300)
+    spec = EvalSpec(limit=200, ppl=(PplSpec(windows=128),))  # the quickstart's budget: damage must show there too
     dense, tok = load_model(ZOO)
     before = evaluate(dense, tok, spec)
     pruned, _ = load_model(ZOO)
     prune_model(pruned, "random", get_method("random").Config(), Target(sparsity=0.5))
     after = evaluate(pruned, tok, spec)
-    key = "embedded:test@256"
+    key = "embedded:test@256/128"
     assert after["ppl"][key]["ppl"] >= 1.3 * before["ppl"][key]["ppl"]
     assert after["mean_acc"] < before["mean_acc"]
     assert after["protocol"]["hash"] == before["protocol"]["hash"]
@@ -76,6 +76,6 @@ def test_mask_learners_beat_random_and_magnitude_at_half_sparsity():
         cfg = get_method(method).Config(**overrides)
         out = prune_model(model, method, cfg, Target(sparsity=0.5), calibration=calibration)
         assert abs(out.metrics["sparsity"] - 0.5) < 0.01
-        ppl[method] = perplexity(model, stream, 256)["ppl"]
+        ppl[method] = perplexity(model, stream, 256, windows=128)["ppl"]
     for learner in ("ddp", "hard_concrete"):
         assert ppl[learner] < ppl["magnitude"] and ppl[learner] < ppl["random"], ppl
