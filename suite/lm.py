@@ -20,6 +20,8 @@ Request = tuple[tuple[str, str], list[int], list[int]]
 
 
 class SharedContextLM(HFLM):
+    """HFLM whose causal log-likelihoods run each distinct context once (see the module docstring)."""
+
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         # one lm-eval bar per task inside the runner's own bar is noise; the runner reports progress per run
         return super().loglikelihood(requests, disable_tqdm=True)
