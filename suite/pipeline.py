@@ -103,9 +103,5 @@ def write_outputs(out: Path, model: nn.Module, tokenizer: Any, outcome: PruneOut
     """DIR/model/ (compact model + tokenizer), DIR/masks.safetensors + masks.json, DIR/metrics.json, curves."""
     out.mkdir(parents=True, exist_ok=True)
     save_pruned(model, out / "model", tokenizer)
-    outcome.result.masks.save(out)
-    for level, masks in outcome.result.nested.items():
-        masks.save(out / "nested" / f"sp{level:g}")
-    if outcome.result.curves:
-        (out / "curves.json").write_text(json.dumps(outcome.result.curves))
+    outcome.result.save(out)
     (out / "metrics.json").write_text(json.dumps(outcome.metrics, indent=1, sort_keys=True))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,6 +52,15 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     nested: dict[float, Masks] = field(default_factory=dict)  # lower-sparsity subsets met on the way (GISP)
+
+    def save(self, directory: Path) -> None:
+        """The masks, each nested subset under `nested/sp<level>/`, and `curves.json` when there are curves: the
+        same layout for `prunebench prune --out` and for a run's MLflow artifacts."""
+        self.masks.save(directory)
+        for level, masks in self.nested.items():
+            masks.save(directory / "nested" / f"sp{level:g}")
+        if self.curves:
+            (directory / "curves.json").write_text(json.dumps(self.curves))
 
 
 class Pruner(ABC):

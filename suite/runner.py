@@ -286,15 +286,10 @@ class Runner:
 
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
-            masks = result.masks
-            masks.save(d)
-            for level, nested in result.nested.items():
-                nested.save(d / "nested" / f"sp{level:g}")
+            result.save(d)
             (d / "metrics.json").write_text(json.dumps(prune_metrics | {"evaluation": evaluation}, indent=1,
                                                        sort_keys=True, default=str))
-            if result.curves:
-                (d / "curves.json").write_text(json.dumps(result.curves))
-            keep = {n: k.numpy() for n, k in masks.keep.items()}
+            keep = {n: k.numpy() for n, k in result.masks.keep.items()}
             plot_masks(keep, d / "heatmap", title=spec.name)
             self.tracker.log_artifacts(run_id, d)
 
