@@ -17,7 +17,7 @@ from suite.testing import tiny_text_model
 from suite.tracking import Tracker
 
 
-def _experiment(root, model, name, ppl="embedded:test@128", **extra):
+def _experiment(root, model, name, ppl="embedded:test@128/32", **extra):
     cfg = {"name": name, "models": [str(model)],
            "methods": [{"name": "random"},
                        {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1}}],
@@ -33,7 +33,7 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
     model = tiny_text_model(root / "tiny")
     _experiment(root, model, "unit")
-    _experiment(root, model, "other", ppl="embedded:test@64", methods=[{"name": "random"}], sparsities=[0.5],
+    _experiment(root, model, "other", ppl="embedded:test@64/32", methods=[{"name": "random"}], sparsities=[0.5],
                 seeds=[0])
     return root
 
@@ -51,7 +51,7 @@ def test_query_is_one_tidy_row_per_finished_run(store):
     pruned = df[df["kind"] == "pruned"]
     assert sorted(pruned["sparsity"].unique()) == [0.3, 0.5]  # the target, not what was achieved
     assert (pruned["achieved_sparsity"] - pruned["sparsity"]).abs().max() < 0.1
-    assert {"ppl.embedded_test_128", "acc.pb_next_line", "mean_acc", "retained.mean_acc"} <= set(df.columns)
+    assert {"ppl.embedded_test_128/32", "acc.pb_next_line", "mean_acc", "retained.mean_acc"} <= set(df.columns)
 
 
 def test_report_has_every_part(report, store):
@@ -107,7 +107,8 @@ def test_report_is_logged_on_the_parent_run(report, store):
 
 
 def test_mixed_protocols_are_refused_with_the_difference_named(store, capsys):
-    with pytest.raises(ConfigError, match=r"embedded:test@128.*embedded:test@64|embedded:test@64.*embedded:test@128"):
+    both = r"embedded:test@128/32.*embedded:test@64/32|embedded:test@64/32.*embedded:test@128/32"
+    with pytest.raises(ConfigError, match=both):
         build_report(store / "runs", ["unit", "other"], store / "mixed", log_to_mlflow=False)
     assert main(["report", "--experiment", "unit", "--experiment", "other", "--workdir", str(store / "runs"),
                  "--out", str(store / "mixed")]) == 2

@@ -24,7 +24,7 @@ def _config(tmp_path, model_dir, **extra):
         "methods": [{"name": "random"}, {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1}}],
         "sparsities": [0.3],
         "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
-        "evaluation": {"ppl": ["embedded:test@128"], "tasks": ["pb_next_line"], "limit": 12},
+        "evaluation": {"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 12},
     } | extra
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
