@@ -65,6 +65,10 @@ class Relaxation(ABC):
     def parameters(self) -> dict[str, nn.Parameter]:
         """Trainable gate parameters per group name."""
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups (all at the engine's `lr` unless a relaxation sets its own)."""
+        return [{"params": list(self.parameters().values())}]
+
     @abstractmethod
     def train_gates(self, step: int) -> dict[str, Tensor]:
         """The forward mask used at training step `step` (may be stochastic)."""
@@ -91,6 +95,15 @@ class Relaxation(ABC):
     def mismatch_gates(self) -> list[dict[str, Tensor]]:
         """The training-time mask(s) at the end of training; stochastic methods return several samples."""
         return [self.train_gates(self.config.steps)]
+
+
+def sparsity_weights(structure: Structure, groups: list[Group], weighting: str) -> tuple[dict[str, Tensor], float]:
+    """Per group, what each unit counts for in the expected sparsity, and the total it is a fraction of: skipped
+    layers count as kept when units are weighted by parameters."""
+    weights = {g.name: unit_weights(g, weighting) for g in groups}
+    if weighting == "params":
+        return weights, float(structure.prunable_params)
+    return weights, float(sum(w.sum() for w in weights.values()))
 
 
 def unit_weights(group: Group, weighting: str) -> Tensor:
@@ -150,15 +163,11 @@ class MaskLearner(Pruner):
         groups = [g for g in structure.groups if g.layer not in target.skip_layers]
         rank_masks(structure, {g.name: torch.zeros(g.n_units) for g in groups}, target)  # unreachable: fail now
         relax = self.relaxation(cfg, structure, groups, seed)
-        weights = {g.name: unit_weights(g, cfg.weighting) for g in groups}
-        total_weight = float(sum(w.sum() for w in weights.values()))
-        if cfg.weighting == "params":  # skipped layers count as kept in the expected sparsity
-            total_weight = float(structure.prunable_params)
+        weights, total_weight = sparsity_weights(structure, groups, cfg.weighting)
         device = next(model.parameters()).device
         train_ids, valid_ids = _split_calibration(calibration, cfg.batch_size * cfg.valid_batches)
         lagrangian = Lagrangian().to(device)
-        gate_params = list(relax.parameters().values())
-        opt = torch.optim.Adam(gate_params, lr=cfg.lr)
+        opt = torch.optim.Adam(relax.param_groups(), lr=cfg.lr)
         lag_opt = torch.optim.Adam(lagrangian.parameters(), lr=cfg.lambda_lr, maximize=True)
         was_training = model.training
         model.eval()  # no dropout: the gates are what is learned
