@@ -14,8 +14,9 @@ width s_t = u_t n_t. Both constraints are handled by projections, the proximal s
   onto the hyperplane, clipped to [1 unit, all units]), R_t following the engine's target schedule. The loss
   gradient moves the widths off the budget, the projection moves them back: what is learned is how the budget is
   split between attention and MLP. The engine's Lagrangian (z) is kept and sees a gap of about zero.
-Since s_t is one number per kind, every pruned layer ends with the same widths and the compact model is a standard
-checkpoint (stock `from_pretrained`).
+Since s_t is one number per kind, every pruned layer ends with the same widths, and the final widths are chosen
+among those a stock config of the family can declare (`suite.compact.stock_widths`: Llama's head count must divide
+hidden_size, fused expert widths are multiples of 8), so the compact model loads with stock `from_pretrained`.
 
 Differences from the paper, on purpose: weights stay frozen (no LoRA adapters; the engine's `train_weights` and
 `kd_weight` are there for that experiment), so that the comparison with DDP and hard-concrete isolates the mask
@@ -31,9 +32,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from suite.compact import stock_widths
 from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, effective_sparsity, sparsity_weights
 from suite.masks import Masks, Target, select
 from suite.pruner import register
+from suite.structures import Group, Structure
 
 
 class MaskPruneConfig(MaskLearningConfig):
@@ -53,8 +56,10 @@ def ranks(scores: Tensor) -> Tensor:
 class MaskPruneRelaxation(Relaxation):
     config: MaskPruneConfig
 
-    def __init__(self, config: MaskPruneConfig, structure, groups, seed: int) -> None:
+    def __init__(self, config: MaskPruneConfig, structure, groups, seed: int,
+                 widths: dict[str, list[int]] | None = None) -> None:
         super().__init__(config, structure, groups, seed)
+        self.allowed = widths  # the kept widths a stock config can declare, per kind
         init = torch.Generator().manual_seed(seed)
         self.scores = {g.name: nn.Parameter(config.init_std * torch.randn(g.n_units, generator=init)) for g in groups}
         self.kinds = sorted({g.kind for g in groups})
@@ -126,7 +131,7 @@ class MaskPruneRelaxation(Relaxation):
                 scores[g.name] = (hard[g.name].double() + 1e-3 * (1.0 - r / g.n_units)) * g.unit_params
             else:
                 scores[g.name] = torch.ones(g.n_units, dtype=torch.float64)
-        masks = select(self.structure, scores, target, mode="uniform", normalize="raw")
+        masks = select(self.structure, scores, target, mode="uniform", normalize="raw", widths=self.allowed)
         learned = {k: round(w.item() * self._units[k]) for k, w in self.width.items()}
         return masks, {"effective_sparsity": effective_sparsity(self.structure, hard),
                        **{f"learned_width.{k}": v for k, v in learned.items()},
@@ -142,3 +147,7 @@ class MaskPrune(MaskLearner):
 
     Config = MaskPruneConfig
     relaxation = MaskPruneRelaxation
+
+    def make_relaxation(self, model: nn.Module, structure: Structure, groups: list[Group],
+                        seed: int) -> MaskPruneRelaxation:
+        return MaskPruneRelaxation(self.config, structure, groups, seed, stock_widths(model.config, structure))

@@ -202,6 +202,31 @@ def _write_layout(model: nn.Module, family: str, layers: list[dict[str, Any]]) -
     cfg.prunebench_layout = {"version": 1, "stock": stock, "layers": layers}
 
 
+def stock_widths(config: Any, structure: Structure) -> dict[str, list[int]]:
+    """Per unit kind, the uniform kept widths a stock checkpoint of this family can declare: attention widths the
+    family's config validator accepts (Llama wants hidden_size % heads == 0) and fused expert widths that are
+    multiples of FUSED_ALIGN. A method that promises a standard checkpoint (MaskPrune) selects among these."""
+    out: dict[str, list[int]] = {}
+    for g in structure.groups:
+        if g.kind in out:
+            continue
+        if g.kind == "attn":
+            out["attn"] = [w for w in range(1, g.n_units + 1) if _valid_heads(config, w * g.heads_per_unit)]
+        elif g.kind == "expert":
+            out["expert"] = [w for w in range(1, g.n_units + 1) if w % FUSED_ALIGN == 0 or w == g.n_units]
+    return out
+
+
+def _valid_heads(config: Any, heads: int) -> bool:
+    ratio = config.num_attention_heads // config.num_key_value_heads
+    try:
+        type(config).from_dict(config.to_dict() | {"num_attention_heads": heads,
+                                                   "num_key_value_heads": max(1, heads // ratio)})
+    except (ValueError, StrictDataclassError):
+        return False
+    return True
+
+
 def _same_parameters(model: nn.Module, config: Any) -> bool:
     """Whether the stock model class built from `config` has exactly `model`'s parameter names and shapes."""
     from transformers import AutoModelForCausalLM

@@ -154,6 +154,10 @@ class MaskLearner(Pruner):
     needs_calibration = True
     relaxation: type[Relaxation]
 
+    def make_relaxation(self, model: nn.Module, structure: Structure, groups: list[Group], seed: int) -> Relaxation:
+        """The method's relaxation for this model (a method needing the model's config overrides this)."""
+        return self.relaxation(self.config, structure, groups, seed)
+
     def prune(
         self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
     ) -> PruneResult:
@@ -162,7 +166,7 @@ class MaskLearner(Pruner):
         torch.manual_seed(seed)
         groups = [g for g in structure.groups if g.layer not in target.skip_layers]
         rank_masks(structure, {g.name: torch.zeros(g.n_units) for g in groups}, target)  # unreachable: fail now
-        relax = self.relaxation(cfg, structure, groups, seed)
+        relax = self.make_relaxation(model, structure, groups, seed)
         weights, total_weight = sparsity_weights(structure, groups, cfg.weighting)
         device = next(model.parameters()).device
         train_ids, valid_ids = _split_calibration(calibration, cfg.batch_size * cfg.valid_batches)

@@ -10,7 +10,7 @@ import bisect
 import heapq
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -150,7 +150,8 @@ class _Ladder:
         return k
 
 
-def _ladder(group: Group, score: Tensor, target: Target, normalize: Normalize) -> _Ladder:
+def _ladder(group: Group, score: Tensor, target: Target, normalize: Normalize,
+            allowed: Collection[int] | None = None) -> _Ladder:
     n = group.n_units
     if score.shape != (n,):
         raise ConfigError(f"scores for {group.name} have shape {tuple(score.shape)}, expected ({n},)")
@@ -161,7 +162,7 @@ def _ladder(group: Group, score: Tensor, target: Target, normalize: Normalize) -
     else:
         step = target.round_to if group.kind != "attn" else 1
         lo = min(target.min_keep, n)
-        widths = [n] + [w for w in range(n - 1, lo - 1, -1) if w % step == 0]
+        widths = [n] + [w for w in range(n - 1, lo - 1, -1) if w % step == 0 and (allowed is None or w in allowed)]
     ranked = norm[order]
     csum = torch.cat([torch.zeros(1, dtype=torch.float64), ranked.cumsum(0)])
     total = float(csum[-1])
@@ -188,13 +189,15 @@ def select(
     target: Target,
     mode: SelectionMode = "global",
     normalize: Normalize = "per_param",
+    widths: Mapping[str, Collection[int]] | None = None,
 ) -> Masks:
     """Keep the highest-scoring units so that the removed parameters meet `target` as closely as units allow.
 
     scores: per group [n_units], higher = more important. Modes: `global` ranks all units of all layers together
     (by score per parameter, or raw); `per_layer` removes the same parameter fraction from every group; `uniform`
     keeps one width per unit kind in every pruned layer (forced when `target.uniform`). The result is within one
-    removal step (one unit; `round_to` units; one unit per layer under uniform widths) of the budget.
+    removal step (one unit; `round_to` units; one unit per layer under uniform widths) of the budget. `widths`
+    (per unit kind) restricts the kept widths a group may take, e.g. to those a stock config can declare.
     """
     for layer in target.skip_layers:
         if not 0 <= layer < structure.n_layers:
@@ -202,7 +205,7 @@ def select(
     missing = [g.name for g in structure.groups if g.name not in scores]
     if missing:
         raise ConfigError(f"no scores for groups {missing[:3]}")
-    ladders = [_ladder(g, scores[g.name], target, normalize) for g in structure.groups]
+    ladders = [_ladder(g, scores[g.name], target, normalize, (widths or {}).get(g.kind)) for g in structure.groups]
     budget = target.budget(structure)
     reachable = sum(lad.removed[-1] for lad in ladders)
     if reachable < budget:

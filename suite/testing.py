@@ -72,6 +72,8 @@ def quick_config(method_cls):
         return method_cls.Config(steps=12, batch_size=4, valid_batches=1)
     if "iterations" in method_cls.Config.model_fields:  # iterative one-shot methods (GISP)
         return method_cls.Config(iterations=4)
+    if "generations" in method_cls.Config.model_fields:  # search methods (Týr)
+        return method_cls.Config(generations=2, offspring=4, stage_tokens=[64, 256], stage_keep=[2, 1])
     return method_cls.Config()
 
 

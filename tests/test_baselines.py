@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from baselines.flap import column_metric
-from baselines.slimgpt import refit
 from suite import capture
 from suite.layerwise import closest_removal, removal_goals
 from suite.masks import Target
+from suite.obs import refit
 from suite.pruner import get_method
 from suite.structures import build_structure
 from suite.testing import tiny_calibration, tiny_model

@@ -1,0 +1,369 @@
+"""`tyr`: Týr-the-Pruner (Li et al., arXiv 2503.09657; METHODS.md B5), scaled by settings to small machines.
+
+1. Supernet (Alg. 1): for every module (a layer's attention, its MLP, or one expert) the shared local OBS pruner
+   (suite.obs: greedy group OBS + exact refit) produces a ladder of levels, centre +- `levels` steps of `step` x the
+   module's units, centred on the uniform per-layer distribution. Layers are visited in order and each next layer
+   is measured with the previous ones set to their centre level (expectation error accumulation, Týr's median
+   version). Levels are cached on disk per layer under a content hash of everything that determines them (model
+   weights, calibration, local-pruner settings, the layer's goals and the hash of the layers before it), so a re-run
+   (another seed, other search settings, a resumed sweep) loads them instead of pruning again.
+2. Search (Alg. 2): the state is one level per module, starting from the centre (uniform). Each generation makes
+   `offspring` unique children by min(U{1..4}, U{1..4}) paired moves inside one module kind (one module a level
+   up, another a level down: the parameter count is invariant), then selects in stages on growing token budgets
+   (`stage_tokens`, keeping `stage_keep`), the parent joining the last stage (elitism). Fitness: KL(dense ||
+   pruned) on the dense model's top-k logits (`topk_kl`, Týr's default), the full KL, or perplexity.
+3. Coarse-to-fine: `rounds` rounds, each rebuilding the supernet around the distribution found, with the step halved.
+The result is the chosen level of every module: its kept units and its refit consumer weights, written in place.
+
+Scaled-down defaults (Týr: 9 levels, 12.5% steps, 4 rounds, 50 generations of 128 offspring on 2K/16K/131K tokens)
+are settings. Sparsity is counted in parameters like every method here; under `query_head` granularity with shared
+K/V heads the removed parameters depend on which heads go, so offspring that would move the total away from the
+budget are discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from suite.capture import consumer_weight, walk
+from suite.data import cache_dir
+from suite.errors import ConfigError
+from suite.layerwise import removal_goals
+from suite.masks import Masks, Target
+from suite.obs import refit, removal_path
+from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
+from suite.structures import Group, Structure, decoder_layers
+
+CACHE_VERSION = 1
+
+
+class TyrConfig(MethodConfig):
+    levels: int = Field(2, ge=1, description="supernet levels on each side of the centre (Týr: 4)")
+    step: float = Field(0.125, gt=0, lt=1, description="first-round level spacing, fraction of a module's units")
+    rounds: int = Field(2, ge=1, description="coarse-to-fine rounds, the step halving each round (Týr: 4)")
+    generations: int = Field(6, ge=0, description="generations per round (Týr: 50)")
+    offspring: int = Field(12, ge=1, description="unique children per generation (Týr: 128)")
+    stage_tokens: list[int] = Field([1024, 4096, 8192], description="token budget of each selection stage")
+    stage_keep: list[int] = Field([4, 2, 1], description="candidates kept after each stage")
+    fitness: Literal["topk_kl", "kl", "ppl"] = Field("topk_kl", description="search objective")
+    kl_topk: int = Field(8192, ge=1, description="dense top-k logits of the top-k KL")
+    damp: float = Field(0.01, ge=0, description="H += damp * mean(diag H) * I for the local pruner")
+    obs_rounds: int = Field(16, ge=1, description="greedy OBS rounds for channels (heads: one per round)")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    cache: bool = Field(True, description="cache supernet levels under $PRUNEBENCH_CACHE/tyr")
+
+    @model_validator(mode="after")
+    def _stages(self) -> TyrConfig:
+        if len(self.stage_tokens) != len(self.stage_keep) or not self.stage_tokens:
+            raise ValueError("stage_tokens and stage_keep need one entry per selection stage")
+        if any(k < 1 for k in self.stage_keep) or any(t < 1 for t in self.stage_tokens):
+            raise ValueError("stage budgets and keeps must be positive")
+        return self
+
+
+@dataclass
+class Ladder:
+    """One module's levels: unit counts removed (ascending), and where each level's keep + weight are stored."""
+
+    group: Group
+    counts: list[int]
+    removed: list[int]  # parameters removed at each level
+    centre: int  # index into counts
+    file: Path | None = None
+    tensors: dict[str, Tensor] | None = None  # when not cached on disk
+
+    def load(self, level: int) -> tuple[Tensor, Tensor]:
+        key = f"{self.group.name}/{self.counts[level]}"
+        if self.tensors is not None:
+            return self.tensors[f"{key}/keep"].bool(), self.tensors[f"{key}/weight"]
+        with safe_open(str(self.file), framework="pt") as f:
+            return f.get_tensor(f"{key}/keep").bool(), f.get_tensor(f"{key}/weight")
+
+
+class Reference:
+    """The dense model's next-token distributions on the search sequences, in the form the fitness needs."""
+
+    def __init__(self, model: nn.Module, ids: Tensor, cfg: TyrConfig) -> None:
+        self.ids, self.cfg = ids, cfg
+        self.logp: list[Tensor] = []
+        self.index: list[Tensor | None] = []
+        if cfg.fitness == "ppl":
+            return
+        with torch.no_grad():
+            for batch in ids.split(cfg.batch_size):
+                logits = model(batch.to(_device(model)), use_cache=False).logits.float().cpu()
+                if cfg.fitness == "topk_kl" and cfg.kl_topk < logits.shape[-1]:
+                    idx = logits.topk(cfg.kl_topk, dim=-1).indices
+                    self.index.append(idx.to(torch.int32))
+                    logits = logits.gather(-1, idx)
+                else:
+                    self.index.append(None)
+                self.logp.append(logits.log_softmax(-1))
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, n_seqs: int) -> float:
+        """Token-weighted mean KL(dense || pruned) over the top-k (or all) logits, or the pruned model's loss."""
+        total, count, seen = 0.0, 0, 0
+        for b, batch in enumerate(self.ids.split(self.cfg.batch_size)):
+            if seen >= n_seqs:
+                break
+            batch = batch[: n_seqs - seen]
+            seen += len(batch)
+            logits = model(batch.to(_device(model)), use_cache=False).logits.float().cpu()
+            if self.cfg.fitness == "ppl":
+                total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+                count += batch[:, 1:].numel()
+                continue
+            dense = self.logp[b][: len(batch)]
+            if self.index[b] is not None:
+                logits = logits.gather(-1, self.index[b][: len(batch)].long())
+            total += float((dense.exp() * (dense - logits.log_softmax(-1))).sum())
+            count += dense.shape[0] * dense.shape[1]
+        return total / max(count, 1)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if isinstance(part, Tensor)
+                 else json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@register("tyr")
+class Tyr(Pruner):
+    """Týr-the-Pruner: supernet of locally pruned levels + evolutionary search of the per-layer distribution."""
+
+    Config = TyrConfig
+    needs_calibration = True
+
+    def prune(
+        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+    ) -> PruneResult:
+        cfg = self.config
+        ids = calibration_ids(self.name, calibration)
+        if target.uniform or target.round_to > 1:
+            raise ConfigError("tyr searches non-uniform per-layer widths: targets with uniform or round_to are "
+                              "not supported")
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        stage_seqs = [min(len(ids), math.ceil(t / ids.shape[1])) for t in cfg.stage_tokens]
+        search = Reference(model, ids[: max(stage_seqs)], cfg)
+        valid_ids = getattr(calibration, "valid_ids", None)
+        held_out = Reference(model, valid_ids, cfg) if valid_ids is not None else None
+        dense = {g.name: consumer_weight(model, g).detach().clone() for g in structure.groups}
+        goals = removal_goals(structure, target, "per_layer")
+        budget = sum(goals.values())
+        tolerance = max(g.unit_params + g.kv_params for g in structure.groups) / 2
+        rng = random.Random(seed)
+        curves: dict[str, list[float]] = {"fitness": [], "round": []}
+        diagnostics: dict[str, Any] = {"cached_layers": 0, "built_layers": 0, "supernet_seconds": 0.0}
+        step = cfg.step
+        state: dict[str, int] = {}
+        for r in range(cfg.rounds):
+            t0 = time.perf_counter()
+            ladders = self._supernet(model, structure, ids, target, goals, step, dense, diagnostics)
+            diagnostics["supernet_seconds"] += time.perf_counter() - t0
+            state = {n: lad.centre for n, lad in ladders.items()}
+            loaded: dict[str, int] = {}
+            apply = _applier(model, ladders, loaded)
+            apply(state)
+            if r == 0:
+                diagnostics["fitness_uniform"] = search.score(model, stage_seqs[-1])
+                if held_out is not None:
+                    diagnostics["fitness_uniform_held_out"] = held_out.score(model, len(valid_ids))
+            for _ in range(cfg.generations):
+                state, best = self._generation(model, ladders, state, apply, search, stage_seqs, budget, tolerance,
+                                               rng)
+                curves["fitness"].append(best)
+                curves["round"].append(r)
+                if self.step_callback is not None:
+                    self.step_callback(len(curves["fitness"]) - 1, curves)
+            goals = {n: lad.removed[state[n]] for n, lad in ladders.items()}
+            step /= 2
+            if r < cfg.rounds - 1:
+                _restore(model, structure, dense)
+        apply(state)
+        diagnostics["fitness_searched"] = search.score(model, stage_seqs[-1])
+        if held_out is not None:
+            diagnostics["fitness_searched_held_out"] = held_out.score(model, len(valid_ids))
+        keep = {}
+        for g in structure.groups:
+            lad = ladders.get(g.name)
+            keep[g.name] = lad.load(state[g.name])[0] if lad else torch.ones(g.n_units, dtype=torch.bool)
+        model.train(was_training)
+        diagnostics["seconds"] = time.perf_counter() - started
+        return PruneResult(Masks(keep, fingerprint=structure.fingerprint), curves=curves, diagnostics=diagnostics,
+                           timings={"supernet_seconds": diagnostics["supernet_seconds"]})
+
+    # -- supernet ---------------------------------------------------------------------------------------------
+
+    def _supernet(self, model: nn.Module, structure: Structure, ids: Tensor, target: Target,
+                  goals: dict[str, int], step: float, dense: dict[str, Tensor],
+                  diagnostics: dict[str, Any]) -> dict[str, Ladder]:
+        """Levels of every prunable module, layer by layer on the centre-pruned prefix (or from the cache)."""
+        cfg = self.config
+        settings = {"v": CACHE_VERSION, "damp": cfg.damp, "obs_rounds": cfg.obs_rounds, "levels": cfg.levels,
+                    "step": step, "min_keep": target.min_keep, "granularity": structure.granularity}
+        chain = _digest(ids, settings, structure.fingerprint,
+                        *[p for n, p in model.named_parameters() if ".layers." not in n])
+        root = cache_dir() / "tyr"
+        ladders: dict[str, Ladder] = {}
+        carry = 0  # removed minus goal so far: shared-K/V rounding is diffused over later layers
+        stats_iter = None
+        for layer in range(structure.n_layers):
+            groups = [g for g in structure.layer_groups(layer) if layer not in target.skip_layers]
+            chain = _digest(chain, carry, {g.name: goals[g.name] for g in groups},
+                            *decoder_layers(model)[layer].state_dict().values())
+            path = root / f"{chain}.safetensors"
+            tensors = None
+            if cfg.cache and path.is_file():
+                with safe_open(str(path), framework="pt") as f:
+                    meta = json.loads(f.metadata()["ladders"])
+                diagnostics["cached_layers"] += 1
+            else:
+                if stats_iter is None:  # walk from the start, through the prefix already set to its centres
+                    stats_iter = walk(model, structure, ids, gram=True, batch_size=cfg.batch_size)
+                    for _ in range(layer):
+                        next(stats_iter)
+                _, stats = next(stats_iter)
+                tensors, meta, drift = {}, {}, carry
+                for g in groups:  # each module aims at its goal minus the drift of the modules before it
+                    meta[g.name] = self._levels(g, stats[g.name], goals[g.name] - drift, step, target,
+                                                dense[g.name], tensors)
+                    drift += meta[g.name]["removed"][meta[g.name]["centre"]] - goals[g.name]
+                if cfg.cache:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp")
+                    save_file(tensors, str(tmp), metadata={"ladders": json.dumps(meta)})
+                    tmp.replace(path)  # atomic: a killed run never leaves half a level file
+                    tensors = None
+                diagnostics["built_layers"] += 1
+            for g in groups:
+                m = meta[g.name]
+                lad = Ladder(g, m["counts"], m["removed"], m["centre"], file=path if tensors is None else None,
+                             tensors=tensors)
+                ladders[g.name] = lad
+                carry += lad.removed[lad.centre] - goals[g.name]
+                _, weight = lad.load(lad.centre)
+                with torch.no_grad():  # the next layer is measured on this one's expected (centre) level
+                    consumer_weight(model, g).copy_(weight.to(dense[g.name]))
+        if stats_iter is not None:
+            stats_iter.close()
+        return ladders
+
+    def _levels(self, group: Group, stats: Any, goal: float, step: float, target: Target, dense: Tensor,
+                out: dict[str, Tensor]) -> dict[str, Any]:
+        """One module's ladder: the centre count closest to `goal`, +- levels x step units. Keeps and refit weights
+        go into `out`; returns the ladder's metadata."""
+        cfg = self.config
+        n = group.n_units
+        h = stats.hessian(cfg.damp)
+        b0 = dense.to(h).T.clone()
+        most = n - max(1, target.min_keep)
+        if group.kv_params:  # which heads go decides the removed parameters: walk the whole path first
+            path = removal_path(h, b0, group, list(range(most + 1)), cfg.obs_rounds)
+            centre = min(path, key=lambda c: (abs(group.removed_params(path[c].alive) - goal), c))
+        else:
+            centre = min(most, max(0, round(goal / group.unit_params)))
+        delta = max(1, round(step * n))
+        counts = sorted({min(most, max(0, centre + j * delta)) for j in range(-cfg.levels, cfg.levels + 1)})
+        if not group.kv_params:
+            path = removal_path(h, b0, group, counts, cfg.obs_rounds)
+        cols = torch.arange(b0.shape[0], device=h.device).view(n, -1)
+        removed = []
+        for c in counts:
+            alive = path[c].alive
+            weight = refit(h, b0, cols[alive.to(h.device)].flatten()).T.to(dense.dtype).cpu().contiguous()
+            out[f"{group.name}/{c}/keep"] = alive.to(torch.uint8)
+            out[f"{group.name}/{c}/weight"] = weight
+            removed.append(group.removed_params(alive))
+        return {"counts": counts, "removed": removed, "centre": counts.index(centre)}
+
+    # -- search -----------------------------------------------------------------------------------------------
+
+    def _generation(self, model: nn.Module, ladders: dict[str, Ladder], parent: dict[str, int], apply,
+                    search: Reference, stage_seqs: list[int], budget: int, tolerance: float,
+                    rng: random.Random) -> tuple[dict[str, int], float]:
+        cfg = self.config
+        names = sorted(n for n, lad in ladders.items() if len(lad.counts) > 1)
+        kinds: dict[str, list[str]] = {}
+        for n in names:
+            kinds.setdefault(ladders[n].group.kind, []).append(n)
+        movable = [k for k, v in kinds.items() if len(v) > 1]
+
+        def removed(state: dict[str, int]) -> int:
+            return sum(lad.removed[state[n]] for n, lad in ladders.items())
+
+        allowed = max(abs(removed(parent) - budget), tolerance)
+        children: dict[tuple[int, ...], dict[str, int]] = {}
+        attempts = 0
+        while movable and len(children) < cfg.offspring and attempts < 50 * cfg.offspring:
+            attempts += 1
+            child = dict(parent)
+            for _ in range(min(rng.randint(1, 4), rng.randint(1, 4))):
+                pool = kinds[rng.choice(movable)]
+                up = [n for n in pool if child[n] + 1 < len(ladders[n].counts)]
+                down = [n for n in pool if child[n] > 0]
+                if not up or not down:
+                    continue
+                a = rng.choice(up)
+                b = rng.choice([n for n in down if n != a] or [a])
+                if a == b:
+                    continue
+                child[a] += 1
+                child[b] -= 1
+            if child != parent and abs(removed(child) - budget) <= allowed:
+                children.setdefault(tuple(child[n] for n in names), child)
+        candidates = list(children.values())
+        for i, (seqs, keep) in enumerate(zip(stage_seqs, cfg.stage_keep, strict=True)):
+            if i == len(stage_seqs) - 1:
+                candidates.append(parent)  # elitism: the parent competes in the last stage only
+            scored = []
+            for c in candidates:
+                apply(c)
+                scored.append((search.score(model, seqs), len(scored), c))
+            scored.sort(key=lambda t: (t[0], t[1]))
+            candidates = [c for _, _, c in scored[:keep]]
+        best = scored[0]
+        return best[2], best[0]
+
+
+def _applier(model: nn.Module, ladders: dict[str, Ladder], loaded: dict[str, int]):
+    """A function that writes a state's level weights into the model, touching only modules that changed."""
+
+    def apply(state: dict[str, int]) -> None:
+        for name, level in state.items():
+            if loaded.get(name) != level:
+                lad = ladders[name]
+                weight = consumer_weight(model, lad.group)
+                with torch.no_grad():
+                    weight.copy_(lad.load(level)[1].to(weight))
+                loaded[name] = level
+
+    return apply
+
+
+def _restore(model: nn.Module, structure: Structure, dense: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for g in structure.groups:
+            consumer_weight(model, g).copy_(dense[g.name])
