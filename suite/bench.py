@@ -261,3 +261,59 @@ def baselines_bench(models: list[str] | None = None) -> dict[str, Any]:
                                              f"(model {r['model_mb']:5.1f} MB)" for r in cells))
     return {"dense": dense, "rows": rows, "depth": depth, "eval": "embedded test ppl@256 + 3 tasks, full",
             "calibration": "embedded train n128 x 256, seed 0"}
+
+
+@bench("seed-systems")
+def seed_systems_bench(models: list[str] | None = None) -> dict[str, Any]:
+    """GISP, Týr and MaskPrune at their default settings against `random` and SlimGPT (Týr's own local pruner at
+    the uniform per-layer distribution) at 50% on zoo models: test perplexity, mean task accuracy, prune seconds.
+    Týr lines: the searched distribution against the uniform one on the search objective (search tokens and held-out
+    calibration), and the same run again with the supernet in the cache (empty cache first, in a temporary dir)."""
+    import os
+    import tempfile
+
+    from suite.evaluate import EvalSpec
+
+    spec = EvalSpec()
+    rows, dense, tyr = [], {}, []
+    saved = os.environ.get("PRUNEBENCH_CACHE")
+    for model_spec in models or ("zoo:tiny-llama",):
+        calibration, dense[model_spec] = dense_reference(model_spec, spec, valid_n=8)
+        for method in ("random", "slimgpt", "gisp", "maskprune", "tyr"):
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["PRUNEBENCH_CACHE"] = cache  # Týr starts from an empty supernet cache
+                runs = [prune_and_evaluate(model_spec, method, {}, 0.5, 0, calibration, spec)
+                        for _ in range(2 if method == "tyr" else 1)]
+            row = runs[0]
+            row.pop("curves")
+            row |= {"prune_seconds": row["metrics"]["prune_seconds"],
+                    "ppl_ratio": row["test_ppl"] / dense[model_spec]["test_ppl"]}
+            rows.append(row)
+            if method == "tyr":
+                first, second = (r["metrics"] for r in runs)
+                tyr.append({"model": model_spec, **{k.removeprefix("diag_"): v for k, v in first.items()
+                                                   if k.startswith("diag_fitness")},
+                            "first_seconds": first["prune_seconds"], "cached_seconds": second["prune_seconds"],
+                            "first_supernet_seconds": first["diag_supernet_seconds"],
+                            "cached_supernet_seconds": second["diag_supernet_seconds"],
+                            "cached_layers": second["diag_cached_layers"], "built_layers": first["diag_built_layers"],
+                            "same_result": runs[0]["test_ppl"] == runs[1]["test_ppl"]})
+    if saved is None:
+        os.environ.pop("PRUNEBENCH_CACHE", None)
+    else:
+        os.environ["PRUNEBENCH_CACHE"] = saved
+    print(f"{'model':<16} {'method':<10} {'sparsity':>8} {'test ppl':>9} {'x dense':>8} {'mean acc':>8} "
+          f"{'prune s':>8}")
+    for r in rows:
+        print(f"{r['model'].removeprefix('zoo:'):<16} {r['method']:<10} {r['metrics']['sparsity']:>8.4f} "
+              f"{r['test_ppl']:>9.3f} {r['ppl_ratio']:>8.3f} {r['mean_acc']:>8.4f} {r['prune_seconds']:>8.2f}")
+    for t in tyr:
+        print(f"\ntyr on {t['model']}: search objective (top-k KL to dense) uniform {t['fitness_uniform']:.4f} -> "
+              f"searched {t['fitness_searched']:.4f} ({t['fitness_searched'] / t['fitness_uniform']:.3f}x); "
+              f"held-out {t['fitness_uniform_held_out']:.4f} -> {t['fitness_searched_held_out']:.4f} "
+              f"({t['fitness_searched_held_out'] / t['fitness_uniform_held_out']:.3f}x)")
+        print(f"tyr second run: supernet {t['first_supernet_seconds']:.2f} s -> {t['cached_supernet_seconds']:.2f} s "
+              f"({t['cached_layers']} of {t['built_layers']} layer files from the cache), prune "
+              f"{t['first_seconds']:.1f} s -> {t['cached_seconds']:.1f} s, same result: {t['same_result']}")
+    return {"dense": dense, "rows": rows, "tyr": tyr, "eval": "embedded test ppl@256 + 3 tasks, full",
+            "calibration": "embedded train n128 x 256 (+8 held out), seed 0"}
