@@ -65,8 +65,7 @@ class MaskPruneRelaxation(Relaxation):
         self.kinds = sorted({g.kind for g in groups})
         # one kept fraction per unit kind, shared by every pruned layer (and every expert)
         self.width = {k: nn.Parameter(torch.ones(())) for k in self.kinds}
-        self._n = {g.name: g.n_units for g in groups}
-        self._kind = {g.name: g.kind for g in groups}
+        self._group = {g.name: g for g in groups}
         self._units = {k: min(g.n_units for g in groups if g.kind == k) for k in self.kinds}  # uniform: all equal
         weights, total = sparsity_weights(structure, groups, config.weighting)
         # d(expected sparsity) / d(u_t): the share of the total that kind t's units carry
@@ -81,7 +80,8 @@ class MaskPruneRelaxation(Relaxation):
 
     def _kept(self, name: str) -> Tensor:
         """The shared width in units for this group (float: the fractional part is the boundary unit's gate)."""
-        return self.width[self._kind[name]] * self._n[name]
+        g = self._group[name]
+        return self.width[g.kind] * g.n_units
 
     def train_gates(self, step: int) -> dict[str, Tensor]:
         gates = {}
@@ -91,7 +91,7 @@ class MaskPruneRelaxation(Relaxation):
         return gates
 
     def keep_probability(self, step: int) -> dict[str, Tensor]:
-        return {n: self.width[self._kind[n]].clamp(0.0, 1.0).expand(self._n[n]) for n in self.scores}
+        return {n: self.width[g.kind].clamp(0.0, 1.0).expand(g.n_units) for n, g in self._group.items()}
 
     def discrete_keep(self) -> dict[str, Tensor]:
         return {n: ranks(s) < torch.round(self._kept(n).detach()) for n, s in self.scores.items()}
@@ -138,7 +138,7 @@ class MaskPruneRelaxation(Relaxation):
                        **{f"final_width.{k}": self._final_width(masks, k) for k in self.kinds}}
 
     def _final_width(self, masks: Masks, kind: str) -> int:
-        return next(int(masks.keep[n].sum()) for n in self.scores if self._kind[n] == kind)
+        return next(int(masks.keep[n].sum()) for n, g in self._group.items() if g.kind == kind)
 
 
 @register("maskprune")

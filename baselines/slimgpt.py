@@ -6,9 +6,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.capture import InputStats, consumer_weight, unit_columns
+from suite.capture import InputStats, consumer_weight
 from suite.layerwise import LayerwiseConfig, LayerwisePruner
-from suite.obs import refit, removal_path
+from suite.obs import refit_alive, removal_path
 from suite.pruner import register
 from suite.structures import Group
 
@@ -42,8 +42,7 @@ class SlimGPT(LayerwisePruner):
             count = goal // group.unit_params
             path = removal_path(h, b0, group, [count], cfg.rounds)
         alive = path[count].alive
-        b = refit(h, b0, unit_columns(group).to(h.device)[alive.to(h.device)].flatten()) if cfg.refit \
-            else path[count].weight
+        b = refit_alive(h, b0, group, alive) if cfg.refit else path[count].weight
         with torch.no_grad():
             weight.copy_(b.T.to(weight))
         return alive

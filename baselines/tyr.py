@@ -44,7 +44,7 @@ from suite.data import cache_dir
 from suite.errors import ConfigError
 from suite.layerwise import removal_goals
 from suite.masks import Masks, Target
-from suite.obs import refit, removal_path
+from suite.obs import refit_alive, removal_path
 from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
 from suite.structures import Group, Structure, decoder_layers
 
@@ -184,8 +184,7 @@ class Tyr(Pruner):
             ladders = self._supernet(model, structure, ids, target, goals, step, dense, diagnostics)
             diagnostics["supernet_seconds"] += time.perf_counter() - t0
             state = {n: lad.centre for n, lad in ladders.items()}
-            loaded: dict[str, int] = {}
-            apply = _applier(model, ladders, loaded)
+            apply = _applier(model, ladders)
             apply(state)
             if r == 0:
                 diagnostics["fitness_uniform"] = search.score(model, stage_seqs[-1])
@@ -289,11 +288,10 @@ class Tyr(Pruner):
         counts = sorted({min(most, max(0, centre + j * delta)) for j in range(-cfg.levels, cfg.levels + 1)})
         if not group.kv_params:
             path = removal_path(h, b0, group, counts, cfg.obs_rounds)
-        cols = torch.arange(b0.shape[0], device=h.device).view(n, -1)
         removed = []
         for c in counts:
             alive = path[c].alive
-            weight = refit(h, b0, cols[alive.to(h.device)].flatten()).T.to(dense.dtype).cpu().contiguous()
+            weight = refit_alive(h, b0, group, alive).T.to(dense.dtype).cpu().contiguous()
             out[f"{group.name}/{c}/keep"] = alive.to(torch.uint8)
             out[f"{group.name}/{c}/weight"] = weight
             removed.append(group.removed_params(alive))
@@ -348,8 +346,9 @@ class Tyr(Pruner):
         return best[2], best[0]
 
 
-def _applier(model: nn.Module, ladders: dict[str, Ladder], loaded: dict[str, int]):
+def _applier(model: nn.Module, ladders: dict[str, Ladder]):
     """A function that writes a state's level weights into the model, touching only modules that changed."""
+    loaded: dict[str, int] = {}
 
     def apply(state: dict[str, int]) -> None:
         for name, level in state.items():

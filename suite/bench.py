@@ -271,17 +271,17 @@ def seed_systems_bench(models: list[str] | None = None) -> dict[str, Any]:
     calibration), and the same run again with the supernet in the cache (empty cache first, in a temporary dir)."""
     import os
     import tempfile
+    from unittest import mock
 
     from suite.evaluate import EvalSpec
 
     spec = EvalSpec()
     rows, dense, tyr = [], {}, []
-    saved = os.environ.get("PRUNEBENCH_CACHE")
     for model_spec in models or ("zoo:tiny-llama",):
         calibration, dense[model_spec] = dense_reference(model_spec, spec, valid_n=8)
         for method in ("random", "slimgpt", "gisp", "maskprune", "tyr"):
-            with tempfile.TemporaryDirectory() as cache:
-                os.environ["PRUNEBENCH_CACHE"] = cache  # Týr starts from an empty supernet cache
+            # Týr starts from an empty supernet cache
+            with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"PRUNEBENCH_CACHE": cache}):
                 runs = [prune_and_evaluate(model_spec, method, {}, 0.5, 0, calibration, spec)
                         for _ in range(2 if method == "tyr" else 1)]
             row = runs[0]
@@ -298,10 +298,6 @@ def seed_systems_bench(models: list[str] | None = None) -> dict[str, Any]:
                             "cached_supernet_seconds": second["diag_supernet_seconds"],
                             "cached_layers": second["diag_cached_layers"], "built_layers": first["diag_built_layers"],
                             "same_result": runs[0]["test_ppl"] == runs[1]["test_ppl"]})
-    if saved is None:
-        os.environ.pop("PRUNEBENCH_CACHE", None)
-    else:
-        os.environ["PRUNEBENCH_CACHE"] = saved
     print(f"{'model':<16} {'method':<10} {'sparsity':>8} {'test ppl':>9} {'x dense':>8} {'mean acc':>8} "
           f"{'prune s':>8}")
     for r in rows:

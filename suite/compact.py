@@ -190,15 +190,12 @@ def _write_layout(model: nn.Module, family: str, layers: list[dict[str, Any]]) -
             sizes[info.dense_width_key] = dense.pop()
         if expert:
             sizes[info.expert_width_key] = expert.pop()
-        try:  # the family's own validator has the last word (Llama wants hidden % heads == 0)
-            candidate = type(cfg).from_dict(cfg.to_dict() | sizes)
-        except (ValueError, StrictDataclassError):
-            stock = False
-        else:
-            stock = _same_parameters(model, candidate)  # e.g. a bias a method added that the stock module lacks
-            if stock:
-                for key, value in sizes.items():
-                    setattr(cfg, key, value)
+        candidate = _declarable(cfg, sizes)
+        # the stock modules must also hold the same parameters (not so with a bias a method added)
+        stock = candidate is not None and _same_parameters(model, candidate)
+        if stock:
+            for key, value in sizes.items():
+                setattr(cfg, key, value)
     cfg.prunebench_layout = {"version": 1, "stock": stock, "layers": layers}
 
 
@@ -211,20 +208,22 @@ def stock_widths(config: Any, structure: Structure) -> dict[str, list[int]]:
         if g.kind in out:
             continue
         if g.kind == "attn":
-            out["attn"] = [w for w in range(1, g.n_units + 1) if _valid_heads(config, w * g.heads_per_unit)]
+            ratio = config.num_attention_heads // config.num_key_value_heads
+            out["attn"] = [w for w in range(1, g.n_units + 1) if _declarable(config, {
+                "num_attention_heads": w * g.heads_per_unit,
+                "num_key_value_heads": max(1, w * g.heads_per_unit // ratio)}) is not None]
         elif g.kind == "expert":
             out["expert"] = [w for w in range(1, g.n_units + 1) if w % FUSED_ALIGN == 0 or w == g.n_units]
     return out
 
 
-def _valid_heads(config: Any, heads: int) -> bool:
-    ratio = config.num_attention_heads // config.num_key_value_heads
+def _declarable(config: Any, sizes: dict[str, int]) -> Any:
+    """The family's config with `sizes`, or None where its own validator refuses them (Llama wants
+    hidden_size % heads == 0): the validator has the last word on what a stock checkpoint can declare."""
     try:
-        type(config).from_dict(config.to_dict() | {"num_attention_heads": heads,
-                                                   "num_key_value_heads": max(1, heads // ratio)})
+        return type(config).from_dict(config.to_dict() | sizes)
     except (ValueError, StrictDataclassError):
-        return False
-    return True
+        return None
 
 
 def _same_parameters(model: nn.Module, config: Any) -> bool:

@@ -3,8 +3,8 @@
 One consumer (o_proj, down_proj or an expert's down projection) with input Gram matrix H and weight B (= W^T,
 [columns, out]): units are removed greedily by their OBS cost 1/2 tr(B_g^T ([H^-1]_gg)^-1 B_g), with the OBS
 update of the remaining weights and the inverse-Hessian downdate between rounds (heads one per round, channels in
-`rounds` batches); the survivors can then be refit exactly by least squares. SlimGPT takes one point of the removal
-path; Týr-the-Pruner takes several (its supernet levels) from one pass.
+`rounds` batches); the survivors can then be refit exactly by least squares (`refit_alive`). SlimGPT takes one
+point of the removal path; Týr-the-Pruner takes several (its supernet levels) from one pass.
 """
 
 from __future__ import annotations
@@ -81,12 +81,7 @@ def removal_path(h: Tensor, b0: Tensor, group: Group, counts: list[int], rounds:
     return out
 
 
-def local_prune(h: Tensor, b0: Tensor, group: Group, counts: list[int], rounds: int,
-                exact_refit: bool = True) -> dict[int, Snapshot]:
-    """`removal_path` with the survivors of every snapshot refit exactly (when `exact_refit`)."""
-    path = removal_path(h, b0, group, counts, rounds)
-    if exact_refit:
-        cols = unit_columns(group).to(h.device)
-        for snap in path.values():
-            snap.weight = refit(h, b0, cols[snap.alive.to(h.device)].flatten())
-    return path
+def refit_alive(h: Tensor, b0: Tensor, group: Group, alive: Tensor) -> Tensor:
+    """`refit` of the consumer columns that the alive units own: the exact least-squares weight [columns, out]."""
+    cols = unit_columns(group).to(h.device)
+    return refit(h, b0, cols[alive.to(h.device)].flatten())

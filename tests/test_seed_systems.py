@@ -12,6 +12,7 @@ from suite.compact import save_pruned, stock_widths
 from suite.masklearn import sparsity_weights
 from suite.masks import Target
 from suite.obs import removal_path
+from suite.pipeline import compact_and_measure
 from suite.pruner import get_method
 from suite.structures import build_structure
 from suite.testing import quick_config, tiny_calibration, tiny_model
@@ -35,8 +36,6 @@ def test_maskprune_keeps_one_width_per_kind_and_loads_with_stock_hf(family, tmp_
     for g in s.groups:
         if g.kind in allowed:
             assert int(result.masks.keep[g.name].sum()) in allowed[g.kind]
-    from suite.pipeline import compact_and_measure
-
     compact_and_measure(model, s, result.masks)
     save_pruned(model, tmp_path)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
