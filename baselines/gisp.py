@@ -4,6 +4,8 @@ Each iteration recomputes first-order Taylor importance |W * dL/dW| on the curre
 block, ranks all units of all layers together and masks the lowest ones up to the iteration's sparsity. Masked units
 get no gradient, so their score is zero and the pruned set only grows: the masks met on the way are nested
 subnetworks ("prune once, deploy many"), and the ones at `nested` sparsities are returned next to the final masks.
+With `objective: margin` the gradients are those of GISP's decision-task loss, the mean NLL of the right answers
+minus that of the wrong ones, over train-split items of the embedded tasks (never the evaluated test items).
 
 Differences from the reference code, on purpose: sparsity is counted in parameters (the project's definition; GISP's
 ratio counts structures), units are masked by gates rather than zeroed weights (the same forward), and GQA units
@@ -19,6 +21,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from suite.capture import gradients, taylor_scores
+from suite.errors import ConfigError
 from suite.gates import Gates
 from suite.masks import Masks, Target, select
 from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
@@ -31,6 +34,9 @@ class GispConfig(MethodConfig):
     nested: list[float] = Field(default_factory=list, description="lower sparsities whose masks are also kept")
     prune_skip: bool = Field(False, description="never prune the first 10% of layers and the last layer (GISP)")
     batch_size: int = Field(4, ge=1, description="sequences per backward pass")
+    objective: Literal["lm", "margin"] = Field(
+        "lm", description="lm: next-token loss on the calibration text; margin: NLL(right answer) - NLL(wrong "
+        "answers) on the train items of calibration.tasks (GISP's decision-task objective)")
 
     @field_validator("nested")
     @classmethod
@@ -68,7 +74,12 @@ class Gisp(Pruner):
         self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
     ) -> PruneResult:
         cfg = self.config
-        ids = calibration_ids(self.name, calibration)
+        ids, weights = calibration_ids(self.name, calibration), None
+        if cfg.objective == "margin":
+            if getattr(calibration, "margin", None) is None:
+                raise ConfigError("gisp.objective 'margin' needs task items: set calibration.tasks "
+                                  "(CLI: --calib 'tasks=[pb_return]')")
+            ids, weights = calibration.margin
         if cfg.prune_skip:
             first = math.floor(0.1 * structure.n_layers)
             target = target.model_copy(update={"skip_layers": tuple(sorted(
@@ -81,7 +92,8 @@ class Gisp(Pruner):
         with Gates(model, structure) as gates:
             for step, level in enumerate(levels):
                 gates.apply_masks(masks)
-                taylor = taylor_scores(model, structure, gradients(model, structure, ids, batch_size=cfg.batch_size))
+                taylor = taylor_scores(model, structure, gradients(model, structure, ids, batch_size=cfg.batch_size,
+                                                                      weights=weights))
                 scores = {g.name: block_normalised(g, taylor[g.name]).masked_fill(~masks.keep[g.name], -1.0)
                           for g in structure.groups}  # masked units get no gradient; -1 keeps them pruned
                 masks = select(structure, scores, target.model_copy(update={"sparsity": level}), mode="global",

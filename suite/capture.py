@@ -210,10 +210,19 @@ def prunable_parameters(model: nn.Module, structure: Structure) -> list[nn.Param
 
 
 def gradients(model: nn.Module, structure: Structure, ids: Tensor, *, fisher: bool = False,
-              batch_size: int = 8) -> Gradients:
+              batch_size: int = 8, weights: Tensor | None = None) -> Gradients:
     """Backward passes over the calibration set, gradients of the prunable weights only (others stay frozen).
 
-    `fisher`: one backward per sequence, accumulating g_n^2 / N as well (LLM-Pruner's second-order term)."""
+    The loss is sum(weights * next-token NLL) with `weights` [n, seq_len - 1] over predicted positions; the default,
+    1 / (n (seq_len - 1)) everywhere, is the mean LM loss. Signed weights give other objectives through the same
+    passes (GISP's margin: `suite.tasks.margin_set`).
+    `fisher`: one backward per sequence, accumulating g_n^2 / N as well (LLM-Pruner's second-order term); it needs
+    the mean LM loss, whose per-sequence gradient g_n it squares."""
+    n = len(ids)
+    if weights is None:
+        weights = torch.full((n, ids.shape[1] - 1), 1 / (n * (ids.shape[1] - 1)))
+    elif fisher:
+        raise ValueError("the Fisher diagonal is defined for the mean LM loss only")
     params = prunable_parameters(model, structure)
     saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -228,17 +237,16 @@ def gradients(model: nn.Module, structure: Structure, ids: Tensor, *, fisher: bo
     model.eval()
     try:
         step = 1 if fisher else batch_size
-        n = len(ids)
-        for batch in ids.split(step):
+        for batch, w in zip(ids.split(step), weights.split(step), strict=True):
             batch = batch.to(device)
             logits = model(batch, use_cache=False).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-            loss.backward()
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            (nll * w.to(device).flatten()).sum().backward()
             for p in params:
                 g = p.grad.float()
-                grad[id(p)] += g * (len(batch) / n)
-                if fish is not None:
-                    fish[id(p)] += g * g / n
+                grad[id(p)] += g
+                if fish is not None:  # g = g_n / n here (one sequence), so g_n^2 / n = n g^2
+                    fish[id(p)] += n * g * g
                 p.grad = None
     finally:
         for p in model.parameters():

@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     p.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
-                   help="calibration setting: source, split, n, seq_len, valid_n, seed (default embedded train 64x256)")
+                   help="calibration setting: source, split, n, seq_len, valid_n, seed, tasks, task_items "
+                   "(default embedded train 64x256)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_prune)

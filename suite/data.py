@@ -185,21 +185,27 @@ def token_stream(source: TextSource, split: str, tokenizer: Any) -> Tensor:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Calibration token ids [n, seq_len] (+ held-out `valid_ids`), the spec that made them and a content hash."""
+    """Calibration token ids [n, seq_len] (+ held-out `valid_ids`, + task choice sequences with signed answer-token
+    weights for margin objectives), the spec that made them and a content hash over all of it."""
 
     input_ids: Tensor
     spec: str
     content_hash: str
     valid_ids: Tensor | None = None
+    margin: tuple[Tensor, Tensor] | None = None  # (ids [m, seq_len], weights [m, seq_len - 1]): suite.tasks
 
     @classmethod
-    def from_ids(cls, input_ids: Tensor, spec: str, valid_ids: Tensor | None = None) -> Calibration:
+    def from_ids(cls, input_ids: Tensor, spec: str, valid_ids: Tensor | None = None,
+                 margin: tuple[Tensor, Tensor] | None = None) -> Calibration:
         ids = input_ids.to(torch.int64).contiguous()
         h = hashlib.sha256(ids.numpy().tobytes() + str(tuple(ids.shape)).encode())
         if valid_ids is not None:
             valid_ids = valid_ids.to(torch.int64).contiguous()
             h.update(valid_ids.numpy().tobytes())
-        return cls(ids, spec, h.hexdigest()[:16], valid_ids)
+        if margin is not None:
+            for part in margin:
+                h.update(part.contiguous().numpy().tobytes())
+        return cls(ids, spec, h.hexdigest()[:16], valid_ids, margin)
 
     def batches(self, batch_size: int) -> list[Tensor]:
         return list(self.input_ids.split(batch_size))
@@ -240,9 +246,18 @@ class CalibrationSpec(BaseModel):
     valid_n: int = Field(16, ge=0, description="held-out sequences (tuning objective, mismatch diagnostic)")
     valid_split: str = Field("valid", description="split the held-out sequences come from (never test)")
     seed: int = Field(0, description="seed of the window sampling")
+    tasks: tuple[str, ...] = Field((), description="embedded tasks whose train items feed margin objectives (GISP)")
+    task_items: int = Field(32, ge=1, description="train items per task for margin objectives")
 
     def build(self, tokenizer: Any) -> Calibration:
         if self.valid_split == "test":
             raise DataError("calibration.valid_split: the test split is reserved for evaluation")
-        return calibration(load_source(self.source), tokenizer, self.n, self.seq_len, self.seed, self.split,
-                           self.valid_n, self.valid_split)
+        cal = calibration(load_source(self.source), tokenizer, self.n, self.seq_len, self.seed, self.split,
+                          self.valid_n, self.valid_split)
+        if not self.tasks:
+            return cal
+        from suite.tasks import margin_set  # suite.tasks builds on this module
+
+        margin = margin_set(tokenizer, list(self.tasks), self.task_items, self.seq_len)
+        spec = f"{cal.spec}+tasks:{','.join(self.tasks)}:train:n={self.task_items}"
+        return Calibration.from_ids(cal.input_ids, spec, cal.valid_ids, margin)

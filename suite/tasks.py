@@ -7,7 +7,8 @@ Three tasks, each item with 4 distinct candidates drawn from the same file (so s
   the same file uses (identifier-level understanding).
 - `pb_return`: the function's real `return` statement, given its body so far; distractors are other returns of the
   same file (all syntactically alike, so only the function's semantics tell them apart).
-Evaluation uses the test split; other splits can be generated for methods that calibrate on task data.
+Evaluation uses the test split; `margin_set` builds calibration sequences from the train split for methods that
+calibrate on task data (GISP's margin objective), never from the test items.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
 
 from suite.data import Document, TextSource, cache_dir, embedded_corpus
 from suite.errors import DataError
@@ -175,3 +180,52 @@ def task_dir(split: str = "test") -> tuple[Path, dict[str, str]]:
         return root, json.loads(manifest.read_text())
     tmp.rename(root)
     return root, hashes
+
+
+def sample_items(task: str, source: TextSource, split: str, n_items: int, per_doc: int = 4) -> list[Item]:
+    """n_items items from at most `per_doc` per document, documents visited in a seeded order until enough: cheap
+    for a large split (generating every item of the train split takes minutes) and spread over many files."""
+    rng = random.Random(f"{task}:{split}:sample")
+    docs = list(source.documents(split))
+    rng.shuffle(docs)
+    items: list[Item] = []
+    for doc in docs:
+        found = list(GENERATORS[task](doc, rng))
+        items.extend(rng.sample(found, min(per_doc, len(found))))
+        if len(items) >= n_items:
+            return items[:n_items]
+    raise DataError(f"{task}: only {len(items)} items in {source.name}:{split}, need {n_items}")
+
+
+def margin_set(tokenizer: Any, tasks: list[str], n_items: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Every choice of `n_items` train-split items per task as one sequence (question + choice, cut from the left
+    to `seq_len` tokens, right-padded), with signed per-position weights on the choice's predicted tokens:
+    +1/n_correct for the right answer, -1/n_wrong for the others. sum(weights * token NLL) is then GISP's margin
+    loss, mean NLL(correct answer) - mean NLL(wrong answer), the sum over answer tokens being lm-eval's `acc` score.
+    Returns (ids [m, seq_len], weights [m, seq_len - 1] over positions 1..seq_len-1)."""
+    unknown = sorted(set(tasks) - set(EMBEDDED_TASKS))
+    if unknown:
+        raise DataError(f"calibration.tasks: {', '.join(unknown)} has no train split here; embedded tasks: "
+                        f"{', '.join(EMBEDDED_TASKS)}")
+    source = embedded_corpus()
+    rows: list[tuple[list[int], int, bool]] = []  # (ids, answer length, correct)
+    for task in tasks:
+        for item in sample_items(task, source, "train", n_items):
+            question = str(item["question"])
+            context = tokenizer(question, add_special_tokens=False)["input_ids"]
+            for k, choice in enumerate(item["choices"]):  # type: ignore[arg-type]
+                whole = tokenizer(question + choice, add_special_tokens=False)["input_ids"]
+                answer = len(whole) - len(context)  # lm-eval's split: the continuation is what the context lacks
+                if answer < 1 or answer >= seq_len:
+                    continue
+                rows.append((whole[-seq_len:], answer, k == item["label"]))
+    n_correct = sum(correct for _, _, correct in rows)
+    n_wrong = len(rows) - n_correct
+    if not n_correct or not n_wrong:
+        raise DataError(f"calibration.tasks: no usable items at seq_len {seq_len}")
+    ids = torch.full((len(rows), seq_len), tokenizer.pad_token_id or 0, dtype=torch.int64)
+    weights = torch.zeros(len(rows), seq_len - 1)
+    for r, (seq, answer, correct) in enumerate(rows):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        weights[r, len(seq) - 1 - answer : len(seq) - 1] = 1 / n_correct if correct else -1 / n_wrong
+    return ids, weights

@@ -170,3 +170,59 @@ def test_an_expert_no_token_reached_still_has_a_usable_hessian():
     assert torch.allclose(h, torch.eye(6, dtype=torch.float64) * 1.01)
     with pytest.raises(RuntimeError, match="not captured"):
         capture.InputStats(6).hessian(0.01)
+
+
+def test_margin_gradients_are_those_of_right_minus_wrong_answer_nll():
+    """The padded, weighted margin batch gives the gradient of mean NLL(right answers) - mean NLL(wrong answers),
+    each answer scored as lm-eval does (sum over the continuation's tokens given the question)."""
+    from suite.capture import gradients, prunable_parameters
+    from suite.data import embedded_corpus
+    from suite.tasks import margin_set, sample_items
+    from suite.zoo import VOCAB, tokenizer
+
+    tok = tokenizer()
+    model = tiny_model("llama", vocab_size=VOCAB).float()
+    s = build_structure(model)
+    ids, weights = margin_set(tok, ["pb_self_attr"], 3, 256)
+    ours = gradients(model, s, ids, batch_size=5, weights=weights)
+
+    right, wrong = [], []
+    for item in sample_items("pb_self_attr", embedded_corpus(), "train", 3):
+        context = tok(item["question"], add_special_tokens=False)["input_ids"]
+        for k, choice in enumerate(item["choices"]):
+            whole = torch.tensor([tok(item["question"] + choice, add_special_tokens=False)["input_ids"][-256:]])
+            logp = F.log_softmax(model(whole).logits[0, :-1].float(), -1)
+            n = len(whole[0]) - len(context)
+            nll = -logp[-n:].gather(1, whole[0, -n:, None]).sum()
+            (right if k == item["label"] else wrong).append(nll)
+    loss = torch.stack(right).mean() - torch.stack(wrong).mean()
+    params = prunable_parameters(model, s)
+    expected = torch.autograd.grad(loss, params)
+    assert len(right) == 3 and len(wrong) == 9
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(ours.of(p), e, atol=1e-6, rtol=1e-4)
+
+
+def test_gisp_margin_objective_uses_the_task_items_and_refuses_without_them():
+    from suite.data import CalibrationSpec
+    from suite.errors import ConfigError, DataError
+    from suite.pipeline import prune_model
+    from suite.zoo import VOCAB, tokenizer
+
+    spec = CalibrationSpec(n=4, seq_len=64, valid_n=0, tasks=("pb_return", "pb_next_line"), task_items=2)
+    cal = spec.build(tokenizer())
+    assert cal.margin[0].shape == (16, 64) and "tasks:pb_return,pb_next_line:train" in cal.spec
+    assert cal.content_hash != spec.model_copy(update={"tasks": ()}).build(tokenizer()).content_hash
+    masks = {}
+    for objective in ("lm", "margin"):
+        model = tiny_model("qwen3", vocab_size=VOCAB).float()
+        cfg = get_method("gisp").Config(iterations=3, objective=objective)
+        out = prune_model(model, "gisp", cfg, Target(sparsity=0.4), calibration=cal)
+        masks[objective] = out.result.masks
+        assert abs(out.metrics["sparsity"] - 0.4) < 0.05
+    assert any(not torch.equal(masks["lm"].keep[k], masks["margin"].keep[k]) for k in masks["lm"].keep)
+    with pytest.raises(ConfigError, match=r"calibration\.tasks"):
+        prune_model(tiny_model("qwen3"), "gisp", get_method("gisp").Config(objective="margin"), Target(sparsity=0.4),
+                    calibration=tiny_calibration())
+    with pytest.raises(DataError, match="no train split here"):
+        CalibrationSpec(tasks=("arc_easy",)).build(tokenizer())
