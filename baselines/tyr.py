@@ -26,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,11 +46,11 @@ from suite.data import cache_dir
 from suite.errors import ConfigError
 from suite.layerwise import removal_goals
 from suite.masks import Masks, Target
-from suite.obs import refit_alive, removal_path
+from suite.obs import refit_alive, removal_order
 from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
 from suite.structures import Group, Structure, decoder_layers
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class TyrConfig(MethodConfig):
@@ -64,6 +66,10 @@ class TyrConfig(MethodConfig):
     damp: float = Field(0.01, ge=0, description="H += damp * mean(diag H) * I for the local pruner")
     obs_rounds: int = Field(16, ge=1, description="greedy OBS rounds for channels (heads: one per round)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    accumulate: Literal["expectation", "dense"] = Field(
+        "expectation", description="inputs each layer's levels are measured on: the prefix at its centre levels "
+        "(Týr's expectation error accumulation) or the dense prefix (sparsity-independent: cached levels serve "
+        "every sparsity)")
     cache: bool = Field(True, description="cache supernet levels under $PRUNEBENCH_CACHE/tyr")
 
     @model_validator(mode="after")
@@ -77,21 +83,29 @@ class TyrConfig(MethodConfig):
 
 @dataclass
 class Ladder:
-    """One module's levels: unit counts removed (ascending), and where each level's keep + weight are stored."""
+    """One module's levels: unit counts removed (ascending) along its greedy removal order, and where each level's
+    refit weight is stored (the cache file, or memory when caching is off)."""
 
     group: Group
+    order: Tensor
     counts: list[int]
     removed: list[int]  # parameters removed at each level
     centre: int  # index into counts
     file: Path | None = None
-    tensors: dict[str, Tensor] | None = None  # when not cached on disk
+    tensors: dict[str, Tensor] | None = None
 
     def load(self, level: int) -> tuple[Tensor, Tensor]:
-        key = f"{self.group.name}/{self.counts[level]}"
+        key = f"{self.group.name}/{self.counts[level]}/weight"
         if self.tensors is not None:
-            return self.tensors[f"{key}/keep"].bool(), self.tensors[f"{key}/weight"]
+            return _alive(self.order, self.counts[level]), self.tensors[key]
         with safe_open(str(self.file), framework="pt") as f:
-            return f.get_tensor(f"{key}/keep").bool(), f.get_tensor(f"{key}/weight")
+            return _alive(self.order, self.counts[level]), f.get_tensor(key)
+
+
+def _alive(order: Tensor, count: int) -> Tensor:
+    alive = torch.ones(len(order) + 1, dtype=torch.bool)  # the order stops at one survivor
+    alive[order[:count].long()] = False
+    return alive
 
 
 class Reference:
@@ -176,7 +190,8 @@ class Tyr(Pruner):
         tolerance = max(g.unit_params + g.kv_params for g in structure.groups) / 2
         rng = random.Random(seed)
         curves: dict[str, list[float]] = {"fitness": [], "round": []}
-        diagnostics: dict[str, Any] = {"cached_layers": 0, "built_layers": 0, "supernet_seconds": 0.0}
+        diagnostics: dict[str, Any] = {"cached_layers": 0, "built_modules": 0, "refit_levels": 0,
+                                       "supernet_seconds": 0.0}
         step = cfg.step
         state: dict[str, int] = {}
         for r in range(cfg.rounds):
@@ -219,83 +234,77 @@ class Tyr(Pruner):
     def _supernet(self, model: nn.Module, structure: Structure, ids: Tensor, target: Target,
                   goals: dict[str, int], step: float, dense: dict[str, Tensor],
                   diagnostics: dict[str, Any]) -> dict[str, Ladder]:
-        """Levels of every prunable module, layer by layer on the centre-pruned prefix (or from the cache)."""
+        """Levels of every prunable module, layer by layer (or from the cache).
+
+        A layer's cache file is keyed by a hash chain over everything its levels depend on: calibration, local-pruner
+        settings, the weights outside the layers, and every layer up to this one as its inputs saw them (under
+        `expectation`, the earlier layers' centre counts too). It holds each module's greedy removal order and the
+        refit weight of every level asked for so far; a ladder for another sparsity or a finer round reads the same
+        order and refits only the levels it lacks."""
         cfg = self.config
-        settings = {"v": CACHE_VERSION, "damp": cfg.damp, "obs_rounds": cfg.obs_rounds, "levels": cfg.levels,
-                    "step": step, "min_keep": target.min_keep, "granularity": structure.granularity}
+        settings = {"v": CACHE_VERSION, "damp": cfg.damp, "obs_rounds": cfg.obs_rounds,
+                    "granularity": structure.granularity}
         chain = _digest(ids, settings, structure.fingerprint,
                         *[p for n, p in model.named_parameters() if ".layers." not in n])
         root = cache_dir() / "tyr"
         ladders: dict[str, Ladder] = {}
         carry = 0  # removed minus goal so far: shared-K/V rounding is diffused over later layers
-        stats_iter = None
+        walker = _LazyWalk(model, structure, ids, cfg.batch_size)
         for layer in range(structure.n_layers):
             groups = [g for g in structure.layer_groups(layer) if layer not in target.skip_layers]
-            chain = _digest(chain, carry, {g.name: goals[g.name] for g in groups},
-                            *decoder_layers(model)[layer].state_dict().values())
-            path = root / f"{chain}.safetensors"
-            tensors = None
-            if cfg.cache and path.is_file():
-                with safe_open(str(path), framework="pt") as f:
-                    meta = json.loads(f.metadata()["ladders"])
-                diagnostics["cached_layers"] += 1
-            else:
-                if stats_iter is None:  # walk from the start, through the prefix already set to its centres
-                    stats_iter = walk(model, structure, ids, gram=True, batch_size=cfg.batch_size)
-                    for _ in range(layer):
-                        next(stats_iter)
-                _, stats = next(stats_iter)
-                tensors, meta, drift = {}, {}, carry
-                for g in groups:  # each module aims at its goal minus the drift of the modules before it
-                    meta[g.name] = self._levels(g, stats[g.name], goals[g.name] - drift, step, target,
-                                                dense[g.name], tensors)
-                    drift += meta[g.name]["removed"][meta[g.name]["centre"]] - goals[g.name]
-                if cfg.cache:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".tmp")
-                    save_file(tensors, str(tmp), metadata={"ladders": json.dumps(meta)})
-                    tmp.replace(path)  # atomic: a killed run never leaves half a level file
-                    tensors = None
-                diagnostics["built_layers"] += 1
+            key = _digest(chain, *decoder_layers(model)[layer].state_dict().values())
+            path = root / f"{key}.safetensors"
+            stored = _read(path) if cfg.cache and path.is_file() else {}
+            new: dict[str, Tensor] = {}
             for g in groups:
-                m = meta[g.name]
-                lad = Ladder(g, m["counts"], m["removed"], m["centre"], file=path if tensors is None else None,
-                             tensors=tensors)
-                ladders[g.name] = lad
-                carry += lad.removed[lad.centre] - goals[g.name]
-                _, weight = lad.load(lad.centre)
-                with torch.no_grad():  # the next layer is measured on this one's expected (centre) level
-                    consumer_weight(model, g).copy_(weight.to(dense[g.name]))
-        if stats_iter is not None:
-            stats_iter.close()
+                h = None
+                order = stored.get(f"{g.name}/order")
+                if order is None:
+                    h = walker.hessian(layer, g, cfg.damp)
+                    order = new[f"{g.name}/order"] = removal_order(h, dense[g.name].to(h).T, g, cfg.obs_rounds).int()
+                    diagnostics["built_modules"] += 1
+                counts, centre = self._counts(g, order, goals[g.name] - carry, step, target)
+                for c in counts:
+                    name = f"{g.name}/{c}/weight"
+                    if name not in stored and name not in new:
+                        if h is None:
+                            h = walker.hessian(layer, g, cfg.damp)
+                        weight = refit_alive(h, dense[g.name].to(h).T, g, _alive(order, c)).T
+                        new[name] = weight.to(dense[g.name].dtype).cpu().contiguous()
+                        diagnostics["refit_levels"] += 1
+                removed = [g.removed_params(_alive(order, c)) for c in counts]
+                tensors = None if cfg.cache else new
+                ladders[g.name] = Ladder(g, order, counts, removed, centre, file=path, tensors=tensors)
+                carry += removed[centre] - goals[g.name]
+            diagnostics["cached_layers"] += not new
+            if new and cfg.cache:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                save_file(stored | new, str(tmp))
+                tmp.replace(path)  # atomic: a killed run never leaves half a file; a racing writer's is complete too
+            chain = key
+            if cfg.accumulate == "expectation":  # the next layer is measured on this one's centre levels
+                chain = _digest(key, {g.name: ladders[g.name].counts[ladders[g.name].centre] for g in groups})
+                for g in groups:
+                    with torch.no_grad():
+                        consumer_weight(model, g).copy_(ladders[g.name].load(ladders[g.name].centre)[1].to(
+                            dense[g.name]))
+        walker.close()
         return ladders
 
-    def _levels(self, group: Group, stats: Any, goal: float, step: float, target: Target, dense: Tensor,
-                out: dict[str, Tensor]) -> dict[str, Any]:
-        """One module's ladder: the centre count closest to `goal`, +- levels x step units. Keeps and refit weights
-        go into `out`; returns the ladder's metadata."""
-        cfg = self.config
+    def _counts(self, group: Group, order: Tensor, goal: float, step: float, target: Target) -> tuple[list[int], int]:
+        """The ladder's counts, centre +- levels x step units, and the centre's index: the count whose removal
+        comes closest to `goal` (by parameters: with shared K/V heads, which heads go decides them)."""
         n = group.n_units
-        h = stats.hessian(cfg.damp)
-        b0 = dense.to(h).T.clone()
         most = n - max(1, target.min_keep)
-        if group.kv_params:  # which heads go decides the removed parameters: walk the whole path first
-            path = removal_path(h, b0, group, list(range(most + 1)), cfg.obs_rounds)
-            centre = min(path, key=lambda c: (abs(group.removed_params(path[c].alive) - goal), c))
+        if group.kv_params:
+            centre = min(range(most + 1), key=lambda c: (abs(group.removed_params(_alive(order, c)) - goal), c))
         else:
             centre = min(most, max(0, round(goal / group.unit_params)))
         delta = max(1, round(step * n))
-        counts = sorted({min(most, max(0, centre + j * delta)) for j in range(-cfg.levels, cfg.levels + 1)})
-        if not group.kv_params:
-            path = removal_path(h, b0, group, counts, cfg.obs_rounds)
-        removed = []
-        for c in counts:
-            alive = path[c].alive
-            weight = refit_alive(h, b0, group, alive).T.to(dense.dtype).cpu().contiguous()
-            out[f"{group.name}/{c}/keep"] = alive.to(torch.uint8)
-            out[f"{group.name}/{c}/weight"] = weight
-            removed.append(group.removed_params(alive))
-        return {"counts": counts, "removed": removed, "centre": counts.index(centre)}
+        counts = sorted({min(most, max(0, centre + j * delta)) for j in range(-self.config.levels,
+                                                                               self.config.levels + 1)})
+        return counts, counts.index(centre)
 
     # -- search -----------------------------------------------------------------------------------------------
 
@@ -366,3 +375,30 @@ def _restore(model: nn.Module, structure: Structure, dense: dict[str, Tensor]) -
     with torch.no_grad():
         for g in structure.groups:
             consumer_weight(model, g).copy_(dense[g.name])
+
+
+def _read(path: Path) -> dict[str, Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+
+
+class _LazyWalk:
+    """Layer-input statistics on demand: the walk starts at the first layer that needs them (through the prefix as
+    the model holds it now) and is never started when every level comes from the cache."""
+
+    def __init__(self, model: nn.Module, structure: Structure, ids: Tensor, batch_size: int) -> None:
+        self.args = (model, structure, ids)
+        self.batch_size = batch_size
+        self.it: Iterator[tuple[int, dict[str, Any]]] | None = None
+        self.layer, self.stats = -1, {}
+
+    def hessian(self, layer: int, group: Group, damp: float) -> Tensor:
+        if self.it is None:
+            self.it = walk(*self.args, gram=True, batch_size=self.batch_size)
+        while self.layer < layer:
+            self.layer, self.stats = next(self.it)
+        return self.stats[group.name].hessian(damp)
+
+    def close(self) -> None:
+        if self.it is not None:
+            self.it.close()

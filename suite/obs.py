@@ -10,6 +10,7 @@ point of the removal path; Týr-the-Pruner takes several (its supernet levels) f
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,13 +42,10 @@ class Snapshot:
     weight: Tensor
 
 
-def removal_path(h: Tensor, b0: Tensor, group: Group, counts: list[int], rounds: int) -> dict[int, Snapshot]:
-    """Greedy OBS removal up to max(counts) units, snapshotting at every count asked for.
-
-    Heads go one per round; channels in `rounds` batches of about equal size up to the largest count, each asked-for
-    count also closing a batch (so a single count gives exactly SlimGPT's schedule)."""
-    counts = sorted(set(counts))
-    top = counts[-1] if counts else 0
+def _stops(group: Group, counts: list[int], rounds: int) -> list[int]:
+    """Where the greedy pass recomputes costs: heads after every unit; channels in `rounds` batches of about equal
+    size up to the largest count, each asked-for count also closing a batch (one count gives SlimGPT's schedule)."""
+    top = max(counts, default=0)
     if group.kind == "attn":
         stops = list(range(1, top + 1))
     else:
@@ -56,12 +54,16 @@ def removal_path(h: Tensor, b0: Tensor, group: Group, counts: list[int], rounds:
         for r in range(n_rounds):  # SlimGPT's plan: ceil of what is left over the rounds left
             done += math.ceil((top - done) / (n_rounds - r))
             stops.append(done)
-    stops = sorted({*stops, *(c for c in counts if c > 0)})
+    return sorted({*stops, *(c for c in counts if c > 0)})
+
+
+def _greedy(h: Tensor, b0: Tensor, group: Group, stops: list[int]) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """The greedy OBS pass: at each stop, (stop, the units removed since the previous one in ascending cost, the
+    OBS-updated weight [columns, out]); the weight is updated in place, copy it to keep it."""
     b = b0.clone()
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     cols = unit_columns(group).to(h.device)
     alive = torch.ones(group.n_units, dtype=torch.bool)
-    out = {0: Snapshot(alive.clone(), b.clone())} if 0 in counts else {}
     removed = 0
     for stop in stops:
         cost = obs_costs(b, hinv, cols).masked_fill(~alive.to(h.device), math.inf)
@@ -76,9 +78,26 @@ def removal_path(h: Tensor, b0: Tensor, group: Group, counts: list[int], rounds:
         hinv[s, s] = 1  # removed columns drop out of every later block solve
         alive[units] = False
         removed = stop
+        yield stop, units, b
+
+
+def removal_path(h: Tensor, b0: Tensor, group: Group, counts: list[int], rounds: int) -> dict[int, Snapshot]:
+    """Greedy OBS removal up to max(counts) units, snapshotting (alive units, updated weight) at every count."""
+    counts = sorted(set(counts))
+    out = {0: Snapshot(torch.ones(group.n_units, dtype=torch.bool), b0.clone())} if 0 in counts else {}
+    alive = torch.ones(group.n_units, dtype=torch.bool)
+    for stop, units, b in _greedy(h, b0, group, _stops(group, counts, rounds)):
+        alive[units] = False
         if stop in counts:
             out[stop] = Snapshot(alive.clone(), b.clone())
     return out
+
+
+def removal_order(h: Tensor, b0: Tensor, group: Group, rounds: int) -> Tensor:
+    """The units in the order one greedy pass down to a single survivor removes them (a batch in ascending cost).
+    The first c entries are the removed set at any count c, so one order serves every sparsity: Týr caches it."""
+    stops = _stops(group, [group.n_units - 1], rounds)
+    return torch.cat([units for _, units, _ in _greedy(h, b0, group, stops)])
 
 
 def refit_alive(h: Tensor, b0: Tensor, group: Group, alive: Tensor) -> Tensor:

@@ -92,13 +92,35 @@ def test_obs_path_snapshots_equal_single_count_runs():
 
 def test_tyr_second_run_loads_the_cached_supernet_and_gives_the_same_result(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path))
-    model_a, _, a = _prune("tyr", "qwen3")
-    assert a.diagnostics["built_layers"] > 0 and a.diagnostics["cached_layers"] == 0
+    model_a, s, a = _prune("tyr", "qwen3")
+    assert a.diagnostics["built_modules"] > 0 and a.diagnostics["cached_layers"] == 0
     assert list((tmp_path / "tyr").glob("*.safetensors"))
     model_b, _, b = _prune("tyr", "qwen3")
-    assert b.diagnostics["built_layers"] == 0 and b.diagnostics["cached_layers"] == a.diagnostics["built_layers"]
+    assert b.diagnostics["built_modules"] == b.diagnostics["refit_levels"] == 0
+    assert b.diagnostics["cached_layers"] == s.n_layers * get_method("tyr").Config().rounds
     assert all(torch.equal(a.masks.keep[n], b.masks.keep[n]) for n in a.masks.keep)
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("accumulate", ["dense", "expectation"])
+def test_tyr_supernet_cache_serves_other_sparsities(tmp_path, monkeypatch, accumulate):
+    """One greedy removal order per module serves every ladder: under dense accumulation a run at another sparsity
+    builds no order at all and refits only the levels it lacks; under Týr's expectation accumulation the first
+    layer's inputs are still the dense ones, so its orders are reused. Either way the result equals a cold run."""
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "shared"))
+    _, s, _ = _prune("tyr", "llama", sparsity=0.3, accumulate=accumulate)
+    model, _, warm = _prune("tyr", "llama", sparsity=0.5, accumulate=accumulate)
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cold"))
+    cold_model, _, cold = _prune("tyr", "llama", sparsity=0.5, accumulate=accumulate)
+    first_layer = len(s.layer_groups(0))
+    if accumulate == "dense":
+        assert warm.diagnostics["built_modules"] == 0
+    else:
+        assert warm.diagnostics["built_modules"] <= cold.diagnostics["built_modules"] - first_layer
+    assert warm.diagnostics["refit_levels"] < cold.diagnostics["refit_levels"]
+    assert all(torch.equal(warm.masks.keep[n], cold.masks.keep[n]) for n in cold.masks.keep)
+    for pa, pb in zip(model.parameters(), cold_model.parameters(), strict=True):
         assert torch.equal(pa, pb)
 
 
