@@ -18,6 +18,7 @@ import pandas as pd
 
 from reports import heatmaps, leaderboard, plots, tables
 from reports.query import export, load_results, read_masks
+from suite.atomic import replacing_dir
 from suite.errors import ConfigError
 
 
@@ -176,23 +177,23 @@ def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | No
     if df.empty:
         raise ConfigError(f"no finished runs in experiment(s) {', '.join(experiments)} under {workdir}")
     groups = guard(df, allow_mixed)
-    out.mkdir(parents=True, exist_ok=True)
-    page = Page(out)
-    export(df, out / "results.csv")
-    export(df, out / "results.parquet")
-    mixed = len(groups) > 1
-    for i, runs in enumerate(groups):
-        prefix = f"protocol{i + 1}_" if mixed else ""
-        if mixed:
-            page.sections.append(f'<h1 class="warn">protocol {i + 1} of {len(groups)} '
-                                 f"({html.escape(runs['protocol'].iloc[0])}): not comparable with the other "
-                                 "sections (--allow-mixed)</h1>")
-        page.sections.append(leaderboard_section(page, runs, prefix))
-        page.sections += [model_section(page, runs, model, prefix) for model in sorted(runs["model"].unique())]
-    note = ('<p class="warn">MIXED PROTOCOLS: sections below were measured under different protocols and are '
-            "never ranked together.</p>") if mixed else ""
-    body = "\n".join(page.sections)
-    index = page.write("index.html", f"""<!doctype html><html><head><meta charset="utf-8">
+    with replacing_dir(out) as tmp:  # a failed or killed build leaves the previous report whole
+        page = Page(tmp)
+        export(df, tmp / "results.csv")
+        export(df, tmp / "results.parquet")
+        mixed = len(groups) > 1
+        for i, runs in enumerate(groups):
+            prefix = f"protocol{i + 1}_" if mixed else ""
+            if mixed:
+                page.sections.append(f'<h1 class="warn">protocol {i + 1} of {len(groups)} '
+                                     f"({html.escape(runs['protocol'].iloc[0])}): not comparable with the other "
+                                     "sections (--allow-mixed)</h1>")
+            page.sections.append(leaderboard_section(page, runs, prefix))
+            page.sections += [model_section(page, runs, model, prefix) for model in sorted(runs["model"].unique())]
+        note = ('<p class="warn">MIXED PROTOCOLS: sections below were measured under different protocols and are '
+                "never ranked together.</p>") if mixed else ""
+        body = "\n".join(page.sections)
+        page.write("index.html", f"""<!doctype html><html><head><meta charset="utf-8">
 <title>prunebench report: {html.escape(', '.join(experiments))}</title><style>{STYLE}</style></head><body>
 <h1>prunebench report: {html.escape(', '.join(experiments))}</h1>{note}
 <p>{len(df[df['kind'] == 'pruned'])} pruned runs, {len(df[df['kind'] == 'dense'])} dense; protocol(s)
@@ -202,12 +203,12 @@ per column and sparsity in bold.</p>
 {body}
 </body></html>
 """)
+        (tmp / "report.json").write_text(json.dumps({"experiments": experiments, "runs": len(df), "mixed": mixed,
+                                                     "seconds": round(time.perf_counter() - start, 2)}))
     if log_to_mlflow:
         from suite.tracking import Tracker
 
         for name in experiments:
             tracker = Tracker(workdir, name, uri, create=False)
             tracker.client.log_artifacts(tracker.parent(), str(out), artifact_path="report")
-    (out / "report.json").write_text(json.dumps({"experiments": experiments, "runs": len(df), "mixed": mixed,
-                                                 "seconds": round(time.perf_counter() - start, 2)}))
-    return index
+    return out / "index.html"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from suite import atomic
 from suite.errors import PruneBenchError
 
 
@@ -120,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"mean acc {result['mean_acc']:.4f}")
     print(f"protocol {result['protocol']['hash']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, sort_keys=True))
+        atomic.write_text(Path(args.json), json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 

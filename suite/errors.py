@@ -31,3 +31,7 @@ class ModelLoadError(PruneBenchError):
 
 class DataError(PruneBenchError):
     """A text source, data set or calibration spec cannot be resolved."""
+
+
+class StoreError(PruneBenchError):
+    """The tracking or artifact store refused a write (full disk, permissions, a file where a folder should be)."""

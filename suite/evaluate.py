@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -134,6 +135,37 @@ def protocol(spec: EvalSpec, task_info: dict[str, dict[str, Any]], ppl_hashes: d
 # lm-eval tasks
 
 
+@functools.cache
+def _task_manager(include: str, defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include, include_defaults=defaults, verbosity="ERROR")
+
+
+@functools.cache
+def _lm_eval_task_text() -> str:
+    from pathlib import Path
+
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    return "\n".join(p.read_text(errors="ignore") for p in root.rglob("*") if p.suffix in (".yaml", ".yml", ".py"))
+
+
+def check_tasks(tasks: tuple[str, ...]) -> Any:
+    """lm-eval's TaskManager for these tasks (indexing lm-eval's own takes half a minute: once per process), or a
+    one-line error naming the unknown ones. A name that no file of lm-eval's task folder mentions is refused at
+    once (a typo costs a second, not the index)."""
+    standard = [t for t in tasks if t not in EMBEDDED_TASKS]
+    unknown = [t for t in standard if t not in _lm_eval_task_text()]
+    manager = None if unknown else _task_manager(str(task_dir("test")[0]), bool(standard))
+    if manager is not None:
+        unknown = [t for t in standard if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s) {unknown}; embedded tasks: {', '.join(EMBEDDED_TASKS)}")
+    return manager
+
+
 def run_tasks(
     model: nn.Module, tokenizer: Any, tasks: tuple[str, ...], limit: int | None = None, batch_size: int = 16
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
@@ -141,18 +173,14 @@ def run_tasks(
 
     Embedded tasks are local files; standard tasks by name need the hub (or its cache) for their data."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from suite.hub import hub_unreachable_reason, offline
     from suite.lm import SharedContextLM
 
     standard = [t for t in tasks if t not in EMBEDDED_TASKS]
-    include, hashes = task_dir("test")
+    hashes = task_dir("test")[1]
     reason = hub_unreachable_reason() if standard else "only local tasks"
-    manager = TaskManager(include_path=str(include), include_defaults=bool(standard), verbosity="ERROR")
-    unknown = [t for t in standard if t not in manager.all_tasks]
-    if unknown:
-        raise ConfigError(f"unknown lm-eval task(s) {unknown}; embedded tasks: {', '.join(EMBEDDED_TASKS)}")
+    manager = check_tasks(tasks)
     device = next(model.parameters()).device
     max_length = getattr(model.config, "max_position_embeddings", 2048)
     lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from suite.atomic import replacing_dir
 from suite.compact import save_pruned, verified_compact
 from suite.masks import Masks, Target
 from suite.pruner import MethodConfig, PruneResult, get_method
@@ -100,8 +101,9 @@ def compact_and_measure(model: nn.Module, structure: Structure, masks: Masks, se
 
 
 def write_outputs(out: Path, model: nn.Module, tokenizer: Any, outcome: PruneOutcome) -> None:
-    """DIR/model/ (compact model + tokenizer), DIR/masks.safetensors + masks.json, DIR/metrics.json, curves."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_pruned(model, out / "model", tokenizer)
-    outcome.result.save(out)
-    (out / "metrics.json").write_text(json.dumps(outcome.metrics, indent=1, sort_keys=True))
+    """DIR/model/ (compact model + tokenizer), DIR/masks.safetensors + masks.json, DIR/metrics.json, curves; all or
+    nothing (a killed prune leaves the previous DIR or none, never a model without its masks)."""
+    with replacing_dir(out) as tmp:
+        save_pruned(model, tmp / "model", tokenizer)
+        outcome.result.save(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(outcome.metrics, indent=1, sort_keys=True))

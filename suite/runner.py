@@ -11,12 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import suite
+from suite.claims import Claims
 from suite.config import Experiment
 from suite.errors import ConfigError, PruneBenchError
 from suite.evaluate import EvalSpec, PplSpec
@@ -24,6 +29,8 @@ from suite.tracking import ERROR, PREFIX, Tracker, flatten
 
 log = logging.getLogger(__name__)
 KIND = PREFIX + "kind"
+WORKER = PREFIX + "worker"
+POLL_SECONDS = 2.0  # how often a worker looks again at grid points another worker holds
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,29 @@ def model_fingerprint(spec: str) -> str:
             else:  # multi-GB shards: name, size and mtime stand in for the bytes
                 h.update(f"{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def preflight(exp: Experiment) -> None:
+    """What can be known wrong before any store is touched: every model resolves (a local checkpoint of a supported
+    family, or a hub id that is cached or reachable now) and the calibration text loads. A sweep that cannot start
+    fails here with one line and leaves the tracking store as it was."""
+    from suite.data import load_source
+    from suite.evaluate import check_tasks
+    from suite.hub import hub_unreachable_reason, is_cached, require_hub
+    from suite.models import resolve
+    from suite.structures import FAMILIES
+
+    for spec in exp.models:
+        where = resolve(spec)
+        if isinstance(where, Path):
+            model_type = json.loads((where / "config.json").read_text()).get("model_type")
+            if model_type not in FAMILIES:
+                raise ConfigError(f"{spec}: unsupported model family {model_type!r}; supported: "
+                                  f"{', '.join(sorted(FAMILIES))}")
+        elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
+            require_hub(f"model {where!r}")
+    load_source(exp.calibration.source)
+    check_tasks(tuple(exp.evaluation.tasks))
 
 
 def eval_spec(exp: Experiment) -> EvalSpec:
@@ -122,6 +152,7 @@ class Runner:
     """Executes an experiment against one tracking store (local executor)."""
 
     def __init__(self, exp: Experiment, workdir: Path, fail_fast: bool = False, progress: bool = True) -> None:
+        preflight(exp)
         self.exp = exp
         self.workdir = workdir
         self.fail_fast = fail_fast
@@ -129,6 +160,7 @@ class Runner:
         self.tracker = Tracker(workdir, exp.tracking.experiment or exp.name, exp.tracking.uri)
         self.spec = eval_spec(exp)
         self._calibration: dict[str, Any] = {}
+        self._speed_reference: tuple[str | None, Any] = (None, None)
 
     def run(self) -> list[dict[str, Any]]:
         specs = expand(self.exp, self.workdir)
@@ -136,46 +168,80 @@ class Runner:
         self.tracker.reopen(parent)
         rows: list[dict[str, Any]] = []
         try:
-            self._sweep(specs, rows)
+            with Claims(self.workdir) as claims:
+                self._sweep(specs, rows, claims)
         except BaseException as err:  # the parent says how the sweep ended: FAILED on an error, KILLED on Ctrl-C
             self.tracker.finish(parent, "FAILED" if isinstance(err, Exception) else "KILLED")
             raise
         self.tracker.finish(parent, "FINISHED" if all(r["status"] == "FINISHED" for r in rows) else "FAILED")
         return rows
 
-    def _sweep(self, specs: list[RunSpec], rows: list[dict[str, Any]]) -> None:
+    def _sweep(self, specs: list[RunSpec], rows: list[dict[str, Any]], claims: Claims) -> None:
+        """Every grid point once: found FINISHED, or run under this process's claim. Points another worker holds
+        are waited for at the end (its result is taken, or the point is taken over if that worker died)."""
         from tqdm import tqdm
 
+        started = int(time.time() * 1000)
         bar = tqdm(total=len(specs), desc=f"{self.exp.name}", unit="run", disable=not self.progress)
         for model in dict.fromkeys(s.model for s in specs):
             fingerprint = model_fingerprint(model)
-            dense = self._dense(model, fingerprint)
-            dense_model = None
-            for spec in (s for s in specs if s.model == model):
-                identity = spec.identity(fingerprint)
-                bar.set_postfix_str(spec.name)
-                done = self.tracker.find(identity)
-                if done is None:
-                    if dense_model is None and self.exp.evaluation.speed:
-                        from suite.models import load_model
-
-                        dense_model, _ = load_model(model, self.exp.dtype)
-                    done = self._execute(spec, identity, fingerprint, dense, dense_model)
-                rows.append(_row(spec, done))
-                bar.update(1)
+            dense = self._dense(model, fingerprint, claims)
+            pending = [s for s in specs if s.model == model]
+            while pending:
+                held_elsewhere = []
+                for spec in pending:
+                    identity = spec.identity(fingerprint)
+                    bar.set_postfix_str(spec.name)
+                    run = self._once(identity, claims, started,
+                                     partial(self._execute, spec, identity, fingerprint, dense))
+                    if run is None:
+                        held_elsewhere.append(spec)
+                        continue
+                    rows.append(_row(spec, run))
+                    bar.update(1)
+                if held_elsewhere:
+                    time.sleep(POLL_SECONDS)
+                pending = held_elsewhere
         bar.close()
+        grid = {(s.model, s.label, s.sparsity, s.seed): i for i, s in enumerate(specs)}
+        rows.sort(key=lambda r: grid[(r["model"], r["method"], r["sparsity"], r["seed"])])
 
-    def _dense(self, model: str, fingerprint: str) -> dict[str, float]:
-        """Dense metrics for this protocol: measured once, then found by identity."""
-        from suite.evaluate import evaluate
-        from suite.models import load_model
+    def _once(self, identity: str, claims: Claims, started: int, execute: Any) -> Any | None:
+        """The grid point's run: FINISHED already, FAILED by another worker during this sweep (not retried twice),
+        or executed now under a claim; None while another live worker holds it."""
+        done = self.tracker.find(identity)
+        if done is not None:
+            return done
+        latest = self.tracker.latest(identity)
+        if latest is not None and latest.info.status == "FAILED" and latest.info.start_time >= started:
+            return latest
+        if not claims.acquire(identity):
+            return None
+        try:
+            done = self.tracker.find(identity)  # finished by another worker between the look and the claim
+            if done is not None:
+                return done
+            self.tracker.kill_orphans(identity)
+            return execute()
+        finally:
+            claims.release(identity)
 
+    def _dense(self, model: str, fingerprint: str, claims: Claims) -> dict[str, float]:
+        """Dense metrics for this protocol: measured once (by one worker), then found by identity."""
         identity = hashlib.sha256(json.dumps(
             {"dense": model, "fp": fingerprint, "eval": self.exp.evaluation.model_dump(mode="json"),
              "dtype": self.exp.dtype, "suite": suite.__version__}, sort_keys=True).encode()).hexdigest()[:20]
-        found = self.tracker.find(identity)
-        if found is not None:
-            return dict(found.data.metrics)
+        while True:
+            run = self._once(identity, claims, int(time.time() * 1000) + 1,
+                             partial(self._measure_dense, model, identity))
+            if run is not None:
+                return dict(run.data.metrics)
+            time.sleep(POLL_SECONDS)
+
+    def _measure_dense(self, model: str, identity: str) -> Any:
+        from suite.evaluate import evaluate
+        from suite.models import load_model
+
         run_id = self.tracker.start(f"{model.removeprefix('zoo:')}/dense", identity,
                                     {KIND: "dense", PREFIX + "model": model})
         try:
@@ -186,7 +252,7 @@ class Runner:
                              metrics=metrics, tags=protocol_tags(result["protocol"]))
             self.tracker.log_json(run_id, result, "evaluation.json")
             self.tracker.finish(run_id)
-            return metrics
+            return self.tracker.client.get_run(run_id)
         except Exception as err:
             self.tracker.log(run_id, tags={ERROR: _one_line(err)})
             self.tracker.finish(run_id, "FAILED")
@@ -198,17 +264,27 @@ class Runner:
             self._calibration[model] = self.exp.calibration.build(tokenizer)
         return self._calibration[model]
 
-    def _execute(self, spec: RunSpec, identity: str, fingerprint: str, dense: dict[str, float],
-                 dense_model: Any) -> Any:
+    def _dense_model(self, model: str) -> Any:
+        """The dense model for speed ratios (when measured), loaded once per model."""
+        if not self.exp.evaluation.speed:
+            return None
+        if self._speed_reference[0] != model:
+            from suite.models import load_model
+
+            self._speed_reference = (model, load_model(model, self.exp.dtype)[0])
+        return self._speed_reference[1]
+
+    def _execute(self, spec: RunSpec, identity: str, fingerprint: str, dense: dict[str, float]) -> Any:
         from suite.masks import Target
         from suite.models import load_model
         from suite.pipeline import prune_model
         from suite.pruner import get_method
 
         tags = {KIND: "pruned", PREFIX + "model": spec.model, PREFIX + "method": spec.method,
-                PREFIX + "label": spec.label, PREFIX + "model_fingerprint": fingerprint}
+                PREFIX + "label": spec.label, PREFIX + "model_fingerprint": fingerprint, WORKER: worker()}
         run_id = self.tracker.start(spec.name, identity, tags)
         try:
+            dense_model = self._dense_model(spec.model)
             model, tokenizer = load_model(spec.model, spec.dtype)
             method = get_method(spec.method)
             calibration = self._calibration_for(spec.model, tokenizer)  # data-free methods ignore it
@@ -292,6 +368,11 @@ class Runner:
             keep = {n: k.numpy() for n, k in result.masks.keep.items()}
             plot_masks(keep, d / "heatmap", title=spec.name)
             self.tracker.log_artifacts(run_id, d)
+
+
+def worker() -> str:
+    """Which process executed a run (host:pid), so a shared sweep shows how its workers split it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def protocol_tags(protocol: dict[str, Any]) -> dict[str, str]:

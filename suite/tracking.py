@@ -6,17 +6,18 @@ default store is sqlite in the workdir; artifacts go to `<workdir>/mlartifacts`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import re
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import suite
-from suite.errors import ConfigError
+from suite.errors import ConfigError, StoreError
 
 PREFIX = "prunebench."
 ROLE, IDENTITY, ERROR = PREFIX + "role", PREFIX + "identity", PREFIX + "error"
@@ -65,8 +66,8 @@ class Tracker:
         self.uri = uri or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
         # opening a sqlite store runs its schema migrations (eagerly, in the client's constructor): two processes
         # doing it at once corrupt it, so the client is made under the lock
-        with open(workdir / ".tracking.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        self.workdir = workdir
+        with _workdir_lock(workdir):
             self.client = MlflowClient(tracking_uri=self.uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None and not create:
@@ -83,19 +84,35 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
 
     def parent(self) -> str:
-        """The experiment's parent run (created once, reused on every resume)."""
+        """The experiment's parent run (created once, reused on every resume; one even when workers start at once)."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'parent'", max_results=1)
         if runs:
             return runs[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=self.name,
-                                     tags={ROLE: "parent", PREFIX + "suite_version": suite.__version__})
-        return run.info.run_id
+        with _workdir_lock(self.workdir):
+            runs = self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'parent'", max_results=1)
+            if runs:
+                return runs[0].info.run_id
+            run = self.client.create_run(self.experiment_id, run_name=self.name,
+                                         tags={ROLE: "parent", PREFIX + "suite_version": suite.__version__})
+            return run.info.run_id
 
     def find(self, identity: str, status: str = "FINISHED") -> Any | None:
         runs = self.client.search_runs([self.experiment_id],
                                        f"tags.`{IDENTITY}` = '{identity}' and attributes.status = '{status}'",
                                        max_results=1)
         return runs[0] if runs else None
+
+    def latest(self, identity: str) -> Any | None:
+        """The most recently started run of a grid point, whatever its status."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{IDENTITY}` = '{identity}'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
+    def kill_orphans(self, identity: str) -> None:
+        """Runs of a grid point left RUNNING by a killed process (the caller holds its claim): marked KILLED."""
+        for run in self.client.search_runs([self.experiment_id],
+                                           f"tags.`{IDENTITY}` = '{identity}' and attributes.status = 'RUNNING'"):
+            self.finish(run.info.run_id, "KILLED")
 
     def start(self, name: str, identity: str, tags: Mapping[str, str]) -> str:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -125,13 +142,30 @@ class Tracker:
             self.client.log_batch(run_id, metrics=points[i : i + 1000])
 
     def log_artifacts(self, run_id: str, directory: Path) -> None:
-        self.client.log_artifacts(run_id, str(directory))
+        with _store_errors():
+            self.client.log_artifacts(run_id, str(directory))
 
     def log_json(self, run_id: str, data: Any, name: str) -> None:
-        self.client.log_text(run_id, json.dumps(data, indent=1, sort_keys=True, default=str), name)
+        with _store_errors():
+            self.client.log_text(run_id, json.dumps(data, indent=1, sort_keys=True, default=str), name)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        raise StoreError(f"cannot write to the artifact store: {err}") from None
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path) -> Iterator[None]:
+    with open(workdir / ".tracking.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _finite(v: Any) -> bool:

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from suite import atomic
 from suite.config import Experiment, SearchDim
 from suite.errors import ConfigError
 from suite.runner import tuned_path
@@ -120,9 +121,7 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                        "n_trials": len(study.trials), "sparsity": sparsity,
                        "complete": sum(t.state.name == "COMPLETE" for t in study.trials),
                        "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
-            tmp.replace(out)
+            atomic.write_text(out, json.dumps(summary, indent=1, sort_keys=True))
             logging.getLogger(__name__).info("%s: best %.4f with %s", study_name, best.value, best.params)
             summaries.append(summary)
     return summaries

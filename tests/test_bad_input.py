@@ -1,0 +1,151 @@
+"""Issue "Reliability": every kind of bad input ends `prunebench run` with one `error:` line naming the cause and a
+non-zero exit, and leaves what the store already holds as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+import torch
+import yaml
+
+from suite.cli import main
+from suite.testing import tiny_text_model
+from suite.tracking import Tracker
+
+
+def _config(model, **extra):
+    return {"name": "bad", "models": [str(model)], "methods": [{"name": "random"}], "sparsities": [0.3],
+            "calibration": {"n": 4, "seq_len": 32, "valid_n": 0},
+            "evaluation": {"ppl": ["embedded:test@128/8"], "tasks": ["pb_next_line"], "limit": 4}} | extra
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A workdir holding one finished sweep, and a tiny model."""
+    root = tmp_path_factory.mktemp("bad")
+    model = tiny_text_model(root / "tiny")
+    (root / "ok.yaml").write_text(yaml.safe_dump(_config(model)))
+    assert main(["run", str(root / "ok.yaml"), "--workdir", str(root / "w")]) == 0
+    return root, model
+
+
+def _snapshot(workdir):
+    files = sorted(p for p in workdir.rglob("*") if p.is_file() and "claims" not in p.parts
+                   and p.name != ".tracking.lock")
+    return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _gpt2(root):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = root / "gpt2"
+    if not path.exists():
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(path)
+    return path
+
+
+CASES = {
+    "malformed YAML": (lambda root, model: "name: [unclosed\n", "YAML"),
+    "unknown key": (lambda root, model: _config(model, bogus=1), "bogus"),
+    "unknown method": (lambda root, model: _config(model, methods=[{"name": "nosuch"}]), "unknown method 'nosuch'"),
+    "unknown hyperparameter": (lambda root, model: _config(model, methods=[{"name": "ddp", "params": {"lr0": 1}}]),
+                               "lr0"),
+    "unknown model": (lambda root, model: _config(model, models=[str(root / "missing")]), "does not exist"),
+    "unknown task": (lambda root, model: _config(model, evaluation={"tasks": ["no_such_task"]}), "no_such_task"),
+    "sparsity above 1": (lambda root, model: _config(model, sparsities=[1.5]), "outside (0, 1)"),
+    "sparsity 0": (lambda root, model: _config(model, sparsities=[0.0]), "outside (0, 1)"),
+    "unsupported architecture": (lambda root, model: _config(model, models=[str(_gpt2(root))]),
+                                 "unsupported model family 'gpt2'"),
+    "hub model offline": (lambda root, model: _config(model, models=["someone/not-cached-model"]),
+                          "cannot reach the Hugging Face hub"),
+    "hub dataset offline": (lambda root, model: _config(model, calibration={"source": "wikitext2"}),
+                            "cannot load data set 'wikitext2'"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_refused_before_the_store_changes(store, case, tmp_path, monkeypatch, capsys):
+    root, model = store
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    make, message = CASES[case]
+    content = make(root, model)
+    path = tmp_path / "exp.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    before = _snapshot(root / "w")
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert main(["run", str(path), "--workdir", str(root / "w")]) == 2
+    assert time.perf_counter() - started < 60  # never hangs on the network
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert "Traceback" not in err[0]
+    assert _snapshot(root / "w") == before
+
+
+def test_an_interrupted_download_is_not_mistaken_for_a_cached_model(store, tmp_path, monkeypatch, capsys):
+    """A half-downloaded hub model (blob `.incomplete`, no snapshot) offline: the same one-line hub error."""
+    root, model = store
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "hf" / "hub" / "models--someone--partial"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "0123abcd.incomplete").write_bytes(b"{\"model_t")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_config(model, models=["someone/partial"])))
+    assert main(["run", str(path), "--workdir", str(root / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the Hugging Face hub") and "\n" not in err
+
+
+def _failed_runs(workdir, name):
+    t = Tracker(workdir, name)
+    return [r for r in t.client.search_runs([t.experiment_id]) if r.data.tags.get("prunebench.kind") == "pruned"]
+
+
+def test_nan_in_mask_training_is_one_failed_run_with_its_cause(tmp_path, capsys):
+    """A checkpoint with a NaN weight: mask training stops at its first non-finite loss, the run is FAILED with a
+    one-line cause, and the sweep exits non-zero."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_text_model(tmp_path / "tiny")
+    broken = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        broken.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    broken.save_pretrained(model)
+    cfg = _config(model, name="nan", methods=[{"name": "ddp", "params": {"steps": 4, "batch_size": 2,
+                                                                        "valid_batches": 1}}])
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 1
+    assert "error: 1 of 1 runs FAILED" in capsys.readouterr().err
+    (run,) = _failed_runs(tmp_path / "w", "nan")
+    assert run.info.status == "FAILED"
+    error = run.data.tags["prunebench.error"]
+    assert "\n" not in error and "loss became nan" in error, error
+
+
+def test_a_failing_artifact_store_is_one_line_and_a_resume_finishes_the_sweep(store, tmp_path, capsys):
+    """The artifact store refuses writes (a file where the experiment's folder goes): the sweep stops at the first
+    write, the dense run is FAILED with the cause, nothing looks FINISHED; once the store is fixed a resume runs."""
+    _, model = store
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_config(model, name="art")))
+    blocker = tmp_path / "w" / "mlartifacts" / "art"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the artifact folder goes")
+    capsys.readouterr()
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "cannot write to the artifact store" in err[0], err
+    t = Tracker(tmp_path / "w", "art")
+    runs = t.client.search_runs([t.experiment_id])
+    assert not [r for r in runs if r.data.tags.get("prunebench.kind") and r.info.status == "FINISHED"]
+    blocker.unlink()
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 0
+    runs = t.client.search_runs([t.experiment_id], "attributes.status = 'FINISHED'")
+    assert sorted(r.data.tags.get("prunebench.kind", "parent") for r in runs) == ["dense", "parent", "pruned"]
