@@ -23,6 +23,7 @@ budget are discarded.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -254,11 +255,11 @@ class Tyr(Pruner):
             groups = [g for g in structure.layer_groups(layer) if layer not in target.skip_layers]
             key = _digest(chain, *decoder_layers(model)[layer].state_dict().values())
             path = root / f"{key}.safetensors"
-            stored = _read(path) if cfg.cache and path.is_file() else {}
+            stored = _keys(path) if cfg.cache and path.is_file() else set()
             new: dict[str, Tensor] = {}
             for g in groups:
                 h = None
-                order = stored.get(f"{g.name}/order")
+                order = _tensor(path, f"{g.name}/order") if f"{g.name}/order" in stored else None
                 if order is None:
                     h = walker.hessian(layer, g, cfg.damp)
                     order = new[f"{g.name}/order"] = removal_order(h, dense[g.name].to(h).T, g, cfg.obs_rounds).int()
@@ -278,10 +279,7 @@ class Tyr(Pruner):
                 carry += removed[centre] - goals[g.name]
             diagnostics["cached_layers"] += not new
             if new and cfg.cache:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                save_file(stored | new, str(tmp))
-                tmp.replace(path)  # atomic: a killed run never leaves half a file; a racing writer's is complete too
+                _add(path, new)
             chain = key
             if cfg.accumulate == "expectation":  # the next layer is measured on this one's centre levels
                 chain = _digest(key, {g.name: ladders[g.name].counts[ladders[g.name].centre] for g in groups})
@@ -377,9 +375,30 @@ def _restore(model: nn.Module, structure: Structure, dense: dict[str, Tensor]) -
             consumer_weight(model, g).copy_(dense[g.name])
 
 
-def _read(path: Path) -> dict[str, Tensor]:
+def _keys(path: Path) -> set[str]:
+    """What a layer's cache file holds, without reading it (level weights are read one at a time, when applied)."""
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        return set(f.keys())
+
+
+def _tensor(path: Path, key: str) -> Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _add(path: Path, new: dict[str, Tensor]) -> None:
+    """Add tensors to a layer's cache file: under a lock, what the file holds now plus `new`, written beside it and
+    renamed into place (a killed run leaves the old file whole; two runs adding levels at once lose neither's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held = {}
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                held = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file(held | new, str(tmp))
+        tmp.replace(path)
 
 
 class _LazyWalk:
