@@ -162,7 +162,13 @@ class TrackingConfig(Strict):
 
 
 class ExecutorConfig(Strict):
-    kind: Literal["local"] = "local"
+    """Where grid points run: in this process, or one Ray task per point on a Ray cluster (`pip install ray`)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="ray: cluster address (`auto`, `ray://host:10001`); None or "
+                                "`local` starts a local instance bound to 127.0.0.1")
+    num_cpus: float = Field(1, gt=0, description="ray: CPUs each grid point's task asks for (its torch threads)")
+    num_gpus: float = Field(0, ge=0, description="ray: GPUs each grid point's task asks for")
 
 
 class Experiment(Strict):

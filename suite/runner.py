@@ -149,7 +149,7 @@ def flat_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class Runner:
-    """Executes an experiment against one tracking store (local executor)."""
+    """Executes an experiment against one tracking store, in this process or one Ray task per grid point."""
 
     def __init__(self, exp: Experiment, workdir: Path, fail_fast: bool = False, progress: bool = True) -> None:
         preflight(exp)
@@ -177,8 +177,8 @@ class Runner:
         return rows
 
     def _sweep(self, specs: list[RunSpec], rows: list[dict[str, Any]], claims: Claims) -> None:
-        """Every grid point once: found FINISHED, or run under this process's claim. Points another worker holds
-        are waited for at the end (its result is taken, or the point is taken over if that worker died)."""
+        """Every grid point once: found FINISHED, or run under a claim (here, or in a Ray task per point). Points
+        another worker holds are waited for at the end (its result is taken, or the point taken over if it died)."""
         from tqdm import tqdm
 
         started = int(time.time() * 1000)
@@ -187,17 +187,17 @@ class Runner:
             fingerprint = model_fingerprint(model)
             dense = self._dense(model, fingerprint, claims)
             pending = [s for s in specs if s.model == model]
+            if self.exp.executor.kind == "ray":
+                pending = self._on_ray(pending, rows, bar, started)
             while pending:
                 held_elsewhere = []
                 for spec in pending:
-                    identity = spec.identity(fingerprint)
                     bar.set_postfix_str(spec.name)
-                    run = self._once(identity, claims, started,
-                                     partial(self._execute, spec, identity, fingerprint, dense))
-                    if run is None:
+                    row = self.point(spec, fingerprint, dense, claims, started)
+                    if row is None:
                         held_elsewhere.append(spec)
                         continue
-                    rows.append(_row(spec, run))
+                    rows.append(row)
                     bar.update(1)
                 if held_elsewhere:
                     time.sleep(POLL_SECONDS)
@@ -205,6 +205,44 @@ class Runner:
         bar.close()
         grid = {(s.model, s.label, s.sparsity, s.seed): i for i, s in enumerate(specs)}
         rows.sort(key=lambda r: grid[(r["model"], r["method"], r["sparsity"], r["seed"])])
+
+    def point(self, spec: RunSpec, fingerprint: str, dense: dict[str, float], claims: Claims,
+              started: int) -> dict[str, Any] | None:
+        """One grid point's table row (None while another worker holds it)."""
+        identity = spec.identity(fingerprint)
+        run = self._once(identity, claims, started, partial(self._execute, spec, identity, fingerprint, dense))
+        return None if run is None else _row(spec, run)
+
+    def _on_ray(self, specs: list[RunSpec], rows: list[dict[str, Any]], bar: Any, started: int) -> list[RunSpec]:
+        """One Ray task per grid point, with the executor's resource request; each task runs the point exactly as a
+        local worker would (claim, execute, record into the same tracking store). Returns the points whose task
+        found them held by another worker (the caller waits for those)."""
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("executor.kind 'ray' needs Ray: pip install 'prunebench[ray]'") from None
+        ex = self.exp.executor
+        ours = not ray.is_initialized()
+        if ours and ex.address in (None, "local"):
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        elif ours:
+            ray.init(address=ex.address, log_to_driver=False)
+        try:
+            task = ray.remote(_ray_point).options(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=0)
+            config = self.exp.model_dump(mode="json")
+            futures = {task.remote(config, str(self.workdir.resolve()), spec, started): spec for spec in specs}
+            held = []
+            for future, spec in futures.items():
+                row = ray.get(future)
+                if row is None:
+                    held.append(spec)
+                    continue
+                rows.append(row)
+                bar.update(1)
+            return held
+        finally:
+            if ours:
+                ray.shutdown()
 
     def _once(self, identity: str, claims: Claims, started: int, execute: Any) -> Any | None:
         """The grid point's run: FINISHED already, FAILED by another worker during this sweep (not retried twice),
@@ -368,6 +406,18 @@ class Runner:
             keep = {n: k.numpy() for n, k in result.masks.keep.items()}
             plot_masks(keep, d / "heatmap", title=spec.name)
             self.tracker.log_artifacts(run_id, d)
+
+
+def _ray_point(config: dict[str, Any], workdir: str, spec: RunSpec, started: int) -> dict[str, Any] | None:
+    """A Ray task: one grid point, through a Runner of its own on the shared workdir and tracking store."""
+    from suite.models import quiet_transformers
+
+    quiet_transformers()
+    runner = Runner(Experiment.model_validate(config), Path(workdir), progress=False)
+    fingerprint = model_fingerprint(spec.model)
+    with Claims(runner.workdir) as claims:
+        dense = runner._dense(spec.model, fingerprint, claims)
+        return runner.point(spec, fingerprint, dense, claims, started)
 
 
 def worker() -> str:

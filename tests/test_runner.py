@@ -302,3 +302,29 @@ def test_claims_exclude_live_holders_and_take_over_dead_ones(tmp_path):
         os.utime(tmp_path / "claims" / "c.claim", (old, old))
         assert mine.acquire("c")
     assert not list((tmp_path / "claims").glob("*.claim"))  # all released
+
+
+@pytest.mark.slow
+def test_the_ray_executor_gives_the_local_results_table(tmp_path, model_dir):
+    """The same sweep, in this process and as one Ray task per grid point on a local Ray cluster bound to
+    127.0.0.1: the same results table (prune seconds aside), every run recorded by a Ray worker process."""
+    pytest.importorskip("ray")
+    import os
+
+    from suite.runner import results_table
+
+    def table(executor):
+        cfg = load_experiment(_config(tmp_path / executor["kind"], model_dir, executor=executor,
+                                      methods=[{"name": "random"}, {"name": "magnitude"}], sparsities=[0.2, 0.4]))
+        rows = Runner(cfg, tmp_path / executor["kind"] / "runs", progress=False).run()
+        return [{k: v for k, v in r.items() if k != "prune_s"} for r in rows], tmp_path / executor["kind"] / "runs"
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "ray").mkdir()
+    local, _ = table({"kind": "local"})
+    on_ray, workdir = table({"kind": "ray", "num_cpus": 1})
+    assert results_table(on_ray) == results_table(local) and len(on_ray) == 4
+    assert all(r["status"] == "FINISHED" for r in on_ray)
+    workers = {r.data.tags["prunebench.worker"] for r in _runs(workdir) if r.data.tags.get("prunebench.kind") ==
+               "pruned"}
+    assert workers and f":{os.getpid()}" not in "".join(workers)
