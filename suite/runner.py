@@ -9,6 +9,7 @@ model is evaluated once per protocol and reused for every retained-% number.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -98,6 +99,8 @@ def preflight(exp: Experiment) -> None:
             require_hub(f"model {where!r}")
     load_source(exp.calibration.source)
     check_tasks(tuple(exp.evaluation.tasks))
+    if exp.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor.kind 'ray' needs Ray: pip install 'prunebench[ray]'")
 
 
 def eval_spec(exp: Experiment) -> EvalSpec:
@@ -217,16 +220,18 @@ class Runner:
         """One Ray task per grid point, with the executor's resource request; each task runs the point exactly as a
         local worker would (claim, execute, record into the same tracking store). Returns the points whose task
         found them held by another worker (the caller waits for those)."""
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("executor.kind 'ray' needs Ray: pip install 'prunebench[ray]'") from None
+        import ray
+
         ex = self.exp.executor
         ours = not ray.is_initialized()
         if ours and ex.address in (None, "local"):
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
         elif ours:
-            ray.init(address=ex.address, log_to_driver=False)
+            try:
+                ray.init(address=ex.address, log_to_driver=False)
+            except Exception as err:  # Ray raises ConnectionError, RuntimeError, ... for an unreachable cluster
+                raise ConfigError(f"executor.address {ex.address!r}: cannot join the Ray cluster: "
+                                  f"{_one_line(err)}") from None
         try:
             task = ray.remote(_ray_point).options(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=0)
             config = self.exp.model_dump(mode="json")
