@@ -154,6 +154,8 @@ class TuningConfig(Strict):
         default_factory=dict, description="per method label: parameter -> dimension (default: DDP's anneal)")
     seed: int = 0
     report_every: int = Field(10, ge=1, description="steps between intermediate losses (MedianPruner)")
+    storage: str | None = Field(None, description="Optuna RDB URL the tuning workers share, e.g. "
+                                "postgresql://user@host/optuna (default: sqlite in the workdir)")
 
 
 class TrackingConfig(Strict):

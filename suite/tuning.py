@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,23 @@ DDP_SPACE: dict[str, SearchDim] = {
 }
 
 
-def storage_uri(workdir: Path) -> str:
-    return f"sqlite:///{(workdir / 'optuna.db').resolve()}"
+def storage_uri(workdir: Path, storage: str | None = None) -> str:
+    """The study's RDB: `tuning.storage` (a server several tuning workers share), else sqlite in the workdir."""
+    return storage or f"sqlite:///{(workdir / 'optuna.db').resolve()}"
+
+
+def _open_study(**kwargs: Any) -> Any:
+    """`optuna.create_study`, retried: workers starting together on a fresh shared RDB race to create its tables
+    (or the study) and all but one get an integrity error; a moment later the tables and study exist."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(4):
+        try:
+            return optuna.create_study(**kwargs)
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError, optuna.exceptions.DuplicatedStudyError):
+            time.sleep(0.5 + attempt)
+    return optuna.create_study(**kwargs)  # a fifth failure is a real one: raised
 
 
 def suggest(trial: Any, space: dict[str, SearchDim]) -> dict[str, Any]:
@@ -74,8 +90,9 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
             raise ConfigError(f"tuning.search_space.{label}: {unknown_params} are not {entry.name} hyperparameters")
         for model_spec in exp.models:
             study_name = f"{exp.name}/{label}/{model_spec}"
-            study = optuna.create_study(
-                study_name=study_name, storage=storage_uri(workdir), direction="minimize", load_if_exists=True,
+            study = _open_study(
+                study_name=study_name, storage=storage_uri(workdir, exp.tuning.storage), direction="minimize",
+                load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=exp.tuning.seed),
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=exp.tuning.report_every),
             )

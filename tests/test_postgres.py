@@ -1,0 +1,92 @@
+"""Issue "Reliability": the cluster setup — MLflow tracking and Optuna tuning on a PostgreSQL server that several
+workers share — against a private server on 127.0.0.1 (Debian's postgresql; skipped where it is not installed)."""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from suite.cli import main
+from suite.testing import tiny_text_model
+
+pytest.importorskip("psycopg2")
+INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway server (trust auth, loopback only) with databases `mlflow` and `optuna`; its base URL. Its
+    folder is directly under /tmp: the postgres user cannot enter pytest's (root-only) temporary folders."""
+    if not INITDB or shutil.which("runuser") is None:
+        pytest.skip("Debian's postgresql is not installed")
+    bindir = INITDB[-1].rsplit("/", 1)[0]
+    root = Path(tempfile.mkdtemp(prefix="prunebench-pg-"))
+    shutil.chown(root, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def as_postgres(*cmd):
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, timeout=120)
+
+    as_postgres(f"{bindir}/initdb", "-D", str(root / "data"), "-A", "trust", "-U", "postgres")
+    as_postgres(f"{bindir}/pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
+                f"-c listen_addresses=127.0.0.1 -p {port} -k {root}", "start")
+    try:
+        for db in ("mlflow", "optuna"):
+            as_postgres(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db)
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"  # SQLAlchemy 2.1 defaults to psycopg 3
+    finally:
+        as_postgres(f"{bindir}/pg_ctl", "-D", str(root / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tmp_path):
+    import multiprocessing
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    model = tiny_text_model(tmp_path / "tiny")
+    cfg = {"name": "pg", "models": [str(model)],
+           "methods": [{"name": "random"}, {"name": "ddp", "params": {"steps": 6, "batch_size": 2,
+                                                                     "valid_batches": 1}}],
+           "sparsities": [0.3], "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
+           "evaluation": {"ppl": ["embedded:test@128/8"], "tasks": ["pb_next_line"], "limit": 4},
+           "tracking": {"uri": f"{postgres}/mlflow"},
+           "tuning": {"n_trials": 2, "report_every": 2, "storage": f"{postgres}/optuna"}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir)]) == 0
+    client = MlflowClient(tracking_uri=f"{postgres}/mlflow")
+    runs = client.search_runs([client.get_experiment_by_name("pg").experiment_id])
+    assert sorted(r.data.tags.get("prunebench.kind", "parent") for r in runs) == ["dense", "parent", "pruned", "pruned"]
+    assert not (workdir / "mlflow.db").exists()  # everything went to the server
+
+    ctx = multiprocessing.get_context("fork")  # two tuning workers at once on the shared study
+    workers = [ctx.Process(target=_tune, args=(path, workdir)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(600)
+    assert [w.exitcode for w in workers] == [0, 0]
+    (study,) = optuna.get_all_study_summaries(f"{postgres}/optuna")
+    assert study.n_trials == 4
+    assert not (workdir / "optuna.db").exists()
+
+
+def _tune(path, workdir):
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+    sys.exit(main(["tune", str(path), "--workdir", str(workdir)]))
