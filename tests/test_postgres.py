@@ -7,6 +7,7 @@ import glob
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,8 +50,6 @@ def postgres():
 
 
 def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tmp_path):
-    import multiprocessing
-
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -71,22 +70,12 @@ def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tm
     assert sorted(r.data.tags.get("prunebench.kind", "parent") for r in runs) == ["dense", "parent", "pruned", "pruned"]
     assert not (workdir / "mlflow.db").exists()  # everything went to the server
 
-    ctx = multiprocessing.get_context("fork")  # two tuning workers at once on the shared study
-    workers = [ctx.Process(target=_tune, args=(path, workdir)) for _ in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(600)
-    assert [w.exitcode for w in workers] == [0, 0]
+    # two tuning workers at once on the shared study; processes of their own (a fork would share this process's
+    # pooled server connections)
+    cmd = [sys.executable, "-m", "suite.cli", "tune", str(path), "--workdir", str(workdir)]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outs]
     (study,) = optuna.get_all_study_summaries(f"{postgres}/optuna")
     assert study.n_trials == 4
     assert not (workdir / "optuna.db").exists()
-
-
-def _tune(path, workdir):
-    import sys
-
-    import torch
-
-    torch.set_num_threads(1)
-    sys.exit(main(["tune", str(path), "--workdir", str(workdir)]))
