@@ -23,11 +23,9 @@ budget are discarded.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -42,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from suite.atomic import locked, replacing_file
 from suite.capture import consumer_weight, walk
 from suite.data import cache_dir
 from suite.errors import ConfigError
@@ -389,16 +388,13 @@ def _tensor(path: Path, key: str) -> Tensor:
 def _add(path: Path, new: dict[str, Tensor]) -> None:
     """Add tensors to a layer's cache file: under a lock, what the file holds now plus `new`, written beside it and
     renamed into place (a killed run leaves the old file whole; two runs adding levels at once lose neither's)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path.with_suffix(".lock")):
         held = {}
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
                 held = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(held | new, str(tmp))
-        tmp.replace(path)
+        with replacing_file(path) as tmp:
+            save_file(held | new, str(tmp))
 
 
 class _LazyWalk:

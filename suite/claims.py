@@ -10,14 +10,14 @@ several machines need the workdir on a shared file system (NFS maps `flock` onto
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from suite.atomic import locked, write_text
 
 LEASE_SECONDS = float(os.environ.get("PRUNEBENCH_LEASE_S", "120"))
 
@@ -28,6 +28,7 @@ class Claims:
     def __init__(self, workdir: Path, lease: float = LEASE_SECONDS) -> None:
         self.dir = workdir / "claims"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = self.dir / ".lock"
         self.lease = lease
         self.held: dict[str, Path] = {}
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -41,34 +42,26 @@ class Claims:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.dir / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-
     def acquire(self, identity: str) -> bool:
         """Claim a grid point; False while another live process holds it."""
         path = self.dir / f"{identity}.claim"
-        with self._locked():
+        with locked(self.lock):
             if path.exists() and not self._stale(path):
                 return False
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.me | {"since": time.time()}))
-            tmp.replace(path)  # replaces a stale claim in one step
+            write_text(path, json.dumps(self.me | {"since": time.time()}))  # replaces a stale claim in one step
         self.held[identity] = path
         return True
 
     def release(self, identity: str) -> None:
         path = self.held.pop(identity, None)
         if path is not None:
-            with self._locked():
+            with locked(self.lock):
                 path.unlink(missing_ok=True)
 
     def holder(self, identity: str) -> dict[str, object] | None:
         """Who holds a grid point now (None: nobody, or a stale holder)."""
         path = self.dir / f"{identity}.claim"
-        with self._locked():
+        with locked(self.lock):
             if not path.exists() or self._stale(path):
                 return None
             return _read(path)

@@ -191,7 +191,7 @@ class Runner:
             dense = self._dense(model, fingerprint, claims)
             pending = [s for s in specs if s.model == model]
             if self.exp.executor.kind == "ray":
-                pending = self._on_ray(pending, rows, bar, started)
+                pending = self._on_ray(pending, fingerprint, dense, rows, bar, started)
             while pending:
                 held_elsewhere = []
                 for spec in pending:
@@ -216,7 +216,8 @@ class Runner:
         run = self._once(identity, claims, started, partial(self._execute, spec, identity, fingerprint, dense))
         return None if run is None else _row(spec, run)
 
-    def _on_ray(self, specs: list[RunSpec], rows: list[dict[str, Any]], bar: Any, started: int) -> list[RunSpec]:
+    def _on_ray(self, specs: list[RunSpec], fingerprint: str, dense: dict[str, float], rows: list[dict[str, Any]],
+                bar: Any, started: int) -> list[RunSpec]:
         """One Ray task per grid point, with the executor's resource request; each task runs the point exactly as a
         local worker would (claim, execute, record into the same tracking store). Returns the points whose task
         found them held by another worker (the caller waits for those)."""
@@ -235,7 +236,8 @@ class Runner:
         try:
             task = ray.remote(_ray_point).options(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=0)
             config = self.exp.model_dump(mode="json")
-            futures = {task.remote(config, str(self.workdir.resolve()), spec, started): spec for spec in specs}
+            workdir = str(self.workdir.resolve())
+            futures = {task.remote(config, workdir, spec, fingerprint, dense, started): spec for spec in specs}
             held = []
             for future, spec in futures.items():
                 row = ray.get(future)
@@ -249,13 +251,13 @@ class Runner:
             if ours:
                 ray.shutdown()
 
-    def _once(self, identity: str, claims: Claims, started: int, execute: Any) -> Any | None:
-        """The grid point's run: FINISHED already, FAILED by another worker during this sweep (not retried twice),
-        or executed now under a claim; None while another live worker holds it."""
+    def _once(self, identity: str, claims: Claims, started: int | None, execute: Any) -> Any | None:
+        """The grid point's run: FINISHED already, FAILED by another worker since `started` (not retried twice;
+        None: a failure is always retried), or executed now under a claim; None while another live worker holds it."""
         done = self.tracker.find(identity)
         if done is not None:
             return done
-        latest = self.tracker.latest(identity)
+        latest = self.tracker.latest(identity) if started is not None else None
         if latest is not None and latest.info.status == "FAILED" and latest.info.start_time >= started:
             return latest
         if not claims.acquire(identity):
@@ -275,8 +277,7 @@ class Runner:
             {"dense": model, "fp": fingerprint, "eval": self.exp.evaluation.model_dump(mode="json"),
              "dtype": self.exp.dtype, "suite": suite.__version__}, sort_keys=True).encode()).hexdigest()[:20]
         while True:
-            run = self._once(identity, claims, int(time.time() * 1000) + 1,
-                             partial(self._measure_dense, model, identity))
+            run = self._once(identity, claims, None, partial(self._measure_dense, model, identity))
             if run is not None:
                 return dict(run.data.metrics)
             time.sleep(POLL_SECONDS)
@@ -413,15 +414,15 @@ class Runner:
             self.tracker.log_artifacts(run_id, d)
 
 
-def _ray_point(config: dict[str, Any], workdir: str, spec: RunSpec, started: int) -> dict[str, Any] | None:
-    """A Ray task: one grid point, through a Runner of its own on the shared workdir and tracking store."""
+def _ray_point(config: dict[str, Any], workdir: str, spec: RunSpec, fingerprint: str, dense: dict[str, float],
+               started: int) -> dict[str, Any] | None:
+    """A Ray task: one grid point, through a Runner of its own on the shared workdir and tracking store (the model
+    fingerprint and dense metrics come from the driver, which already has them)."""
     from suite.models import quiet_transformers
 
     quiet_transformers()
     runner = Runner(Experiment.model_validate(config), Path(workdir), progress=False)
-    fingerprint = model_fingerprint(spec.model)
     with Claims(runner.workdir) as claims:
-        dense = runner._dense(spec.model, fingerprint, claims)
         return runner.point(spec, fingerprint, dense, claims, started)
 
 

@@ -7,7 +7,6 @@ default store is sqlite in the workdir; artifacts go to `<workdir>/mlartifacts`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import re
 import subprocess
@@ -17,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import suite
+from suite.atomic import locked
 from suite.errors import ConfigError, StoreError
 
 PREFIX = "prunebench."
 ROLE, IDENTITY, ERROR = PREFIX + "role", PREFIX + "identity", PREFIX + "error"
+LOCK = ".tracking.lock"  # in the workdir: store creation and the parent run happen under it
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -67,7 +68,7 @@ class Tracker:
         # opening a sqlite store runs its schema migrations (eagerly, in the client's constructor): two processes
         # doing it at once corrupt it, so the client is made under the lock
         self.workdir = workdir
-        with _workdir_lock(workdir):
+        with locked(workdir / LOCK):
             self.client = MlflowClient(tracking_uri=self.uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None and not create:
@@ -88,7 +89,7 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'parent'", max_results=1)
         if runs:
             return runs[0].info.run_id
-        with _workdir_lock(self.workdir):
+        with locked(self.workdir / LOCK):
             runs = self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'parent'", max_results=1)
             if runs:
                 return runs[0].info.run_id
@@ -159,13 +160,6 @@ def _store_errors() -> Iterator[None]:
         yield
     except OSError as err:
         raise StoreError(f"cannot write to the artifact store: {err}") from None
-
-
-@contextlib.contextmanager
-def _workdir_lock(workdir: Path) -> Iterator[None]:
-    with open(workdir / ".tracking.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _finite(v: Any) -> bool:
