@@ -68,7 +68,7 @@ class Flap(Pruner):
                     scores[g.name] = column[cols].sum(1)
                 means[g.name] = stats[g.name].mean
         mode = "global" if cfg.structure == "al_am" else "per_layer"
-        masks = select(structure, scores, target, mode=mode, normalize="raw")
+        masks = select(structure, scores, target, mode=mode, normalize="raw", seed=seed)
         for g in structure.groups:
             keep = masks.keep[g.name]
             if keep.all():

@@ -97,7 +97,7 @@ class Gisp(Pruner):
                 scores = {g.name: block_normalised(g, taylor[g.name]).masked_fill(~masks.keep[g.name], -1.0)
                           for g in structure.groups}  # masked units get no gradient; -1 keeps them pruned
                 masks = select(structure, scores, target.model_copy(update={"sparsity": level}), mode="global",
-                               normalize="raw")
+                               normalize="raw", seed=seed)
                 curve.append(masks.sparsity(structure))
                 if level in cfg.nested:
                     nested[level] = masks

@@ -1,7 +1,7 @@
 """Masks, targets, and the one helper that turns per-unit scores into masks meeting a target exactly.
 
 Every score-based method calls `select`: methods differ in how they score units, never in how a score vector
-becomes a parameter budget, so sparsity means the same thing for all of them (METHODS.md A1).
+becomes a parameter budget, so sparsity means the same thing for all of them (docs/methods.md, sparsity).
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ class _Ladder:
     removed: list[int]  # params removed at each width
     priority: list[float]  # mean normalised score of the units removed by the step into each width (0 unused)
     retained: list[float]  # sum of normalised scores kept at each width
+    tie: list[float]  # seeded random key per step: breaks equal priorities across groups
 
     def keep(self, i: int) -> Tensor:
         k = torch.zeros(self.group.n_units, dtype=torch.bool)
@@ -150,13 +151,15 @@ class _Ladder:
         return k
 
 
-def _ladder(group: Group, score: Tensor, target: Target, normalize: Normalize,
+def _ladder(group: Group, score: Tensor, target: Target, normalize: Normalize, gen: torch.Generator,
             allowed: Collection[int] | None = None) -> _Ladder:
     n = group.n_units
     if score.shape != (n,):
         raise ConfigError(f"scores for {group.name} have shape {tuple(score.shape)}, expected ({n},)")
     norm = score.double() / (group.unit_params if normalize == "per_param" else 1.0)
-    order = torch.sort(norm, stable=True).indices
+    # ascending score, equal scores in a seeded random order (never by unit index)
+    shuffled = torch.randperm(n, generator=gen)
+    order = shuffled[torch.sort(norm[shuffled], stable=True).indices]
     if group.layer in target.skip_layers:
         widths = [n]
     else:
@@ -180,7 +183,8 @@ def _ladder(group: Group, score: Tensor, target: Target, normalize: Normalize,
         else:
             a, b = n - widths[i - 1], n - w
             priority.append(float(csum[b] - csum[a]) / (b - a))
-    return _Ladder(group, order, widths, removed, priority, retained)
+    tie = torch.rand(len(widths), generator=gen, dtype=torch.float64).tolist()
+    return _Ladder(group, order, widths, removed, priority, retained, tie)
 
 
 def select(
@@ -190,6 +194,7 @@ def select(
     mode: SelectionMode = "global",
     normalize: Normalize = "per_param",
     widths: Mapping[str, Collection[int]] | None = None,
+    seed: int = 0,
 ) -> Masks:
     """Keep the highest-scoring units so that the removed parameters meet `target` as closely as units allow.
 
@@ -198,6 +203,10 @@ def select(
     keeps one width per unit kind in every pruned layer (forced when `target.uniform`). The result is within one
     removal step (one unit; `round_to` units; one unit per layer under uniform widths) of the budget. `widths`
     (per unit kind) restricts the kept widths a group may take, e.g. to those a stock config can declare.
+
+    Equal scores (hard-concrete log-alphas at their clamp, units a method never moved) are ordered by a random key
+    drawn from `seed`, within a group and between groups, so a tie never takes the whole budget from the first
+    layers; the same seed gives the same masks.
     """
     for layer in target.skip_layers:
         if not 0 <= layer < structure.n_layers:
@@ -205,7 +214,9 @@ def select(
     missing = [g.name for g in structure.groups if g.name not in scores]
     if missing:
         raise ConfigError(f"no scores for groups {missing[:3]}")
-    ladders = [_ladder(g, scores[g.name], target, normalize, (widths or {}).get(g.kind)) for g in structure.groups]
+    gen = torch.Generator().manual_seed(seed)
+    ladders = [_ladder(g, scores[g.name], target, normalize, gen, (widths or {}).get(g.kind))
+               for g in structure.groups]
     budget = target.budget(structure)
     reachable = sum(lad.removed[-1] for lad in ladders)
     if reachable < budget:
@@ -227,17 +238,17 @@ def select(
 
 def _select_global(ladders: list[_Ladder], budget: int) -> list[int]:
     position = [0] * len(ladders)
-    heap = [(lad.priority[1], j) for j, lad in enumerate(ladders) if len(lad.widths) > 1]
+    heap = [(lad.priority[1], lad.tie[1], j) for j, lad in enumerate(ladders) if len(lad.widths) > 1]
     heapq.heapify(heap)
     removed, last = 0, None
     while removed < budget and heap:
-        _, j = heapq.heappop(heap)
+        *_, j = heapq.heappop(heap)
         lad = ladders[j]
         removed += lad.removed[position[j] + 1] - lad.removed[position[j]]
         position[j] += 1
         last = j
         if position[j] + 1 < len(lad.widths):
-            heapq.heappush(heap, (lad.priority[position[j] + 1], j))
+            heapq.heappush(heap, (lad.priority[position[j] + 1], lad.tie[position[j] + 1], j))
     if last is not None:  # the last step may overshoot by more than it would undershoot without it
         delta = ladders[last].removed[position[last]] - ladders[last].removed[position[last] - 1]
         if abs(removed - delta - budget) < abs(removed - budget):
@@ -261,11 +272,11 @@ def _select_per_layer(ladders: list[_Ladder], budget: int) -> list[int]:
                 if 0 <= i + move < len(lad.widths):
                     after = gap - (lad.removed[i + move] - lad.removed[i])
                     prio = lad.priority[i + 1] if move == 1 else -lad.priority[i]
-                    cand = (abs(after), prio, j, move, after)
+                    cand = (abs(after), prio, lad.tie[i + max(move, 0)], j, move, after)
                     best = cand if best is None or cand < best else best
         if best is None or best[0] >= abs(gap):
             return position
-        _, _, j, move, gap = best
+        *_, j, move, gap = best
         position[j] += move
 
 

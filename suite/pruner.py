@@ -106,7 +106,8 @@ class ScorePruner(Pruner):
         self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
     ) -> PruneResult:
         scores = self.scores(model, structure, calibration, seed=seed)
-        masks = select(structure, scores, target, mode=self.config.selection, normalize=self.config.normalize)
+        masks = select(structure, scores, target, mode=self.config.selection, normalize=self.config.normalize,
+                       seed=seed)
         return PruneResult(masks)
 
 

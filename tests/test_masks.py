@@ -132,3 +132,24 @@ def test_sparsity_counts_parameters_not_units():
     g = s.group("L00.attn")
     assert masks.sparsity(s) == g.unit_params / s.prunable_params
     assert masks.total_sparsity(s) == g.unit_params / s.total_params
+
+
+def test_tied_scores_spread_over_layers_by_a_seeded_key():
+    """Equal scores (hard-concrete log-alphas at their clamp) must not take the whole budget from layer 0; the
+    tie-break is a seeded random key, so the same seed gives the same masks and another seed other ones."""
+    from suite.masks import Target, select
+    from suite.structures import build_structure
+    from suite.testing import tiny_model
+
+    s = build_structure(tiny_model("llama"))
+    tied = {g.name: torch.full((g.n_units,), 4.6) for g in s.groups}
+    a = select(s, tied, Target(sparsity=0.3), mode="global", normalize="raw", seed=0)
+    layers_hit = {g.layer for g in s.groups if not a.keep[g.name].all()}
+    assert len(layers_hit) > 1
+    again = select(s, tied, Target(sparsity=0.3), mode="global", normalize="raw", seed=0)
+    other = select(s, tied, Target(sparsity=0.3), mode="global", normalize="raw", seed=1)
+    assert all(torch.equal(a.keep[n], again.keep[n]) for n in a.keep)
+    assert any(not torch.equal(a.keep[n], other.keep[n]) for n in a.keep)
+    # within a group too: the removed units of a tied group are not simply its first ones
+    removed = [torch.nonzero(~a.keep[g.name]).flatten().tolist() for g in s.groups if not a.keep[g.name].all()]
+    assert any(r != list(range(len(r))) for r in removed)
