@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from suite.atomic import locked, replacing_dir
 from suite.data import Document, TextSource, cache_dir, embedded_corpus
 from suite.errors import DataError
 
@@ -165,20 +166,19 @@ def task_dir(split: str = "test") -> tuple[Path, dict[str, str]]:
     manifest = root / "manifest.json"
     if manifest.is_file():
         return root, json.loads(manifest.read_text())
-    tmp = root.with_name(root.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    hashes = {}
-    for task in EMBEDDED_TASKS:
-        name = task + suffix
-        lines = "".join(json.dumps(item, sort_keys=True) + "\n" for item in generate(task, source, split))
-        (tmp / f"{name}.jsonl").write_text(lines)
-        hashes[name] = hashlib.sha256(lines.encode()).hexdigest()[:16]
-        data = (root / f"{name}.jsonl").resolve()
-        (tmp / f"{name}.yaml").write_text(_YAML.format(task=name, data=data, version=TASK_VERSION))
-    (tmp / "manifest.json").write_text(json.dumps(hashes, indent=1, sort_keys=True))
-    if root.exists():  # another process finished first: theirs is identical
-        return root, json.loads(manifest.read_text())
-    tmp.rename(root)
+    with locked(root.with_name(root.name + ".lock")):  # concurrent workers: one writes, the others read it
+        if manifest.is_file():
+            return root, json.loads(manifest.read_text())
+        hashes = {}
+        with replacing_dir(root) as tmp:
+            for task in EMBEDDED_TASKS:
+                name = task + suffix
+                lines = "".join(json.dumps(item, sort_keys=True) + "\n" for item in generate(task, source, split))
+                (tmp / f"{name}.jsonl").write_text(lines)
+                hashes[name] = hashlib.sha256(lines.encode()).hexdigest()[:16]
+                data = (root / f"{name}.jsonl").resolve()
+                (tmp / f"{name}.yaml").write_text(_YAML.format(task=name, data=data, version=TASK_VERSION))
+            (tmp / "manifest.json").write_text(json.dumps(hashes, indent=1, sort_keys=True))
     return root, hashes
 
 
