@@ -1,4 +1,4 @@
-"""`tyr`: Týr-the-Pruner (Li et al., arXiv 2503.09657; METHODS.md B5), scaled by settings to small machines.
+"""`tyr`: Týr-the-Pruner (Li et al., arXiv 2503.09657; docs/methods.md), scaled by settings to small machines.
 
 1. Supernet (Alg. 1): for every module (a layer's attention, its MLP, or one expert) the shared local OBS pruner
    (suite.obs: greedy group OBS + exact refit) produces a ladder of levels, centre +- `levels` steps of `step` x the
@@ -10,7 +10,8 @@
 2. Search (Alg. 2): the state is one level per module, starting from the centre (uniform). Each generation makes
    `offspring` unique children by min(U{1..4}, U{1..4}) paired moves inside one module kind (one module a level
    up, another a level down: the parameter count is invariant), then selects in stages on growing token budgets
-   (`stage_tokens`, keeping `stage_keep`), the parent joining the last stage (elitism). Fitness: KL(dense ||
+   (`stage_tokens`, keeping `stage_keep`), each stage on a fresh seeded random subset of the calibration
+   sequences, the parent joining the last stage (elitism). Fitness: KL(dense ||
    pruned) on the dense model's top-k logits (`topk_kl`, Týr's default), the full KL, or perplexity.
 3. Coarse-to-fine: `rounds` rounds, each rebuilding the supernet around the distribution found, with the step halved.
 The result is the chosen level of every module: its kept units and its refit consumer weights, written in place.
@@ -109,42 +110,42 @@ def _alive(order: Tensor, count: int) -> Tensor:
 
 
 class Reference:
-    """The dense model's next-token distributions on the search sequences, in the form the fitness needs."""
+    """The dense model's next-token distributions on every calibration sequence, in the form the fitness needs, so
+    that each search stage can score its candidates on any subset of them."""
 
     def __init__(self, model: nn.Module, ids: Tensor, cfg: TyrConfig) -> None:
         self.ids, self.cfg = ids, cfg
-        self.logp: list[Tensor] = []
-        self.index: list[Tensor | None] = []
+        self.logp: Tensor | None = None  # [n, seq, k]
+        self.index: Tensor | None = None  # [n, seq, k] vocabulary ids of the top-k logits, None for the full KL
         if cfg.fitness == "ppl":
             return
+        logp, index = [], []
         with torch.no_grad():
             for batch in ids.split(cfg.batch_size):
                 logits = model(batch.to(_device(model)), use_cache=False).logits.float().cpu()
                 if cfg.fitness == "topk_kl" and cfg.kl_topk < logits.shape[-1]:
                     idx = logits.topk(cfg.kl_topk, dim=-1).indices
-                    self.index.append(idx.to(torch.int32))
+                    index.append(idx.to(torch.int32))
                     logits = logits.gather(-1, idx)
-                else:
-                    self.index.append(None)
-                self.logp.append(logits.log_softmax(-1))
+                logp.append(logits.log_softmax(-1))
+        self.logp = torch.cat(logp)
+        self.index = torch.cat(index) if index else None
 
     @torch.no_grad()
-    def score(self, model: nn.Module, n_seqs: int) -> float:
-        """Token-weighted mean KL(dense || pruned) over the top-k (or all) logits, or the pruned model's loss."""
-        total, count, seen = 0.0, 0, 0
-        for b, batch in enumerate(self.ids.split(self.cfg.batch_size)):
-            if seen >= n_seqs:
-                break
-            batch = batch[: n_seqs - seen]
-            seen += len(batch)
+    def score(self, model: nn.Module, rows: list[int]) -> float:
+        """Token-weighted mean KL(dense || pruned) over the top-k (or all) logits of the sequences `rows`, or the
+        pruned model's loss on them."""
+        total, count = 0.0, 0
+        for chunk in torch.tensor(rows, dtype=torch.long).split(self.cfg.batch_size):
+            batch = self.ids[chunk]
             logits = model(batch.to(_device(model)), use_cache=False).logits.float().cpu()
-            if self.cfg.fitness == "ppl":
+            if self.logp is None:
                 total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
                 count += batch[:, 1:].numel()
                 continue
-            dense = self.logp[b][: len(batch)]
-            if self.index[b] is not None:
-                logits = logits.gather(-1, self.index[b][: len(batch)].long())
+            dense = self.logp[chunk]
+            if self.index is not None:
+                logits = logits.gather(-1, self.index[chunk].long())
             total += float((dense.exp() * (dense - logits.log_softmax(-1))).sum())
             count += dense.shape[0] * dense.shape[1]
         return total / max(count, 1)
@@ -181,7 +182,8 @@ class Tyr(Pruner):
         was_training = model.training
         model.eval()
         stage_seqs = [min(len(ids), math.ceil(t / ids.shape[1])) for t in cfg.stage_tokens]
-        search = Reference(model, ids[: max(stage_seqs)], cfg)
+        search = Reference(model, ids, cfg)
+        fixed = list(range(stage_seqs[-1]))  # the before/after objective: the same sequences for both
         valid_ids = getattr(calibration, "valid_ids", None)
         held_out = Reference(model, valid_ids, cfg) if valid_ids is not None else None
         dense = {g.name: consumer_weight(model, g).detach().clone() for g in structure.groups}
@@ -189,6 +191,7 @@ class Tyr(Pruner):
         budget = sum(goals.values())
         tolerance = max(g.unit_params + g.kv_params for g in structure.groups) / 2
         rng = random.Random(seed)
+        draws = random.Random(f"{seed}:stages")  # the sequences each selection stage scores on
         curves: dict[str, list[float]] = {"fitness": [], "round": []}
         diagnostics: dict[str, Any] = {"cached_layers": 0, "built_modules": 0, "refit_levels": 0,
                                        "supernet_seconds": 0.0}
@@ -202,12 +205,12 @@ class Tyr(Pruner):
             apply = _applier(model, ladders)
             apply(state)
             if r == 0:
-                diagnostics["fitness_uniform"] = search.score(model, stage_seqs[-1])
+                diagnostics["fitness_uniform"] = search.score(model, fixed)
                 if held_out is not None:
-                    diagnostics["fitness_uniform_held_out"] = held_out.score(model, len(valid_ids))
+                    diagnostics["fitness_uniform_held_out"] = held_out.score(model, list(range(len(valid_ids))))
             for _ in range(cfg.generations):
                 state, best = self._generation(model, ladders, state, apply, search, stage_seqs, budget, tolerance,
-                                               rng)
+                                               rng, draws)
                 curves["fitness"].append(best)
                 curves["round"].append(r)
                 if self.step_callback is not None:
@@ -217,9 +220,9 @@ class Tyr(Pruner):
             if r < cfg.rounds - 1:
                 _restore(model, structure, dense)
         apply(state)
-        diagnostics["fitness_searched"] = search.score(model, stage_seqs[-1])
+        diagnostics["fitness_searched"] = search.score(model, fixed)
         if held_out is not None:
-            diagnostics["fitness_searched_held_out"] = held_out.score(model, len(valid_ids))
+            diagnostics["fitness_searched_held_out"] = held_out.score(model, list(range(len(valid_ids))))
         keep = {}
         for g in structure.groups:
             lad = ladders.get(g.name)
@@ -307,7 +310,7 @@ class Tyr(Pruner):
 
     def _generation(self, model: nn.Module, ladders: dict[str, Ladder], parent: dict[str, int], apply,
                     search: Reference, stage_seqs: list[int], budget: int, tolerance: float,
-                    rng: random.Random) -> tuple[dict[str, int], float]:
+                    rng: random.Random, draws: random.Random) -> tuple[dict[str, int], float]:
         cfg = self.config
         names = sorted(n for n, lad in ladders.items() if len(lad.counts) > 1)
         kinds: dict[str, list[str]] = {}
@@ -342,10 +345,11 @@ class Tyr(Pruner):
         for i, (seqs, keep) in enumerate(zip(stage_seqs, cfg.stage_keep, strict=True)):
             if i == len(stage_seqs) - 1:
                 candidates.append(parent)  # elitism: the parent competes in the last stage only
+            rows = sorted(draws.sample(range(len(search.ids)), seqs))  # a fresh subset per stage, as Týr draws
             scored = []
             for c in candidates:
                 apply(c)
-                scored.append((search.score(model, seqs), len(scored), c))
+                scored.append((search.score(model, rows), len(scored), c))
             scored.sort(key=lambda t: (t[0], t[1]))
             candidates = [c for _, _, c in scored[:keep]]
         best = scored[0]
