@@ -1,4 +1,5 @@
-"""Hard-concrete L0 with a Lagrangian (Louizos et al. 2018 -> CoFi -> Sheared-LLaMA; METHODS.md A3, B2):
+"""Hard-concrete L0 with a Lagrangian (Louizos et al. 2018 -> CoFi -> Sheared-LLaMA;
+docs/methods.md, hard-concrete):
 log-alpha per unit, stochastic stretched-and-clamped gates in training, expected L0 in the regulariser, and a
 deterministic test-time mask. Mask-only by default so that the comparison with DDP isolates the relaxation."""
 
@@ -11,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, effective_sparsity, rank_masks
+from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, rank_masks
 from suite.masks import Masks, Target
 from suite.pruner import register
 
@@ -71,7 +72,17 @@ class HardConcreteRelaxation(Relaxation):
         return {n: keep_probability(a, self.config) for n, a in self.log_alpha.items()}
 
     def discrete_keep(self) -> dict[str, Tensor]:
-        return {n: keep_probability(a.detach(), self.config) > 0.5 for n, a in self.log_alpha.items()}
+        """Sheared-LLaMA's test-time count: in every group, round(expected number of zeros) units with the lowest
+        log alpha are removed. Its sparsity is the expected L0 the Lagrangian holds at the target, which a
+        `p > 0.5` threshold is not: with log alpha clamped at -4.6 a pruned unit still keeps p = 0.047."""
+        keep = {}
+        for n, a in self.log_alpha.items():
+            a = a.detach()
+            zeros = round(float((1.0 - keep_probability(a, self.config)).sum()))
+            k = torch.ones(a.numel(), dtype=torch.bool)
+            k[torch.sort(a, stable=True).indices[:zeros]] = False
+            keep[n] = k
+        return keep
 
     def anneal(self, step: int) -> dict[str, float]:
         return {"temperature": self.config.beta}
@@ -88,11 +99,9 @@ class HardConcreteRelaxation(Relaxation):
 
     def final(self, target: Target) -> tuple[Masks, dict[str, Any]]:
         log_alpha = {n: a.detach() for n, a in self.log_alpha.items()}
-        masks = rank_masks(self.structure, log_alpha, target)  # exact budget: Sheared's eval_target_model
+        masks = rank_masks(self.structure, log_alpha, target, self.seed)  # exact budget: Sheared's eval_target_model
         masks.scale = {n: deterministic(a, self.config) for n, a in log_alpha.items()}
-        zero_gates = sum(int((masks.keep[n] & (s <= 0)).sum()) for n, s in masks.scale.items())
-        return masks, {"effective_sparsity": effective_sparsity(self.structure, self.discrete_keep()),
-                       "kept_units_with_zero_gate": zero_gates}
+        return masks, {}
 
 
 @register("hard_concrete")

@@ -1,11 +1,11 @@
-"""`maskprune`: uniform-width mask learning (Qin et al., arXiv 2502.14008; METHODS.md B7), on the shared engine.
+"""`maskprune`: uniform-width mask learning (Qin et al., arXiv 2502.14008; docs/methods.md), on the shared engine.
 
-The reconstruction of B7's minimax problem
+The reconstruction of the paper's minimax problem
 
     min_{m, s} max_{y, z >= 0}  L(m) + sum_{l,t} y_{l,t} (||m_{l,t}||_0 - s_t) + z (R(s) - R_budget)
 
 as implemented: every unit has a real-valued score, every unit kind t (attention, MLP, expert channels) one shared
-width s_t = u_t n_t. Both constraints are handled by projections, the proximal steps of B7 (3):
+width s_t = u_t n_t. Both constraints are handled by projections, the paper's proximal steps:
 * the forward mask is the projection of the scores onto {||m_{l,t}||_0 <= s_t}: in every layer the top floor(s_t)
   units by score get 1, the next one the fractional part of s_t (so the loss has a gradient in s_t), the rest 0;
   gradients reach the scores straight through (STE). The per-layer constraint then holds exactly, its multipliers
@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from suite.compact import stock_widths
-from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, effective_sparsity, sparsity_weights
+from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, sparsity_weights
 from suite.masks import Masks, Target, select
 from suite.pruner import register
 from suite.structures import Group, Structure
@@ -41,7 +41,10 @@ from suite.structures import Group, Structure
 
 class MaskPruneConfig(MaskLearningConfig):
     target_warmup: float = Field(0.3, ge=0, le=1, description="fraction of steps to ramp the target from 0")
-    width_lr: float = Field(0.02, gt=0, description="learning rate of the shared widths (Adam)")
+    width_travel: float = Field(6.0, gt=0, description="total Adam travel of a shared width over the run: the "
+                                "default width_lr is width_travel / steps (0.02 at 300 steps)")
+    width_lr: float | None = Field(None, gt=0, description="learning rate of the shared widths (Adam); default "
+                                   "width_travel / steps")
     init_std: float = Field(1e-3, ge=0, description="std of the seeded noise that breaks ties between equal scores")
 
 
@@ -75,8 +78,9 @@ class MaskPruneRelaxation(Relaxation):
         return self.scores | {f"width.{k}": w for k, w in self.width.items()}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": list(self.scores.values())},
-                {"params": list(self.width.values()), "lr": self.config.width_lr}]
+        cfg = self.config
+        width_lr = cfg.width_lr if cfg.width_lr is not None else cfg.width_travel / cfg.steps
+        return [{"params": list(self.scores.values())}, {"params": list(self.width.values()), "lr": width_lr}]
 
     def _kept(self, name: str) -> Tensor:
         """The shared width in units for this group (float: the fractional part is the boundary unit's gate)."""
@@ -131,10 +135,10 @@ class MaskPruneRelaxation(Relaxation):
                 scores[g.name] = (hard[g.name].double() + 1e-3 * (1.0 - r / g.n_units)) * g.unit_params
             else:
                 scores[g.name] = torch.ones(g.n_units, dtype=torch.float64)
-        masks = select(self.structure, scores, target, mode="uniform", normalize="raw", widths=self.allowed)
+        masks = select(self.structure, scores, target, mode="uniform", normalize="raw", widths=self.allowed,
+                       seed=self.seed)
         learned = {k: round(w.item() * self._units[k]) for k, w in self.width.items()}
-        return masks, {"effective_sparsity": effective_sparsity(self.structure, hard),
-                       **{f"learned_width.{k}": v for k, v in learned.items()},
+        return masks, {**{f"learned_width.{k}": v for k, v in learned.items()},
                        **{f"final_width.{k}": self._final_width(masks, k) for k in self.kinds}}
 
     def _final_width(self, masks: Masks, kind: str) -> int:

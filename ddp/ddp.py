@@ -1,7 +1,12 @@
 """DDP: one real gate z per unit, a deterministic forward mask m = relu(z), and a retention score
 s = sigmoid(mu z) that feeds only the regulariser; mu is annealed so that sum(s) approaches the l0 count
-(METHODS.md A2, B1). The final mask keeps z > 0 and tops up or trims by z to hit the budget exactly; the kept
-gate values are folded into the consumer weights at compaction."""
+(docs/methods.md, DDP). The final mask keeps z > 0 and tops up or trims by z to hit the budget exactly; the kept
+gate values are folded into the consumer weights at compaction.
+
+Each fix to the failure modes of a short run is a setting, measured alone and together (README, DDP ablation):
+`wait` holds mu low until the hard count reaches the target, `dense_start` makes the dense start count as dense,
+the engine's `overshoot` resets or damps the multipliers when the gap changes sign and its `polish` re-fits the kept gates after a top-up
+or trim."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, effective_sparsity, rank_masks
+from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, rank_masks
 from suite.masks import Masks, Target
 from suite.pruner import register
 
@@ -20,22 +25,42 @@ from suite.pruner import register
 class DDPConfig(MaskLearningConfig):
     forward_map: Literal["relu", "identity", "clamp"] = Field("relu", description="forward mask m(z)")
     m_max: float = Field(2.0, gt=0, description="upper bound of the clamp forward map")
-    z_init: float = Field(1.0, description="initial gate value (1 = the dense model)")
+    z_init: float = Field(1.0, gt=0, description="initial gate value (1 = the dense model)")
     schedule: Literal["linear", "geometric", "cosine", "adaptive"] = Field(
-        "geometric", description="mu anneal; adaptive grows mu only while the soft count is near the budget")
+        "geometric", description="mu anneal; adaptive grows mu while the hard count is within adapt_tol of the "
+        "target (or once wait_cap of the run has passed), at the rate that lands mu_end on the last step")
     mu_start: float = Field(1.0, gt=0, description="retention sharpness at the first step")
     mu_end: float = Field(100.0, gt=0, description="retention sharpness at the last step")
-    adapt_tol: float = Field(0.01, gt=0, description="adaptive schedule: |s_hat - target| below which mu grows")
+    adapt_tol: float = Field(0.01, gt=0, description="adaptive schedule: |hard sparsity - target| below which mu "
+                             "grows")
+    wait: bool = Field(True, description="hold mu at mu_start until the hard sparsity is within wait_tol of the "
+                       "target or wait_cap of the run has passed, then anneal to mu_end over the remaining steps")
+    wait_tol: float = Field(0.02, gt=0, description="wait: hard-sparsity distance to the target that starts the anneal")
+    wait_cap: float = Field(0.6, gt=0, le=1, description="wait and adaptive: fraction of the run after which mu "
+                            "anneals whatever the hard count")
+    dense_start: bool = Field(True, description="rescale the retention so that z_init counts as kept and -z_init "
+                              "as removed at every mu (the dense start counts as dense, not 1 - sigmoid(mu z_init))")
 
 
-def mu_at(step: int, steps: int, cfg: DDPConfig) -> float:
-    """Scheduled mu for linear, geometric and cosine anneals (the adaptive one is stateful)."""
-    p = min(1.0, step / max(1, steps - 1))
+def mu_at(step: int, steps: int, cfg: DDPConfig, start: int = 0) -> float:
+    """Scheduled mu for linear, geometric and cosine anneals that begin at step `start` (0, or where a waiting
+    schedule switched) and end at mu_end on the last step whatever the run's length."""
+    p = min(1.0, max(0.0, (step - start) / max(1, steps - 1 - start)))
     if cfg.schedule == "linear":
         return cfg.mu_start + (cfg.mu_end - cfg.mu_start) * p
     if cfg.schedule == "cosine":
         return cfg.mu_start + (cfg.mu_end - cfg.mu_start) * (1 - math.cos(math.pi * p)) / 2
     return cfg.mu_start * (cfg.mu_end / cfg.mu_start) ** p
+
+
+def retention(z: Tensor, mu: float, cfg: DDPConfig) -> Tensor:
+    """s = sigmoid(mu z), or under `dense_start` the same curve stretched so that s(z_init) = 1 and s(-z_init) = 0:
+    the threshold z = 0 still maps to 1/2, and the stretch vanishes as mu grows (at mu = 10 it is under 1e-4)."""
+    s = torch.sigmoid(mu * z)
+    if not cfg.dense_start:
+        return s
+    low = 1.0 - torch.sigmoid(torch.tensor(mu * cfg.z_init, dtype=z.dtype))
+    return ((s - low) / (1.0 - 2.0 * low)).clamp(0.0, 1.0)
 
 
 class DDPRelaxation(Relaxation):
@@ -44,9 +69,9 @@ class DDPRelaxation(Relaxation):
     def __init__(self, config: DDPConfig, structure, groups, seed: int) -> None:
         super().__init__(config, structure, groups, seed)
         self.z = {g.name: nn.Parameter(torch.full((g.n_units,), config.z_init)) for g in groups}
-        self.mu = config.mu_start
-        # adaptive: in-tolerance steps needed to go from mu_start to mu_end (half the budget)
-        self._growth = (config.mu_end / config.mu_start) ** (1 / max(1, config.steps // 2))
+        self.mu = config.mu_start  # the adaptive schedule's state, and the last mu used by any schedule
+        waits = config.wait and config.schedule != "adaptive"
+        self.switch: int | None = None if waits else 0  # the step the anneal starts at
 
     def parameters(self) -> dict[str, nn.Parameter]:
         return self.z
@@ -59,14 +84,17 @@ class DDPRelaxation(Relaxation):
         return z
 
     def _mu(self, step: int) -> float:
-        return self.mu if self.config.schedule == "adaptive" else mu_at(step, self.config.steps, self.config)
+        if self.config.schedule != "adaptive":
+            self.mu = self.config.mu_start if self.switch is None else mu_at(step, self.config.steps, self.config,
+                                                                            self.switch)
+        return self.mu
 
     def train_gates(self, step: int) -> dict[str, Tensor]:
         return {n: self.forward_map(z) for n, z in self.z.items()}
 
     def keep_probability(self, step: int) -> dict[str, Tensor]:
         mu = self._mu(step)
-        return {n: torch.sigmoid(mu * z) for n, z in self.z.items()}
+        return {n: retention(z, mu, self.config) for n, z in self.z.items()}
 
     def discrete_keep(self) -> dict[str, Tensor]:
         return {n: z.detach() > 0 for n, z in self.z.items()}
@@ -74,23 +102,23 @@ class DDPRelaxation(Relaxation):
     def anneal(self, step: int) -> dict[str, float]:
         return {"mu": self._mu(step)}
 
-    def after_step(self, gap: float) -> None:
-        if self.config.schedule == "adaptive" and abs(gap) < self.config.adapt_tol:
-            self.mu = min(self.config.mu_end, self.mu * self._growth)
+    def observe(self, step: int, hard_gap: float) -> None:
+        cfg = self.config
+        capped = step + 1 >= cfg.wait_cap * cfg.steps
+        if self.switch is None and (abs(hard_gap) <= cfg.wait_tol or capped):
+            self.switch = step + 1
+        remaining = cfg.steps - 1 - step
+        if cfg.schedule == "adaptive" and remaining > 0 and (abs(hard_gap) < cfg.adapt_tol or capped):
+            self.mu *= (cfg.mu_end / self.mu) ** (1 / remaining)
 
     def final(self, target: Target) -> tuple[Masks, dict[str, Any]]:
         z = {n: v.detach() for n, v in self.z.items()}
-        masks = rank_masks(self.structure, z, target)
+        masks = rank_masks(self.structure, z, target, self.seed)
         masks.scale = {n: self.forward_map(v) for n, v in z.items()}
         topped_up = sum(int((masks.keep[n] & (v <= 0)).sum()) for n, v in z.items())
         trimmed = sum(int((~masks.keep[n] & (v > 0)).sum()) for n, v in z.items())
-        return masks, {
-            # units whose gate is exactly zero are pruned in effect, whatever the top-up keeps (METHODS.md A2)
-            "effective_sparsity": effective_sparsity(self.structure, self.discrete_keep()),
-            "topped_up_units": topped_up,
-            "trimmed_positive_units": trimmed,
-            "final_mu": self.mu if self.config.schedule == "adaptive" else self.config.mu_end,
-        }
+        return masks, {"topped_up_units": topped_up, "trimmed_positive_units": trimmed, "final_mu": self.mu,
+                       "anneal_start": self.switch if self.switch is not None else self.config.steps}
 
 
 @register("ddp")

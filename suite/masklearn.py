@@ -2,10 +2,22 @@
 
 A method supplies a `Relaxation`: its gate parameters, the forward mask used in training, the per-unit keep
 probability that feeds the sparsity regulariser, and its discrete final mask. Everything else is shared and
-identical across methods, so a comparison isolates the relaxation (METHODS.md A3): frozen weights by default,
+identical across methods, so a comparison isolates the relaxation (docs/methods.md, the mask-learning engine): frozen weights by default,
 the same calibration batches, next-token loss (optional KD to the dense logits), the Lagrangian
 lambda1 (s_hat - t) + lambda2 (s_hat - t)^2 with lambdas by gradient ascent, optional target warm-up, per-step
 curves, convergence and train-test mismatch diagnostics, early stop, gradient accumulation and a NaN guard.
+
+The clocks are the run's, not the step's. Adam moves a parameter by at most about its learning rate per step, and a
+multiplier grows by about its learning rate per step, while every schedule (mu, temperature, target warm-up) runs in
+fractions of the run. So the default learning rates are `travel / steps`: the total distance a gate or a multiplier
+may move is fixed, and a 120-step run follows a 300-step run's trajectory in fraction-of-run coordinates (a fixed
+lr of 0.05 is only right near 300 steps; at 120 the anneal saturates before the multipliers can push a gate across
+zero). An explicit `lr` or `lambda_lr` overrides the default.
+
+Every run reports how much of its budget the relaxation reached on its own (`relaxed_sparsity`: the sparsity of the
+keep-set the method commits to before the exact-budget projection) and how much the projection decided
+(`projection_share`: the parameters the top-up or trim moved, as a share of the removed parameters). A row whose
+relaxation missed its target is a projection result, and reports mark it as such.
 """
 
 from __future__ import annotations
@@ -40,8 +52,17 @@ class MaskLearningConfig(MethodConfig):
     steps: int = Field(300, ge=1, description="optimisation steps")
     batch_size: int = Field(8, ge=1, description="calibration sequences per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per step")
-    lr: float = Field(0.05, gt=0, description="learning rate of the gate parameters (Adam)")
-    lambda_lr: float = Field(0.05, gt=0, description="learning rate of the Lagrange multipliers (ascent)")
+    travel: float = Field(15.0, gt=0, description="total Adam travel of a gate or multiplier over the run: the "
+                          "default lr and lambda_lr are travel / steps (0.05 at 300 steps)")
+    lr: float | None = Field(None, gt=0, description="learning rate of the gate parameters (Adam); "
+                             "default travel / steps")
+    lambda_lr: float | None = Field(None, gt=0, description="learning rate of the Lagrange multipliers (ascent); "
+                                    "default travel / steps")
+    overshoot: Literal["none", "reset", "damp"] = Field(
+        "reset", description="when the sparsity gap changes sign, zero the multipliers (reset) or halve them (damp), "
+        "and clear their Adam moments either way; none = plain ascent")
+    polish: float = Field(0.0, ge=0, le=1, description="gates-only phase on the final keep-set after a top-up or "
+                          "trim, as a fraction of steps (0 = off)")
     weighting: Literal["params", "count"] = Field("params", description="weight units by parameters or count")
     target_warmup: float = Field(0.0, ge=0, le=1, description="fraction of steps to ramp the target from 0")
     kd_weight: float = Field(0.0, ge=0, description="weight of KL(dense || gated) next to the LM loss")
@@ -50,6 +71,14 @@ class MaskLearningConfig(MethodConfig):
     early_stop: int = Field(0, ge=0, description="stop once the discrete keep-set is unchanged this many steps "
                             "with hard sparsity within 0.5% of the target (0 = run all steps)")
     valid_batches: int = Field(2, ge=1, description="held-out calibration batches for the mismatch diagnostic")
+
+    def gate_lr(self) -> float:
+        """The gates' learning rate: explicit, or the run's travel spread over its steps."""
+        return self.lr if self.lr is not None else self.travel / self.steps
+
+    def multiplier_lr(self) -> float:
+        """The multipliers' learning rate: explicit, or the run's travel spread over its steps."""
+        return self.lambda_lr if self.lambda_lr is not None else self.travel / self.steps
 
 
 class Relaxation(ABC):
@@ -90,7 +119,11 @@ class Relaxation(ABC):
         return {}
 
     def after_step(self, gap: float) -> None:  # noqa: B027 - optional hook, most relaxations need none
-        """Projection, clamping or schedule adaptation after each optimiser step (gap = s_hat - target)."""
+        """Projection or clamping after each optimiser step (gap = s_hat - target)."""
+
+    def observe(self, step: int, hard_gap: float) -> None:  # noqa: B027 - optional hook
+        """What the discrete keep-set's sparsity missed the target by after `step` (for schedules that wait on the
+        hard count rather than the soft one)."""
 
     def mismatch_gates(self) -> list[dict[str, Tensor]]:
         """The training-time mask(s) at the end of training; stochastic methods return several samples."""
@@ -116,7 +149,7 @@ def unit_weights(group: Group, weighting: str) -> Tensor:
 
 class Lagrangian(nn.Module):
     """lambda1 (s_hat - t) + lambda2 (s_hat - t)^2; the multipliers start at 0 and rise by gradient *ascent*
-    (their optimiser uses maximize=True, the equivalent of Sheared-LLaMA's negative learning rate; METHODS.md B2)."""
+    (their optimiser uses maximize=True, the equivalent of Sheared-LLaMA's negative learning rate; docs/methods.md)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,11 +173,24 @@ def effective_sparsity(structure: Structure, keep: dict[str, Tensor]) -> float:
     return removed / structure.prunable_params
 
 
-def rank_masks(structure: Structure, ranking: dict[str, Tensor], target: Target) -> Masks:
+def projection_share(structure: Structure, relaxed: dict[str, Tensor], masks: Masks) -> float:
+    """Share of the final removed parameters that the exact-budget projection decided: units it trimmed (kept by
+    the relaxation, removed in the end) plus units it topped up (removed by the relaxation, kept in the end), over
+    the parameters the final masks remove. 0 = the relaxation alone met the budget; 1 = the projection chose it all."""
+    moved = 0.0
+    for g in structure.groups:
+        if g.name in relaxed:
+            changed = relaxed[g.name] != masks.keep[g.name]
+            moved += float(unit_weights(g, "params")[changed].sum())
+    removed = masks.removed_params(structure)
+    return moved / removed if removed else 0.0
+
+
+def rank_masks(structure: Structure, ranking: dict[str, Tensor], target: Target, seed: int = 0) -> Masks:
     """Exact-budget masks keeping the highest-ranked units (DDP: top z; hard-concrete: top log-alpha), honouring
     every Target constraint through the shared selection; skipped layers have no ranking and stay whole."""
     full = {g.name: ranking.get(g.name, torch.full((g.n_units,), math.inf)) for g in structure.groups}
-    return select(structure, full, target, mode="global", normalize="raw")
+    return select(structure, full, target, mode="global", normalize="raw", seed=seed)
 
 
 class MaskLearner(Pruner):
@@ -171,19 +217,19 @@ class MaskLearner(Pruner):
         device = next(model.parameters()).device
         train_ids, valid_ids = _split_calibration(calibration, cfg.batch_size * cfg.valid_batches)
         lagrangian = Lagrangian().to(device)
-        opt = torch.optim.Adam(relax.param_groups(), lr=cfg.lr)
-        lag_opt = torch.optim.Adam(lagrangian.parameters(), lr=cfg.lambda_lr, maximize=True)
+        opt = torch.optim.Adam(relax.param_groups(), lr=cfg.gate_lr())
+        lag_opt = torch.optim.Adam(lagrangian.parameters(), lr=cfg.multiplier_lr(), maximize=True)
         was_training = model.training
         model.eval()  # no dropout: the gates are what is learned
         model.requires_grad_(cfg.train_weights)
         weight_opt = torch.optim.AdamW(model.parameters(), lr=cfg.weights_lr) if cfg.train_weights else None
         curves: dict[str, list[float]] = {k: [] for k in ("loss", "lm_loss", "expected_sparsity", "hard_sparsity",
                                                            "target", "lambda1", "lambda2")}
-        gen = torch.Generator().manual_seed(seed)
+        batches = _Batches(train_ids, cfg, seed, device)
         keep_history: list[bytes] = []  # the discrete keep-set after every step, for convergence
         stopped_at = cfg.steps
+        resets, last_sign = 0, 0.0
         start = time.perf_counter()
-        tokens = 0
         from tqdm import tqdm
 
         bar = tqdm(range(cfg.steps), desc=f"{self.name}", leave=False, disable=None)
@@ -191,21 +237,7 @@ class MaskLearner(Pruner):
             for step in bar:
                 t_now = target_at(step, cfg.steps, target.sparsity, cfg.target_warmup)
                 for _ in range(cfg.grad_accum):
-                    idx = torch.randint(0, len(train_ids), (cfg.batch_size,), generator=gen)
-                    batch = train_ids[idx].to(device)
-                    tokens += batch.numel()
-                    dense_logits = None
-                    if cfg.kd_weight > 0:
-                        gates.set_all(dict.fromkeys(gates.values))
-                        with torch.no_grad():
-                            dense_logits = model(batch).logits.float()
-                    gates.set_all(relax.train_gates(step))
-                    logits = model(batch).logits.float()
-                    lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-                    if dense_logits is not None:
-                        kd = F.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True,
-                                      reduction="batchmean") / logits.shape[1]
-                        lm = lm + cfg.kd_weight * kd
+                    lm = batches.loss(model, gates, relax.train_gates(step))
                     keep = relax.keep_probability(step)
                     kept = sum((weights[n].to(keep[n]) * keep[n].double()).sum() for n in keep)
                     expected = 1.0 - kept / total_weight
@@ -213,21 +245,32 @@ class MaskLearner(Pruner):
                     loss = lm + lagrangian(gap.float())
                     if not torch.isfinite(loss):
                         raise NumericalError(f"{self.name}: loss became {loss.item()} at step {step} "
-                                             f"(lr {cfg.lr}, lambda lr {cfg.lambda_lr}); lower the learning rates")
+                                             f"(lr {cfg.gate_lr():.3g}, lambda lr {cfg.multiplier_lr():.3g}); "
+                                             "lower the learning rates")
                     (loss / cfg.grad_accum).backward()
                 for o in (opt, lag_opt, weight_opt):
                     if o is not None:
                         o.step()
                         o.zero_grad(set_to_none=True)
+                sign = math.copysign(1.0, gap.item()) if gap.item() else 0.0
+                if cfg.overshoot != "none" and sign * last_sign < 0:  # the gap changed sign: the multipliers overshot
+                    with torch.no_grad():
+                        for value in lagrangian.parameters():
+                            value.mul_(0.0 if cfg.overshoot == "reset" else 0.5)
+                    lag_opt.state.clear()
+                    resets += 1
+                last_sign = sign or last_sign
+                schedule = relax.anneal(step)  # the values this step used, before a schedule adapts to it
                 relax.after_step(gap.item())
                 hard = relax.discrete_keep()
                 hard_sparsity = effective_sparsity(structure, hard)
+                relax.observe(step, hard_sparsity - t_now)
                 record = {"loss": loss.item(), "lm_loss": lm.item(), "expected_sparsity": expected.item(),
                           "hard_sparsity": hard_sparsity, "target": t_now,
                           "lambda1": lagrangian.lambda1.item(), "lambda2": lagrangian.lambda2.item()}
                 for key, value in record.items():
                     curves[key].append(value)
-                for key, value in relax.anneal(step).items():
+                for key, value in schedule.items():
                     curves.setdefault(key, []).append(value)
                 if self.step_callback is not None:
                     self.step_callback(step, curves)
@@ -238,14 +281,28 @@ class MaskLearner(Pruner):
                     stopped_at = step + 1
                     break
             prune_seconds = time.perf_counter() - start
+            relaxed = relax.discrete_keep()
             masks, diagnostics = relax.final(target)
+            share = projection_share(structure, relaxed, masks)
             diagnostics |= _mismatch(model, gates, relax, masks, valid_ids, device)
+            polish_steps = round(cfg.polish * cfg.steps) if share > 0 else 0
+            if polish_steps:
+                _polish(masks, set(relaxed), gates, batches, model, polish_steps, cfg.gate_lr())
+                gates.apply_masks(masks)
+                diagnostics["valid_loss_polished"] = lm_loss(model, valid_ids, device)
+                gates.set_all(dict.fromkeys(gates.values))
+            prune_seconds = time.perf_counter() - start
         model.requires_grad_(False)
         model.train(was_training)
         diagnostics |= {
+            "relaxed_sparsity": effective_sparsity(structure, relaxed),
+            "projection_share": share,
+            "effective_sparsity": effective_sparsity(structure, _computing(masks)),
+            "polish_steps": polish_steps,
+            "multiplier_resets": resets,
             "convergence_step": convergence_step(keep_history),
             "steps_run": stopped_at,
-            "tokens_seen": tokens,
+            "tokens_seen": batches.tokens,
             "train_seconds": prune_seconds,
             "final_lambda1": curves["lambda1"][-1],
             "final_lambda2": curves["lambda2"][-1],
@@ -254,6 +311,60 @@ class MaskLearner(Pruner):
         masks.meta |= {"calibration": getattr(calibration, "spec", ""), "calibration_hash":
                        getattr(calibration, "content_hash", "")}
         return PruneResult(masks, curves=curves, timings={"train_seconds": prune_seconds}, diagnostics=diagnostics)
+
+
+class _Batches:
+    """Seeded calibration micro-batches and the gated model's training loss on them (next-token cross-entropy,
+    plus KL to the dense logits when `kd_weight` > 0): the one loss of the training loop and the polish phase."""
+
+    def __init__(self, ids: Tensor, cfg: MaskLearningConfig, seed: int, device: torch.device) -> None:
+        self.ids, self.cfg, self.device = ids, cfg, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tokens = 0
+
+    def loss(self, model: nn.Module, gates: Gates, values: dict[str, Tensor]) -> Tensor:
+        idx = torch.randint(0, len(self.ids), (self.cfg.batch_size,), generator=self.gen)
+        batch = self.ids[idx].to(self.device)
+        self.tokens += batch.numel()
+        dense_logits = None
+        if self.cfg.kd_weight > 0:
+            gates.set_all(dict.fromkeys(gates.values))
+            with torch.no_grad():
+                dense_logits = model(batch).logits.float()
+        gates.set_all(values)
+        logits = model(batch).logits.float()
+        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        if dense_logits is not None:
+            kd = F.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True,
+                          reduction="batchmean") / logits.shape[1]
+            lm = lm + self.cfg.kd_weight * kd
+        return lm
+
+
+def _computing(masks: Masks) -> dict[str, Tensor]:
+    """Kept units that compute something: a unit kept at scale 0 (a top-up whose gate is dead) is pruned in effect."""
+    return {n: k & (masks.scale[n] != 0) if n in masks.scale else k for n, k in masks.keep.items()}
+
+
+def _polish(masks: Masks, names: set[str], gates: Gates, batches: _Batches, model: nn.Module, steps: int,
+            lr: float) -> None:
+    """A short gates-only phase on the final keep-set, with no regulariser: after a top-up or trim the kept scales
+    re-adapt to the units that were added or removed, and topped-up units (whose gate was 0) get a live one, started
+    at their group's mean kept scale. Only the learned groups (`names`) move. Writes the scales into `masks.scale`."""
+    scales = {}
+    for name in names:
+        keep = masks.keep[name]
+        scale = masks.scale[name].float().clone() if name in masks.scale else keep.float()
+        live = keep & (scale > 0)
+        fill = float(scale[live].mean()) if live.any() else 1.0
+        scales[name] = nn.Parameter(torch.where(keep & (scale <= 0), torch.full_like(scale, fill), scale))
+    opt = torch.optim.Adam(list(scales.values()), lr=lr)
+    for _ in range(steps):
+        loss = batches.loss(model, gates, {n: masks.keep[n].float() * torch.relu(s) for n, s in scales.items()})
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    masks.scale |= {n: masks.keep[n].float() * torch.relu(s.detach()) for n, s in scales.items()}
 
 
 def _split_calibration(calibration: Any, n_valid: int) -> tuple[Tensor, Tensor]:
@@ -280,7 +391,7 @@ def lm_loss(model: nn.Module, ids: Tensor, device: torch.device, batch_size: int
 
 def _mismatch(model: nn.Module, gates: Gates, relax: Relaxation, masks: Masks, valid: Tensor,
               device: torch.device) -> dict[str, float]:
-    """Train-test mismatch (METHODS.md A2): held-out loss with the last training-time mask minus the loss of the
+    """Train-test mismatch (docs/methods.md, diagnostics): held-out loss with the last training-time mask minus the loss of the
     discrete final model (gated with the final masks, which compaction reproduces exactly)."""
     train_losses = []
     for values in relax.mismatch_gates():

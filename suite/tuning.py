@@ -26,7 +26,7 @@ DDP_SPACE: dict[str, SearchDim] = {
     "mu_start": SearchDim(type="float", low=0.5, high=5.0, log=True),
     "mu_end": SearchDim(type="float", low=10.0, high=500.0, log=True),
     "target_warmup": SearchDim(type="float", low=0.0, high=0.5),
-    "lr": SearchDim(type="float", low=0.01, high=0.2, log=True),
+    "travel": SearchDim(type="float", low=5.0, high=50.0, log=True),  # lr = lambda_lr = travel / steps
 }
 
 

@@ -126,7 +126,7 @@ def test_tune_resumes_one_study_and_feeds_run(tmp_path, model_dir):
     (study,) = optuna.get_all_study_summaries(storage_uri(workdir))
     assert study.n_trials == 6  # the second invocation resumed the same study
     best = json.loads(next((workdir / "tuned").rglob("*.json")).read_text())
-    assert set(best["best_params"]) == {"schedule", "mu_start", "mu_end", "target_warmup", "lr"}
+    assert set(best["best_params"]) == {"schedule", "mu_start", "mu_end", "target_warmup", "travel"}
     trials = [r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "trial"]
     assert len(trials) == 6
     tuned = load_experiment(cfg, ["methods.1.tuned=true", *overrides])
