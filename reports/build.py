@@ -140,26 +140,38 @@ def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
     win = leaderboard.win_rate(pruned, order)
     sig = leaderboard.significance(pruned, order)
     files = [export(rank, page.out / "tables" / f"{prefix}leaderboard.csv"),
-             page.write(f"tables/{prefix}leaderboard.md", tables.frame_markdown(rank)),
+             page.write(f"tables/{prefix}leaderboard.md", tables.frame_markdown(rank) + missed_markdown(pruned)),
              page.write(f"tables/{prefix}leaderboard.tex", leaderboard_latex(rank)),
              export(win.reset_index(names="method"), page.out / "tables" / f"{prefix}win_rate.csv"),
              export(sig, page.out / "tables" / f"{prefix}significance.csv")]
+    missed = leaderboard.missed_runs(pruned)
+    if len(missed):
+        files.append(export(missed, page.out / "tables" / f"{prefix}missed_budget.csv"))
     png = leaderboard.plot_win_rate(win, page.out / "figures" / f"{prefix}win_rate")
+    missed_html = ["<h3>runs whose relaxation missed its budget</h3>", f"<p>{html.escape(tables.MISS_NOTE)}</p>",
+                   missed.to_html(index=False, float_format=lambda v: f"{v:.4f}")] if len(missed) else []
     return "\n".join([
         "<h2>leaderboard</h2>", "<p>methods ranked by mean retained accuracy (% of dense mean task accuracy) over "
         f"every model, sparsity and seed; files: {page.links(*files)}</p>",
-        rank.to_html(index=False, float_format=lambda v: f"{v:.2f}"),
+        rank.to_html(index=False, float_format=lambda v: f"{v:.2f}"), *missed_html,
         page.figure(png, "win rate: share of shared (model, sparsity, seed) cells where the row beats the column"),
         "<h3>paired significance over tasks x seeds x cells</h3>",
         sig.to_html(index=False, float_format=lambda v: f"{v:.4g}")])
 
 
+def missed_markdown(pruned: pd.DataFrame) -> str:
+    """The leaderboard's list of projection results, as Markdown ('' when every relaxation met its budget)."""
+    missed = leaderboard.missed_runs(pruned)
+    return "" if missed.empty else f"\n{tables.MISS_NOTE}\n\n" + tables.frame_markdown(missed)
+
+
 def leaderboard_latex(rank: pd.DataFrame) -> str:
-    lines = [r"\begin{tabular}{rlrrr}", r"\toprule", r"rank & method & retained acc (\%) & std & runs \\", r"\midrule"]
+    lines = [r"\begin{tabular}{rlrrrr}", r"\toprule",
+             r"rank & method & retained acc (\%) & std & runs & missed budget \\", r"\midrule"]
     for _, r in rank.iterrows():
         std = "-" if r["std"] != r["std"] else f"{r['std']:.2f}"
         lines.append(f"{r['rank']} & {tables.tex_escape(str(r['method']))} & {r['retained_acc_%']:.2f} & {std} & "
-                     f"{r['runs']} \\\\")
+                     f"{r['runs']} & {r['missed_budget']} \\\\")
     return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 

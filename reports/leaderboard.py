@@ -12,19 +12,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reports.tables import RELAXED, missed_budget
+
 CELL = ["model", "sparsity", "seed"]
 BOOTSTRAP = 10_000
 
 
 def ranking(pruned: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean retained accuracy (% of dense) over every run, its spread, and the number of runs."""
+    """Per method: mean retained accuracy (% of dense) over every run, its spread, the number of runs, and how many
+    of them are projection results (a mask learner whose relaxation missed its budget; `missed_runs` names them)."""
     if "retained.mean_acc" not in pruned or pruned["retained.mean_acc"].isna().all():
-        return pd.DataFrame(columns=["rank", "method", "retained_acc_%", "std", "runs"])
+        return pd.DataFrame(columns=["rank", "method", "retained_acc_%", "std", "runs", "missed_budget"])
     g = pruned.groupby("method")["retained.mean_acc"]
-    out = pd.DataFrame({"retained_acc_%": g.mean(), "std": g.std(ddof=1), "runs": g.count()})
+    missed = missed_budget(pruned).groupby(pruned["method"]).sum()
+    out = pd.DataFrame({"retained_acc_%": g.mean(), "std": g.std(ddof=1), "runs": g.count(),
+                        "missed_budget": missed.reindex(g.mean().index, fill_value=0).astype(int)})
     out = out.sort_values("retained_acc_%", ascending=False).reset_index()
     out.insert(0, "rank", range(1, len(out) + 1))
     return out
+
+
+def missed_runs(pruned: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose relaxation ended more than 2 points from the target: method, model, sparsity, seed, relaxed."""
+    cols = ["method", "model", "sparsity", "seed", RELAXED]
+    if RELAXED not in pruned:
+        return pd.DataFrame(columns=cols)
+    return pruned.loc[missed_budget(pruned), cols].rename(columns={RELAXED: "relaxed_sparsity"}).reset_index(drop=True)
 
 
 def win_rate(pruned: pd.DataFrame, order: list[str]) -> pd.DataFrame:

@@ -6,15 +6,28 @@ One summary (numbers) renders to Markdown, LaTeX (booktabs), HTML and CSV, so th
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass
 
 import pandas as pd
 
+from suite.stats import ci95
+
 SPEED = "speed.prefill_speedup"
-FIXED = ["mean_acc", "retained.mean_acc", "params_compact", SPEED, "prune_seconds"]
+RELAXED = "diag_relaxed_sparsity"
+FIXED = ["mean_acc", "retained.mean_acc", "params_compact", RELAXED, SPEED, "prune_seconds"]
 LABELS = {"mean_acc": "mean acc", "retained.mean_acc": "retained %", "params_compact": "params",
-          SPEED: "speedup", "prune_seconds": "prune s"}
+          RELAXED: "relaxed sp.", SPEED: "speedup", "prune_seconds": "prune s"}
+MISS_TOLERANCE = 0.02  # relaxed sparsity further than this from the target: the projection decided the row
+MISS_NOTE = ("† the method's relaxation missed the target by more than 2 points of sparsity (relaxed sp.): the "
+             "exact-budget projection decided the rest of the budget, so the row measures the projection as much as "
+             "the method.")
+
+
+def missed_budget(runs: pd.DataFrame) -> pd.Series:
+    """Per run: did a mask learner's relaxation end more than MISS_TOLERANCE from its target sparsity?"""
+    if RELAXED not in runs:
+        return pd.Series(False, index=runs.index)
+    return (runs[RELAXED] - runs["sparsity"]).abs() > MISS_TOLERANCE
 
 
 def columns(df: pd.DataFrame) -> list[str]:
@@ -28,7 +41,7 @@ def better(column: str) -> int:
     """+1 higher is better, -1 lower is better, 0 not ranked."""
     if column.startswith("ppl.") or column == "prune_seconds":
         return -1
-    if column == "params_compact":
+    if column in ("params_compact", RELAXED):
         return 0
     return 1
 
@@ -40,16 +53,6 @@ def label(column: str) -> str:
     return f"{name} ppl" if kind == "ppl" else name
 
 
-def ci95(values: pd.Series) -> float:
-    """Half-width of the t-interval of the mean; NaN for a single seed."""
-    from scipy import stats
-
-    v = values.dropna()
-    if len(v) < 2:
-        return math.nan
-    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-
-
 @dataclass
 class Summary:
     """Numbers of one model's table: a row per (method, sparsity), with mean, CI and seed count per column."""
@@ -57,6 +60,7 @@ class Summary:
     model: str
     columns: list[str]
     frame: pd.DataFrame  # index (method, sparsity); columns (column, 'mean'|'ci'|'n')
+    missed: frozenset[tuple[str, float]] = frozenset()  # (method, sparsity) rows with a run that missed its budget
 
     def best(self) -> set[tuple[int, str]]:
         """(row position, column) pairs to bold: best pruned mean per column within each sparsity."""
@@ -81,7 +85,8 @@ def summarize(df: pd.DataFrame, model: str) -> Summary:
     parts = {"mean": grouped.mean(), "ci": grouped.agg(ci95), "n": grouped.count()}
     frame = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
     order = sorted(frame.index, key=lambda k: (k[0] != "dense", k[1], k[0]))
-    return Summary(model, cols, frame.loc[order])
+    missed = runs[missed_budget(runs)]
+    return Summary(model, cols, frame.loc[order], frozenset(zip(missed["method"], missed["sparsity"], strict=True)))
 
 
 def _cell(column: str, mean: float, ci: float) -> str:
@@ -89,6 +94,8 @@ def _cell(column: str, mean: float, ci: float) -> str:
         return "-"
     if column == "params_compact":
         return f"{mean / 1e6:.2f}M"
+    if column == RELAXED:
+        return f"{mean:.3f}"
     if column.startswith(("acc.", "mean_acc")):
         text, half = f"{100 * mean:.1f}", f"{100 * ci:.1f}"
     elif column.startswith(("retained", "ppl.")) or column == "prune_seconds":
@@ -103,7 +110,8 @@ def cells(summary: Summary) -> tuple[list[str], list[list[str]], set[tuple[int, 
     header = ["method", "sparsity", *(label(c) for c in summary.columns)]
     body = []
     for (method, sparsity), row in summary.frame.iterrows():
-        body.append([str(method), f"{sparsity:.2f}"] +
+        name = f"{method} †" if (method, sparsity) in summary.missed else str(method)
+        body.append([name, f"{sparsity:.2f}"] +
                     [_cell(c, row[(c, "mean")], row[(c, "ci")]) for c in summary.columns])
     return header, body, summary.best()
 
@@ -114,11 +122,13 @@ def markdown(summary: Summary) -> str:
     for i, row in enumerate(body):
         out = row[:2] + [f"**{v}**" if (i, c) in bold else v for c, v in zip(summary.columns, row[2:], strict=True)]
         lines.append("| " + " | ".join(out) + " |")
+    if summary.missed:
+        lines += ["", MISS_NOTE]
     return "\n".join(lines) + "\n"
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "†": r"\dag{}"}
 
 
 def tex_escape(text: str) -> str:
@@ -140,6 +150,8 @@ def latex(summary: Summary) -> str:
             out.append(r"\textbf{" + tex_escape(v) + "}" if (i, c) in bold else tex_escape(v))
         lines.append(" & ".join(out) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    if summary.missed:
+        lines.append(tex_escape(MISS_NOTE))
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +164,8 @@ def html_table(summary: Summary) -> str:
         tds += [f"<td><b>{html.escape(v)}</b></td>" if (i, c) in bold else f"<td>{html.escape(v)}</td>"
                 for c, v in zip(summary.columns, row[2:], strict=True)]
         out.append("<tr>" + "".join(tds) + "</tr>")
-    return "\n".join([*out, "</tbody>", "</table>"]) + "\n"
+    note = [f'<p class="note">{html.escape(MISS_NOTE)}</p>'] if summary.missed else []
+    return "\n".join([*out, "</tbody>", "</table>", *note]) + "\n"
 
 
 def csv_frame(summary: Summary) -> pd.DataFrame:

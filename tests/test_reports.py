@@ -20,7 +20,9 @@ from suite.tracking import Tracker
 def _experiment(root, model, name, ppl="embedded:test@128/32", **extra):
     cfg = {"name": name, "models": [str(model)],
            "methods": [{"name": "random"},
-                       {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1}}],
+                       # forced to miss its budget: gates that cannot move leave every unit to the projection
+                       {"name": "ddp", "params": {"steps": 5, "batch_size": 2, "valid_batches": 1, "lr": 1e-4,
+                                                  "lambda_lr": 1e-4}}],
            "sparsities": [0.3, 0.5], "seeds": [0, 1], "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
            "evaluation": {"ppl": [ppl], "tasks": ["pb_next_line", "pb_return"], "limit": 12}} | extra
     path = root / f"{name}.yaml"
@@ -60,7 +62,8 @@ def test_report_has_every_part(report, store):
         assert (report / rel).is_file(), rel
     model = next(p.stem for p in (report / "tables").glob("*.md") if "leaderboard" not in p.stem)
     md = (report / "tables" / f"{model}.md").read_text()
-    assert md.count("\n") == 2 + 1 + 2 * 2  # header, rule, dense, 2 methods x 2 sparsities
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 1 + 2 * 2  # header, rule, dense, 2 methods x 2 sparsities
     assert "**" in md and "±" in md  # best in bold, 95% CI over the two seeds
     csv = pd.read_csv(report / "tables" / f"{model}.csv")
     df = load_results(store / "runs", ["unit"])
@@ -91,6 +94,25 @@ def _tabular_rows(tex):
         assert not re.search(r"(?<!\\)[_%#]", line), line  # specials escaped
         assert line.count("{") == line.count("}"), line
     return rows
+
+
+def test_a_run_that_missed_its_budget_is_marked_in_the_table_and_the_leaderboard(report, store):
+    df = load_results(store / "runs", ["unit"])
+    ddp = df[df["method"] == "ddp"]
+    assert (ddp["diag_relaxed_sparsity"] == 0.0).all() and (ddp["diag_projection_share"] > 0.9).all()
+    table = next((report / "tables").glob("tiny*.md")).read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ddp")]
+    assert len(rows) == 2 and all(r.startswith("| ddp † |") for r in rows)
+    assert not any(line.startswith("| random †") for line in table.splitlines())
+    assert tables.MISS_NOTE in table and "relaxed sp." in table
+    board = (report / "tables" / "leaderboard.md").read_text()
+    assert tables.MISS_NOTE in board
+    rank = pd.read_csv(report / "tables" / "leaderboard.csv").set_index("method")
+    assert rank.loc["ddp", "missed_budget"] == 4 and rank.loc["random", "missed_budget"] == 0
+    missed = pd.read_csv(report / "tables" / "missed_budget.csv")
+    assert set(missed["method"]) == {"ddp"} and len(missed) == 4
+    assert "runs whose relaxation missed its budget" in (report / "index.html").read_text()
+    assert r"\dag{}" in next((report / "tables").glob("tiny*.tex")).read_text()
 
 
 def test_latex_tables_are_valid_booktabs_tabulars(report):
