@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,19 @@ def bench(name: str):
     return register
 
 
-def run_bench(name: str, out: Path | None, models: list[str] | None = None) -> dict[str, Any]:
-    """Run a bench; `models` replaces a model-comparing bench's default models."""
+def run_bench(name: str, out: Path | None, models: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Run a bench; `models` replaces a model-comparing bench's default models; `jobs` > 1 spreads the cells of a
+    bench whose cells are independent runs over that many single-threaded processes."""
     if name not in BENCHES:
         raise ConfigError(f"unknown bench {name!r}; available: {', '.join(BENCHES)}")
-    result = BENCHES[name](models) if models else BENCHES[name]()
+    fn = BENCHES[name]
+    kwargs: dict[str, Any] = {"models": models} if models else {}
+    if jobs > 1:
+        if "jobs" not in inspect.signature(fn).parameters:
+            parallel = ", ".join(n for n, f in BENCHES.items() if "jobs" in inspect.signature(f).parameters)
+            raise ConfigError(f"bench {name} measures in one process; --jobs is for {parallel}")
+        kwargs["jobs"] = jobs
+    result = fn(**kwargs)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, sort_keys=True))
@@ -63,22 +73,6 @@ def speed_bench(models: list[str] | None = None) -> dict[str, Any]:
     return r
 
 
-def _smooth(values: list[float], window: int = 10) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def steps_to_reach(curves: dict[str, list[float]], loss: float, target: float, tol: float = 0.01) -> int | None:
-    """First step (1-based) at the target hard sparsity whose smoothed LM loss is at most `loss`."""
-    for i, (value, sparsity) in enumerate(zip(_smooth(curves["lm_loss"]), curves["hard_sparsity"], strict=True)):
-        if sparsity >= target - tol and value <= loss:
-            return i + 1
-    return None
-
-
 def prune_and_evaluate(model_spec: str, method: str, overrides: dict[str, Any], sparsity: float, seed: int,
                        calibration: Any, eval_spec: Any) -> dict[str, Any]:
     """Fresh model -> prune -> compact -> evaluate; one row of a bench table."""
@@ -98,53 +92,177 @@ def prune_and_evaluate(model_spec: str, method: str, overrides: dict[str, Any], 
             "metrics": outcome.metrics, "curves": outcome.result.curves, "protocol": result["protocol"]["hash"]}
 
 
-def dense_reference(model_spec: str, spec: Any, valid_n: int) -> tuple[Any, dict[str, float]]:
-    """The bench calibration set (embedded train, 128 x 256, seed 0) and the dense model's scores under `spec`."""
-    from suite.data import CalibrationSpec
+def dense_reference(model_spec: str, spec: Any, valid_n: int, n: int = 128, seq_len: int = 256) -> tuple[Any, dict]:
+    """The bench calibration set (embedded train, n x seq_len, seed 0) and the dense model's scores under `spec`."""
     from suite.evaluate import evaluate
     from suite.models import load_model
 
     model, tokenizer = load_model(model_spec)
-    calibration = CalibrationSpec(n=128, seq_len=256, valid_n=valid_n).build(tokenizer)
+    calibration = _calibration(model_spec, n, seq_len, valid_n)
     d = evaluate(model, tokenizer, spec)
     return calibration, {"test_ppl": next(iter(d["ppl"].values()))["ppl"], "mean_acc": d["mean_acc"]}
 
 
+@functools.cache
+def _calibration(model_spec: str, n: int, seq_len: int, valid_n: int) -> Any:
+    """Embedded train calibration, seed 0; built once per process (every cell of a bench shares it)."""
+    from suite.data import CalibrationSpec
+    from suite.models import load_model
+
+    _, tokenizer = load_model(model_spec)
+    return CalibrationSpec(n=n, seq_len=seq_len, valid_n=valid_n).build(tokenizer)
+
+
+def _cell(model_spec: str, method: str, overrides: dict[str, Any], sparsity: float, seed: int,
+          calibration: tuple[int, int, int], eval_spec: Any) -> dict[str, Any]:
+    """One bench cell in whatever process runs it: its row without the curves, plus the mask-learning summary."""
+    row = prune_and_evaluate(model_spec, method, overrides, sparsity, seed, _calibration(model_spec, *calibration),
+                             eval_spec)
+    curves = row.pop("curves")
+    diag = {k.removeprefix("diag_"): v for k, v in row["metrics"].items() if k.startswith("diag_")}
+    return row | {"overrides": overrides, "hard_sparsity_curve": curves.get("hard_sparsity", []),
+                  **{k: diag.get(k) for k in ("mismatch", "convergence_step", "relaxed_sparsity", "projection_share",
+                                              "effective_sparsity")},
+                  "wall_seconds": row["metrics"]["prune_seconds"]}
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_cells(cells: Sequence[tuple], jobs: int) -> list[dict[str, Any]]:
+    """`_cell(*args)` for every cell, in order: in this process, or over `jobs` spawned single-threaded processes
+    (spawned, not forked: a forked child inherits torch's OpenMP pool and can hang)."""
+    if jobs <= 1:
+        return [_cell(*c) for c in cells]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        return list(pool.map(_cell, *zip(*cells, strict=True)))
+
+
+def _aggregate(rows: list[dict[str, Any]], keys: Sequence[str], dense: dict[str, dict[str, float]]) -> list[dict]:
+    """Mean and 95% CI over seeds of each group of rows sharing `keys`."""
+    from suite.stats import ci95
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, runs in groups.items():
+        agg: dict[str, Any] = dict(zip(keys, key, strict=True)) | {"seeds": [r["seed"] for r in runs]}
+        for metric in ("test_ppl", "mean_acc", "mismatch", "convergence_step", "relaxed_sparsity",
+                       "projection_share", "effective_sparsity", "wall_seconds"):
+            values = [float(r[metric]) for r in runs if r.get(metric) is not None]
+            agg[metric] = sum(values) / len(values) if values else None
+            agg[f"{metric}_ci95"] = ci95(values)
+        agg["relaxed_miss_max"] = max(abs(r["relaxed_sparsity"] - r["sparsity"]) for r in runs)
+        agg["retained_acc"] = agg["mean_acc"] / dense[agg["model"]]["mean_acc"]
+        out.append(agg)
+    return out
+
+
+def _pm(mean: float | None, ci: float | None, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    return format(mean, fmt) + ("" if ci is None or ci != ci else " ± " + format(ci, fmt))
+
+
+BENCH_CALIBRATION = (64, 128, 8)  # the quickstart's: embedded train, 64 x 128 tokens, 8 held out
+
+
 @bench("ddp-vs-hc")
-def ddp_vs_hc(models: list[str] | None = None) -> dict[str, Any]:
-    """DDP vs hard-concrete on identical footing (model, calibration, steps, Lagrangian, seed): test perplexity,
-    mean embedded-task accuracy, train-test mismatch, convergence, and wall time."""
+def ddp_vs_hc(models: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """DDP vs hard-concrete on identical footing (model, calibration, steps, Lagrangian, seeds) at the quickstart's
+    budget (120 steps) and at 300, seeds 0-2, 20% and 50%: test perplexity and mean embedded-task accuracy (full test
+    split, all items), train-test mismatch, convergence step, the sparsity the relaxation reached before the final
+    projection and the share of the budget the projection decided; mean and 95% t-interval over the seeds."""
     from suite.evaluate import EvalSpec
 
-    budget = {"steps": 300, "batch_size": 8}
     spec = EvalSpec()
-    rows, dense = [], {}
-    for model_spec in models or ("zoo:tiny-llama", "zoo:tiny-qwen3"):
-        calibration, dense[model_spec] = dense_reference(model_spec, spec, valid_n=16)
+    dense = {m: dense_reference(m, spec, BENCH_CALIBRATION[2], *BENCH_CALIBRATION[:2])[1]
+             for m in models or ("zoo:tiny-llama", "zoo:tiny-qwen3")}
+    cells = [(m, method, {"steps": steps, "batch_size": 8}, sparsity, seed, BENCH_CALIBRATION, spec)
+             for m in dense for sparsity in (0.2, 0.5) for steps in (120, 300) for seed in (0, 1, 2)
+             for method in ("ddp", "hard_concrete")]
+    rows = run_cells(cells, jobs)
+    for r in rows:
+        r["steps"] = r["overrides"]["steps"]
+    table = _aggregate(rows, ("model", "sparsity", "steps", "method"), dense)
+    print(f"{'model':<11} {'sp':>4} {'steps':>5} {'method':<14} {'test ppl':>15} {'mean acc':>16} {'kept':>6} "
+          f"{'mismatch':>8} {'conv.':>5} {'relaxed sp':>10} {'proj.':>5} {'sec':>5}")
+    for a in table:
+        ppl, acc = _pm(a["test_ppl"], a["test_ppl_ci95"], ".2f"), _pm(a["mean_acc"], a["mean_acc_ci95"], ".4f")
+        print(f"{a['model'].removeprefix('zoo:'):<11} {a['sparsity']:>4} {a['steps']:>5} {a['method']:<14} "
+              f"{ppl:>15} {acc:>16} "
+              f"{a['retained_acc']:>6.1%} {a['mismatch']:>8.4f} {a['convergence_step']:>5.0f} "
+              f"{a['relaxed_sparsity']:>10.4f} {a['projection_share']:>5.3f} {a['wall_seconds']:>5.0f}")
+    return {"calibration": "embedded train 64 x 128 (+8 held out), seed 0", "eval": "embedded test ppl@256, all "
+            "items of 3 tasks", "batch_size": 8, "dense": dense, "table": table, "rows": rows}
+
+
+# each DDP change alone on the budget-invariant base, then all together; "fixed lr" is the old 0.05 default
+ABLATION = {
+    "fixed lr 0.05": {"lr": 0.05, "lambda_lr": 0.05},
+    "travel/T": {},
+    "+wait (a)": {"wait": True},
+    "+dense_start (b)": {"dense_start": True},
+    "+reset (c)": {"overshoot": "reset"},
+    "+polish (d)": {"polish": 0.1},
+    "a+b+c": {"wait": True, "dense_start": True, "overshoot": "reset"},
+    "a+b+c+d": {"wait": True, "dense_start": True, "overshoot": "reset", "polish": 0.1},
+    # second round, after reading the first: without the wait, and halving instead of zeroing
+    "b+c": {"dense_start": True, "overshoot": "reset"},
+    "+damp (c')": {"overshoot": "damp"},
+    "b+c'": {"dense_start": True, "overshoot": "damp"},
+    "a+b+c'": {"wait": True, "dense_start": True, "overshoot": "damp"},
+}
+ABLATION_BASE = {"wait": False, "dense_start": False, "overshoot": "none", "polish": 0.0}
+
+
+@bench("ddp-ablation")
+def ddp_ablation(models: list[str] | None = None, jobs: int = 1, only: Sequence[str] = ()) -> dict[str, Any]:
+    """Each DDP setting against the failure modes of a short run, alone and combined, at 120 and 300 steps, 20%
+    and 50%, seed 0, on the quickstart's calibration and evaluation protocol; hard-concrete with and without the
+    multiplier reset next to it (the Lagrangian is shared, so a reset DDP uses is one hard-concrete must get).
+    `only` restricts the run to some variants (by label)."""
+    from suite.evaluate import EvalSpec, PplSpec
+
+    spec = EvalSpec(ppl=(PplSpec.parse("embedded:test@256/128"),), limit=100)
+    dense = {m: dense_reference(m, spec, BENCH_CALIBRATION[2], *BENCH_CALIBRATION[:2])[1]
+             for m in models or ("zoo:tiny-llama", "zoo:tiny-qwen3")}
+    variants = [("ddp", name, ABLATION_BASE | o) for name, o in ABLATION.items()]
+    variants += [("hard_concrete", "hc travel/T", {"overshoot": "none"}),
+                 ("hard_concrete", "hc +reset", {"overshoot": "reset"}),
+                 ("hard_concrete", "hc +damp", {"overshoot": "damp"})]
+    if only:
+        variants = [v for v in variants if v[1] in only]
+    cells, labels = [], []
+    for m in dense:
         for sparsity in (0.2, 0.5):
-            pair = {m: prune_and_evaluate(model_spec, m, budget, sparsity, 0, calibration, spec)
-                    for m in ("ddp", "hard_concrete")}
-            hc_final = sum(pair["hard_concrete"]["curves"]["lm_loss"][-10:]) / 10
-            for row in pair.values():
-                diag = {k.removeprefix("diag_"): v for k, v in row["metrics"].items() if k.startswith("diag_")}
-                row |= {"ppl_ratio": row["test_ppl"] / dense[model_spec]["test_ppl"],
-                        "retained_acc": row["mean_acc"] / dense[model_spec]["mean_acc"],
-                        "mismatch": diag["mismatch"], "convergence_step": diag["convergence_step"],
-                        "effective_sparsity": diag["effective_sparsity"],
-                        "steps_to_hc_final_loss": steps_to_reach(row["curves"], hc_final, sparsity),
-                        "wall_seconds": row["metrics"]["prune_seconds"]}
-                rows.append(row)
-    print(f"{'model':<16} {'sp':>4} {'method':<14} {'test ppl':>9} {'x dense':>8} {'mean acc':>8} {'kept acc':>8} "
-          f"{'mismatch':>9} {'conv.':>5} {'to HC loss':>10} {'eff. sp':>7} {'sec':>6}")
+            for steps in (120, 300):
+                for method, name, o in variants:
+                    if steps == 300 and name == "fixed lr 0.05":
+                        continue  # travel / 300 is 0.05: the same run
+                    cells.append((m, method, o | {"steps": steps, "batch_size": 8}, sparsity, 0, BENCH_CALIBRATION,
+                                  spec))
+                    labels.append(name)
+    rows = run_cells(cells, jobs)
+    for r, name in zip(rows, labels, strict=True):
+        r |= {"variant": name, "steps": r["overrides"]["steps"],
+              "ppl_ratio": r["test_ppl"] / dense[r["model"]]["test_ppl"]}
+    print(f"{'model':<11} {'sp':>4} {'steps':>5} {'variant':<18} {'test ppl':>9} {'mean acc':>8} {'relaxed':>7} "
+          f"{'proj.':>5} {'eff.':>6} {'mismatch':>8} {'sec':>5}")
     for r in rows:
-        reach = r["steps_to_hc_final_loss"]
-        print(f"{r['model'].removeprefix('zoo:'):<16} {r['sparsity']:>4} {r['method']:<14} {r['test_ppl']:>9.3f} "
-              f"{r['ppl_ratio']:>8.3f} {r['mean_acc']:>8.4f} {r['retained_acc']:>8.1%} {r['mismatch']:>9.4f} "
-              f"{r['convergence_step']:>5} {reach if reach is not None else '-':>10} {r['effective_sparsity']:>7.3f} "
-              f"{r['wall_seconds']:>6.0f}")
-    for r in rows:
-        r.pop("curves")
-    return {"budget": budget, "dense": dense, "rows": rows}
+        print(f"{r['model'].removeprefix('zoo:'):<11} {r['sparsity']:>4} {r['steps']:>5} {r['variant']:<18} "
+              f"{r['test_ppl']:>9.2f} {r['mean_acc']:>8.4f} {r['relaxed_sparsity']:>7.4f} "
+              f"{r['projection_share']:>5.3f} {r['effective_sparsity']:>6.4f} {r['mismatch']:>8.4f} "
+              f"{r['wall_seconds']:>5.0f}")
+    return {"calibration": "embedded train 64 x 128 (+8 held out), seed 0", "eval": "embedded test ppl@256/128, "
+            "3 tasks x 100 items", "dense": dense, "rows": rows}
 
 
 class PeakMemory:

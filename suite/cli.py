@@ -129,7 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from suite.bench import run_bench
 
     models = [m for m in args.models.split(",") if m] if args.models else None
-    run_bench(args.name, Path(args.out) if args.out else None, models)
+    run_bench(args.name, Path(args.out) if args.out else None, models, args.jobs)
     return 0
 
 
@@ -252,9 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run")
-    p.add_argument("name", help="speed or ddp-vs-hc")
+    p.add_argument("name", help="speed, ddp-vs-hc, ddp-ablation, baselines or seed-systems")
     p.add_argument("--out", help="also save the table (JSON) here")
     p.add_argument("--models", help="comma-separated models for model-comparing benches")
+    p.add_argument("--jobs", type=int, default=1, help="single-threaded processes for the independent cells of "
+                   "ddp-vs-hc and ddp-ablation (default 1: one process)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("validate", help="check an experiment config without running it")

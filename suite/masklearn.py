@@ -291,7 +291,6 @@ class MaskLearner(Pruner):
                 gates.apply_masks(masks)
                 diagnostics["valid_loss_polished"] = lm_loss(model, valid_ids, device)
                 gates.set_all(dict.fromkeys(gates.values))
-            prune_seconds = time.perf_counter() - start
         model.requires_grad_(False)
         model.train(was_training)
         diagnostics |= {

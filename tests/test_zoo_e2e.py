@@ -68,34 +68,37 @@ def test_own_perplexity_agrees_with_lm_eval_rolling_loglikelihood():
 
 @pytest.fixture(scope="module")
 def half_sparsity():
-    """Test perplexity of zoo:tiny-llama pruned to 50% by a method, and what random and magnitude reach."""
+    """Test perplexity of zoo:tiny-llama pruned to 50% by a method (and its metrics), and what random and magnitude
+    reach, on the quickstart's calibration."""
     _, tok = load_model(ZOO)
     calibration = CalibrationSpec(n=64, seq_len=128, valid_n=8).build(tok)
     stream = token_stream(embedded_corpus(), "test", tok)
 
-    def ppl_after(method: str, overrides: dict) -> float:
+    def ppl_after(method: str, overrides: dict) -> tuple[float, dict]:
         model, _ = load_model(ZOO)
         cfg = get_method(method).Config(**overrides)
         out = prune_model(model, method, cfg, Target(sparsity=0.5), calibration=calibration)
         assert abs(out.metrics["sparsity"] - 0.5) < 0.01
-        return perplexity(model, stream, 256, windows=128)["ppl"]
+        return perplexity(model, stream, 256, windows=128)["ppl"], out.metrics
 
-    return ppl_after, {m: ppl_after(m, {}) for m in ("random", "magnitude")}
+    return ppl_after, {m: ppl_after(m, {})[0] for m in ("random", "magnitude")}
 
 
-TUNED_DDP = {"schedule": "adaptive", "mu_start": 3.9, "mu_end": 56.5, "target_warmup": 0.38, "lr": 0.095}
+QUICKSTART_BUDGET = {"steps": 120, "batch_size": 8}
 
 
 @pytest.mark.parametrize("method, overrides", [
-    ("ddp", {"steps": 80, "batch_size": 4} | TUNED_DDP),
-    ("hard_concrete", {"steps": 80, "batch_size": 4}),
+    ("ddp", QUICKSTART_BUDGET),
+    ("hard_concrete", QUICKSTART_BUDGET),
+    ("maskprune", QUICKSTART_BUDGET),
     ("tyr", {"generations": 2, "offspring": 4, "stage_tokens": [256, 1024], "stage_keep": [2, 1]}),
 ])
 def test_mask_learners_and_tyr_beat_random_and_magnitude_at_half_sparsity(half_sparsity, method, overrides):
-    """Issues "DDP and hard-concrete" and "Seed systems": on zoo:tiny-llama at 50%, DDP, hard-concrete and Týr beat
-    random and magnitude on test perplexity. Short budgets keep CI fast: DDP with the anneal schedule `prunebench
-    tune` found (configs/tune-ddp.yaml, README), Týr with a small search budget; MaskPrune needs its full 300 steps
-    and is checked by the seed-systems bench instead."""
+    """On zoo:tiny-llama at 50%, at the quickstart's budget (120 steps for the mask learners, default settings),
+    every mask learner reaches its budget by relaxation (within 2 points, before the final projection) and, like
+    Týr on a small search, beats random and magnitude on test perplexity."""
     ppl_after, floor = half_sparsity
-    ppl = ppl_after(method, overrides)
+    ppl, metrics = ppl_after(method, overrides)
     assert ppl < floor["random"] and ppl < floor["magnitude"], (ppl, floor)
+    if method != "tyr":
+        assert abs(metrics["diag_relaxed_sparsity"] - 0.5) <= 0.02, metrics["diag_relaxed_sparsity"]
