@@ -62,6 +62,9 @@ class TyrConfig(MethodConfig):
     offspring: int = Field(12, ge=1, description="unique children per generation (Týr: 128)")
     stage_tokens: list[int] = Field([1024, 4096, 8192], description="token budget of each selection stage")
     stage_keep: list[int] = Field([4, 2, 1], description="candidates kept after each stage")
+    stage_draw: Literal["fresh", "first"] = Field(
+        "fresh", description="sequences a selection stage scores on: a fresh seeded random subset per stage (Týr), "
+        "or always the first ones")
     fitness: Literal["topk_kl", "kl", "ppl"] = Field("topk_kl", description="search objective")
     kl_topk: int = Field(8192, ge=1, description="dense top-k logits of the top-k KL")
     damp: float = Field(0.01, ge=0, description="H += damp * mean(diag H) * I for the local pruner")
@@ -345,7 +348,8 @@ class Tyr(Pruner):
         for i, (seqs, keep) in enumerate(zip(stage_seqs, cfg.stage_keep, strict=True)):
             if i == len(stage_seqs) - 1:
                 candidates.append(parent)  # elitism: the parent competes in the last stage only
-            rows = sorted(draws.sample(range(len(search.ids)), seqs))  # a fresh subset per stage, as Týr draws
+            rows = (sorted(draws.sample(range(len(search.ids)), seqs)) if cfg.stage_draw == "fresh"
+                    else list(range(seqs)))
             scored = []
             for c in candidates:
                 apply(c)

@@ -5,8 +5,8 @@ gate values are folded into the consumer weights at compaction.
 
 Each fix to the failure modes of a short run is a setting, measured alone and together (README, DDP ablation):
 `wait` holds mu low until the hard count reaches the target, `dense_start` makes the dense start count as dense,
-the engine's `overshoot` resets or damps the multipliers when the gap changes sign and its `polish` re-fits the kept gates after a top-up
-or trim."""
+the engine's `overshoot` resets or damps the multipliers when the gap changes sign and its `polish`
+re-fits the kept gates after a top-up or trim."""
 
 from __future__ import annotations
 

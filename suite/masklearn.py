@@ -2,10 +2,10 @@
 
 A method supplies a `Relaxation`: its gate parameters, the forward mask used in training, the per-unit keep
 probability that feeds the sparsity regulariser, and its discrete final mask. Everything else is shared and
-identical across methods, so a comparison isolates the relaxation (docs/methods.md, the mask-learning engine): frozen weights by default,
-the same calibration batches, next-token loss (optional KD to the dense logits), the Lagrangian
-lambda1 (s_hat - t) + lambda2 (s_hat - t)^2 with lambdas by gradient ascent, optional target warm-up, per-step
-curves, convergence and train-test mismatch diagnostics, early stop, gradient accumulation and a NaN guard.
+identical across methods, so a comparison isolates the relaxation (docs/methods.md, the mask-learning engine):
+frozen weights by default, the same calibration batches, next-token loss (optional KD to the dense logits), the
+Lagrangian lambda1 (s_hat - t) + lambda2 (s_hat - t)^2 with lambdas by gradient ascent, optional target warm-up,
+per-step curves, convergence and train-test mismatch diagnostics, early stop, gradient accumulation and a NaN guard.
 
 The clocks are the run's, not the step's. Adam moves a parameter by at most about its learning rate per step, and a
 multiplier grows by about its learning rate per step, while every schedule (mu, temperature, target warm-up) runs in
@@ -390,8 +390,8 @@ def lm_loss(model: nn.Module, ids: Tensor, device: torch.device, batch_size: int
 
 def _mismatch(model: nn.Module, gates: Gates, relax: Relaxation, masks: Masks, valid: Tensor,
               device: torch.device) -> dict[str, float]:
-    """Train-test mismatch (docs/methods.md, diagnostics): held-out loss with the last training-time mask minus the loss of the
-    discrete final model (gated with the final masks, which compaction reproduces exactly)."""
+    """Train-test mismatch (docs/methods.md, diagnostics): held-out loss with the last training-time mask minus the
+    loss of the discrete final model (gated with the final masks, which compaction reproduces exactly)."""
     train_losses = []
     for values in relax.mismatch_gates():
         gates.set_all(values)

@@ -30,8 +30,8 @@ def test_hard_concrete_sampling_matches_the_closed_form_expected_l0():
 
 
 def test_ddp_soft_count_equals_the_hard_count_for_large_mu():
-    """DDP's appendix (docs/methods.md): with sigmoid(mu z) >= 1 - 1/(4K) on active units and <= 1/(4K) elsewhere, the soft
-    count is within 1/2 of the number of z > 0, so it pins the l0 count exactly."""
+    """DDP's appendix (docs/methods.md): with sigmoid(mu z) >= 1 - 1/(4K) on active units and <= 1/(4K) elsewhere,
+    the soft count is within 1/2 of the number of z > 0, so it pins the l0 count exactly."""
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(500, generator=gen)
     z = torch.where(z.abs() < 0.05, torch.full_like(z, 0.05) * z.sign(), z)  # margin 0.05
