@@ -150,8 +150,6 @@ def latex(summary: Summary) -> str:
             out.append(r"\textbf{" + tex_escape(v) + "}" if (i, c) in bold else tex_escape(v))
         lines.append(" & ".join(out) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    if summary.missed:
-        lines.append(tex_escape(MISS_NOTE))
     return "\n".join(lines) + "\n"
 
 
