@@ -1,4 +1,5 @@
-"""`flap`: fluctuation-based adaptive structured pruning with bias compensation (An et al. 2024; METHODS.md B4a)."""
+"""`flap`: fluctuation-based adaptive structured pruning with bias compensation (An et al., AAAI 2024,
+arXiv 2312.11983)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`gisp`: Global Iterative Structured Pruning (Wang et al., arXiv 2510.18030; METHODS.md B6).
+"""`gisp`: Global Iterative Structured Pruning (Wang et al., arXiv 2510.18030).
 
 Each iteration recomputes first-order Taylor importance |W * dL/dW| on the currently masked model, normalises it per
 block, ranks all units of all layers together and masks the lowest ones up to the iteration's sparsity. Masked units

@@ -1,4 +1,4 @@
-"""`llm_pruner`: LLM-Pruner's first-order Taylor importance, block-wise (Ma et al. 2023; METHODS.md B3)."""
+"""`llm_pruner`: LLM-Pruner's first-order Taylor importance, block-wise (Ma et al., NeurIPS 2023, arXiv 2305.11627)."""
 
 from __future__ import annotations
 

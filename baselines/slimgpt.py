@@ -1,4 +1,5 @@
-"""`slimgpt`: group-OBS selection + exact least-squares refit of the kept columns (METHODS.md B4c/B4d)."""
+"""`slimgpt`: group-OBS selection + exact least-squares refit of the kept columns (SlimGPT, Ling et al.,
+NeurIPS 2024)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`wanda_sp`: structured Wanda (FLAP repo's `prune_wanda_sp`, METHODS.md B4b) — local, no reconstruction."""
+"""`wanda_sp`: structured Wanda (Sun et al., arXiv 2306.11695, in the form of FLAP's `prune_wanda_sp`) — local,
+no reconstruction."""
 
 from __future__ import annotations
 

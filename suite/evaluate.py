@@ -30,7 +30,7 @@ def perplexity(
 ) -> dict[str, Any]:
     """exp(mean token NLL) over non-overlapping windows of `seq_len` tokens.
 
-    `chunks` (default; the LLM-Pruner/SparseGPT convention of METHODS.md B0): the stream is cut into windows, the
+    `chunks` (default; the LLM-Pruner/SparseGPT convention): the stream is cut into windows, the
     remainder dropped, no BOS per window, and each window's first token is context only. `rolling` (lm-eval's
     loglikelihood_rolling): every token is predicted, the first from `prefix_token`, each window's context
     restarting at the window; the last window may be short. Rolling counts the window-start tokens that chunks

@@ -1,4 +1,5 @@
-"""The shared local OBS pruner (METHODS.md B4d): greedy group-OBS removal from one consumer and exact refit.
+"""The shared local OBS pruner (SlimGPT's recipe, Ling et al. 2024): greedy group-OBS removal from one consumer and
+exact refit.
 
 One consumer (o_proj, down_proj or an expert's down projection) with input Gram matrix H and weight B (= W^T,
 [columns, out]): units are removed greedily by their OBS cost 1/2 tr(B_g^T ([H^-1]_gg)^-1 B_g), with the OBS

@@ -4,7 +4,7 @@ A Structure lists, per decoder layer, one group of attention units, one group of
 one group of channels per expert (MoE layers). Shapes are read from the live modules rather than the config, so
 the same code describes a dense checkpoint and one that was already pruned to non-uniform widths.
 
-Sparsity counts parameters (METHODS.md A1): an attention unit owns its q/k/v rows (and biases) and its o_proj
+Sparsity counts parameters (docs/methods.md): an attention unit owns its q/k/v rows (and biases) and its o_proj
 columns; a channel owns one gate row, one up row and one down column. Under `query_head` granularity a K/V head is
 shared by several units and is freed only when all of them go, which `Group.removed_params` accounts for exactly.
 """
