@@ -281,7 +281,7 @@ class MaskLearner(Pruner):
                     stopped_at = step + 1
                     break
             prune_seconds = time.perf_counter() - start
-            relaxed = relax.discrete_keep()
+            relaxed = hard  # the keep-set the relaxation committed to after its last step
             masks, diagnostics = relax.final(target)
             share = projection_share(structure, relaxed, masks)
             diagnostics |= _mismatch(model, gates, relax, masks, valid_ids, device)
@@ -294,7 +294,7 @@ class MaskLearner(Pruner):
         model.requires_grad_(False)
         model.train(was_training)
         diagnostics |= {
-            "relaxed_sparsity": effective_sparsity(structure, relaxed),
+            "relaxed_sparsity": hard_sparsity,
             "projection_share": share,
             "effective_sparsity": effective_sparsity(structure, _computing(masks)),
             "polish_steps": polish_steps,
