@@ -18,8 +18,8 @@ import pandas as pd
 
 from reports import heatmaps, leaderboard, plots, tables
 from reports.query import export, load_results, read_masks
-from suite.atomic import replacing_dir
 from suite.errors import ConfigError
+from suite.outputs import check_dir, output_dir
 
 
 def slug(text: str) -> str:
@@ -54,8 +54,8 @@ def guard(df: pd.DataFrame, allow_mixed: bool) -> list[pd.DataFrame]:
     if len(groups) > 1 and not allow_mixed:
         first = [g.iloc[0] for g in groups]
         raise ConfigError(f"refusing to merge results measured under {len(groups)} different protocols "
-                          f"({protocol_difference(first[0], first[1])}); use --allow-mixed to report them "
-                          "in separate sections")
+                          f"({protocol_difference(first[0], first[1])}); pick one with --latest or --protocol "
+                          "HASH, or use --allow-mixed to report them in separate sections")
     return groups
 
 
@@ -181,15 +181,35 @@ text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100
 .warn{background:#fee;border:1px solid #c00;padding:.6em}"""
 
 
+def pick_protocol(df: pd.DataFrame, protocol: str | None, latest: bool) -> pd.DataFrame:
+    """The runs of one protocol: the one whose hash starts with `protocol`, or (`latest`) the protocol of the most
+    recently started run; every run when neither is asked."""
+    if protocol is not None:
+        picked = df[df["protocol"].str.startswith(protocol)]
+        found = sorted(picked["protocol"].unique())
+        if len(found) != 1:
+            known = ", ".join(sorted(df["protocol"].unique()))
+            what = "matches no" if not found else "matches more than one"
+            raise ConfigError(f"--protocol {protocol} {what} protocol of these runs ({known})")
+        return picked
+    if latest:
+        return df[df["protocol"] == df.loc[df["start_time"].idxmax(), "protocol"]]
+    return df
+
+
 def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | None = None,
-                 allow_mixed: bool = False, log_to_mlflow: bool = True) -> Path:
-    """Write the report under `out` and return its index.html."""
+                 allow_mixed: bool = False, log_to_store: bool = False, protocol: str | None = None,
+                 latest: bool = False) -> Path:
+    """Write the report under `out` and return its index.html. The store is only read, unless `log_to_store`
+    (then the report is also logged on each experiment's parent run)."""
     start = time.perf_counter()
+    check_dir(out, "report")  # before any work: never replace what prunebench did not write
     df = load_results(workdir, experiments, uri)
     if df.empty:
         raise ConfigError(f"no finished runs in experiment(s) {', '.join(experiments)} under {workdir}")
+    df = pick_protocol(df, protocol, latest)
     groups = guard(df, allow_mixed)
-    with replacing_dir(out) as tmp:  # a failed or killed build leaves the previous report whole
+    with output_dir(out, "report") as tmp:  # a failed or killed build leaves the previous report whole
         page = Page(tmp)
         export(df, tmp / "results.csv")
         export(df, tmp / "results.parquet")
@@ -217,10 +237,10 @@ per column and sparsity in bold.</p>
 """)
         (tmp / "report.json").write_text(json.dumps({"experiments": experiments, "runs": len(df), "mixed": mixed,
                                                      "seconds": round(time.perf_counter() - start, 2)}))
-    if log_to_mlflow:
+    if log_to_store:
         from suite.tracking import Tracker
 
         for name in experiments:
             tracker = Tracker(workdir, name, uri, create=False)
-            tracker.client.log_artifacts(tracker.parent(), str(out), artifact_path="report")
+            tracker.log_artifacts(tracker.parent(), out, artifact_path="report")
     return out / "index.html"

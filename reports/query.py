@@ -18,7 +18,8 @@ from suite.tracking import ERROR, PREFIX, Tracker
 
 KIND = PREFIX + "kind"
 ID_COLUMNS = ["experiment", "run_id", "kind", "status", "model", "method", "method_name", "sparsity", "seed",
-              "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity"]
+              "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity", "start_time"]
+LOCAL = ["artifacts"]  # where this machine finds a run's files: used by the report, never exported
 
 
 def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
@@ -40,6 +41,8 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
                 "sparsity": float(params.get("sparsity", 0.0)), "seed": int(params.get("seed", -1)),
                 "protocol": tags.get(PREFIX + "protocol", ""), "protocol_body": tags.get(PREFIX + "protocol_body", ""),
                 "artifact_uri": run.info.artifact_uri, "error": tags.get(ERROR, ""),
+                "start_time": run.info.start_time,
+                "artifacts": str(tracker.artifact_dir(run.info.artifact_uri) or ""),
             }
             metrics = dict(run.data.metrics)
             # the `sparsity` param is the grid's target; the metric of that name is what the method achieved
@@ -47,12 +50,13 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
             if kind == "dense":  # the reference row of every table
                 metrics |= {"params_compact": metrics.get("params_dense"), "retained.mean_acc": 100.0}
             rows.append(row | {k: v for k, v in metrics.items() if k not in row})  # params win (e.g. seed)
-    df = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
+    df = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + LOCAL)
     return df.sort_values(["experiment", "model", "kind", "method", "sparsity", "seed"], ignore_index=True)
 
 
 def export(df: pd.DataFrame, path: Path) -> Path:
-    """CSV or parquet by suffix."""
+    """CSV or parquet by suffix (without the machine-local columns)."""
+    df = df.drop(columns=[c for c in LOCAL if c in df.columns])
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         df.to_parquet(path, index=False)
@@ -64,13 +68,10 @@ def export(df: pd.DataFrame, path: Path) -> Path:
 
 
 def artifact(row: pd.Series, name: str) -> Path | None:
-    """A file the runner stored with this run (local stores only), or None."""
-    uri = str(row["artifact_uri"])
-    if not uri.startswith("file:"):
+    """A file the runner stored with this run (local artifact stores only), or None."""
+    if not row.get("artifacts"):
         return None
-    from urllib.parse import unquote, urlparse
-
-    path = Path(unquote(urlparse(uri).path)) / name
+    path = Path(row["artifacts"]) / name
     return path if path.is_file() else None
 
 

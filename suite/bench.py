@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from suite.errors import ConfigError
+from suite.outputs import check_file, write_json
 
 BENCHES: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -34,10 +35,11 @@ def run_bench(name: str, out: Path | None, models: list[str] | None = None, jobs
             parallel = ", ".join(n for n, f in BENCHES.items() if "jobs" in inspect.signature(f).parameters)
             raise ConfigError(f"bench {name} measures in one process; --jobs is for {parallel}")
         kwargs["jobs"] = jobs
+    if out is not None:
+        check_file(out, "bench")  # before the minutes of measuring
     result = fn(**kwargs)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, sort_keys=True))
+        write_json(out, result, "bench")
     return result
 
 

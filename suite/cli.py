@@ -6,7 +6,7 @@ Heavy libraries are imported inside the commands, so `prunebench --help` stays f
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import sys
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from suite import atomic
 from suite.errors import PruneBenchError
+from suite.outputs import check_dir, check_file, write_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +40,12 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-keep", type=int, default=1, help="minimum kept units per group")
     p.add_argument("--round-to", type=int, default=1, help="kept MLP/expert widths a multiple of N")
     p.add_argument("--granularity", default="kv_group", help="attention unit: kv_group (default) or query_head")
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default="runs", help="workdir whose mlflow.db is read (default ./runs)")
+    p.add_argument("--tracking-uri", help="read this MLflow store instead (sqlite:///..., postgresql+psycopg2://...); "
+                   "default: $MLFLOW_TRACKING_URI, else the workdir's store")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -84,6 +90,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     hyper = apply_overrides(method.Config, {}, args.set, where=f"{args.method}.")
     calib_spec = apply_overrides(CalibrationSpec, {}, args.calib, where="calib.")
+    check_dir(Path(args.out), "prune")  # before the minutes of pruning
     model, tokenizer = load_model(args.model, args.dtype)
     calibration = None
     if method.needs_calibration:
@@ -108,6 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks is not None else None
     ppl = tuple(PplSpec.parse(p) for p in args.ppl) if args.ppl else (PplSpec(),)
     spec = EvalSpec(ppl=ppl, limit=args.limit, dtype=args.dtype, **({"tasks": tasks} if tasks is not None else {}))
+    if args.json:
+        check_file(Path(args.json), "eval")
     model, tokenizer = load_model(args.model, args.dtype)
     if tokenizer is None:
         raise PruneBenchError(f"{args.model} has no tokenizer files; evaluation needs one")
@@ -121,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"mean acc {result['mean_acc']:.4f}")
     print(f"protocol {result['protocol']['hash']}")
     if args.json:
-        atomic.write_text(Path(args.json), json.dumps(result, indent=1, sort_keys=True))
+        write_json(Path(args.json), result, "eval")
     return 0
 
 
@@ -173,22 +182,42 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow server runs in its own process group, and SIGTERM or Ctrl-C here stops all of it: a stopped `ui`
+    never leaves a server behind holding the port."""
+    import signal
     import subprocess
 
-    db = (Path(args.workdir) / "mlflow.db").resolve()
-    if not db.is_file():
-        raise PruneBenchError(f"no tracking store at {db}; run an experiment first")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+    from suite.tracking import store_uri
+
+    uri = store_uri(Path(args.workdir), args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.split("///", 1)[1]).is_file():
+        raise PruneBenchError(f"no tracking store at {uri.split('///', 1)[1]}; run an experiment first, or name a "
+                              "store with --tracking-uri")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    return subprocess.call(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    server = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    try:
+        return server.wait()
+    finally:
+        stop(signal.SIGTERM, None)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from reports.build import build_report
 
     start = time.perf_counter()
-    index = build_report(Path(args.workdir), args.experiment, Path(args.out), allow_mixed=args.allow_mixed)
+    index = build_report(Path(args.workdir), args.experiment, Path(args.out), uri=args.tracking_uri,
+                         allow_mixed=args.allow_mixed, log_to_store=args.log_to_store, protocol=args.protocol,
+                         latest=args.latest)
     print(f"report: {index} ({time.perf_counter() - start:.1f}s)")
     return 0
 
@@ -279,14 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="tables, heatmaps, plots and a leaderboard from the tracking store")
     p.add_argument("--experiment", action="append", required=True, help="experiment name (repeat to combine)")
-    p.add_argument("--workdir", default="runs")
-    p.add_argument("--out", required=True, help="directory for index.html and everything it links")
+    _add_store_args(p)
+    p.add_argument("--out", required=True, help="new or empty folder (or an earlier report) for index.html and "
+                   "everything it links; never a workdir")
     p.add_argument("--allow-mixed", action="store_true",
                    help="report results of different protocols in separate sections instead of refusing")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--protocol", metavar="HASH", help="only the runs of this evaluation protocol (a hash prefix)")
+    pick.add_argument("--latest", action="store_true", help="only the runs of the most recent evaluation protocol")
+    p.add_argument("--log-to-store", action="store_true",
+                   help="also log the report on each experiment's parent run (default: the store is only read)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("ui", help="the MLflow UI for a workdir, on 127.0.0.1")
-    p.add_argument("--workdir", default="runs")
+    p = sub.add_parser("ui", help="the MLflow UI for a workdir's (or any) tracking store, on 127.0.0.1")
+    _add_store_args(p)
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 

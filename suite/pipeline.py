@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from suite.atomic import replacing_dir
 from suite.compact import save_pruned, verified_compact
 from suite.masks import Masks, Target
+from suite.outputs import output_dir
 from suite.pruner import MethodConfig, PruneResult, get_method
 from suite.structures import Structure, build_structure
 
@@ -102,8 +102,9 @@ def compact_and_measure(model: nn.Module, structure: Structure, masks: Masks, se
 
 def write_outputs(out: Path, model: nn.Module, tokenizer: Any, outcome: PruneOutcome) -> None:
     """DIR/model/ (compact model + tokenizer), DIR/masks.safetensors + masks.json, DIR/metrics.json, curves; all or
-    nothing (a killed prune leaves the previous DIR or none, never a model without its masks)."""
-    with replacing_dir(out) as tmp:
+    nothing (a killed prune leaves the previous DIR or none, never a model without its masks). DIR must be new, empty
+    or an earlier prune output (suite.outputs)."""
+    with output_dir(out, "prune") as tmp:
         save_pruned(model, tmp / "model", tokenizer)
         outcome.result.save(tmp)
         (tmp / "metrics.json").write_text(json.dumps(outcome.metrics, indent=1, sort_keys=True))

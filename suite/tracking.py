@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -21,6 +24,7 @@ from suite.errors import ConfigError, StoreError
 
 PREFIX = "prunebench."
 ROLE, IDENTITY, ERROR = PREFIX + "role", PREFIX + "identity", PREFIX + "error"
+ARTIFACTS = "mlartifacts"  # in the workdir: every run's artifacts
 LOCK = ".tracking.lock"  # in the workdir: store creation and the parent run happen under it
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
 
@@ -53,32 +57,56 @@ class Tracker:
     """The MLflow experiment of one prunebench experiment."""
 
     def __init__(self, workdir: Path, experiment: str, uri: str | None = None, create: bool = True) -> None:
-        """`create=False` (readers such as reports): refuse a store or experiment that does not exist yet."""
+        """`create=False` (readers such as reports): refuse a store or experiment that does not exist yet, and write
+        nothing, not even into the workdir. The store is `uri`, else `MLFLOW_TRACKING_URI`, else the workdir's
+        sqlite file."""
         import logging
 
         from mlflow.tracking import MlflowClient
 
-        if not create and uri is None and not (workdir / "mlflow.db").is_file():
-            raise ConfigError(f"no tracking store at {workdir / 'mlflow.db'} (run `prunebench run` first)")
-
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        self.uri = store_uri(workdir, uri)
+        self.workdir = workdir
+        self.name = experiment
+        self.base = _sqlite_folder(self.uri)
+        if not create:
+            db = _sqlite_file(self.uri)
+            if db is not None and not db.is_file():
+                raise ConfigError(f"no tracking store at {db} (run `prunebench run` first, or name the store with "
+                                  "--tracking-uri)")
+            with _store_open(self.uri):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                raise ConfigError(f"no experiment {experiment!r} in the tracking store {_shown(self.uri)}")
+            self.experiment_id = found.experiment_id
+            return
         workdir.mkdir(parents=True, exist_ok=True)
-        self.uri = uri or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
         # opening a sqlite store runs its schema migrations (eagerly, in the client's constructor): two processes
         # doing it at once corrupt it, so the client is made under the lock
-        self.workdir = workdir
-        with locked(workdir / LOCK):
+        with locked(workdir / LOCK), _store_open(self.uri):
             self.client = MlflowClient(tracking_uri=self.uri)
             found = self.client.get_experiment_by_name(experiment)
-            if found is None and not create:
-                raise ConfigError(f"no experiment {experiment!r} in the store of {workdir}")
             if found is None:
-                artifacts = (workdir / "mlartifacts" / experiment).resolve().as_uri()
+                artifacts = (workdir / ARTIFACTS / experiment).resolve().as_uri()
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
             else:
                 self.experiment_id = found.experiment_id
-        self.name = experiment
+
+    def artifact_dir(self, artifact_uri: str) -> Path | None:
+        """The local folder of a run's artifacts, or None for a remote artifact store. A sqlite store's artifacts
+        are found under the store's own folder (`<workdir>/mlartifacts/...`) wherever they were first written, so
+        a moved or copied workdir reads, and writes, its own files, never the original's."""
+        if not artifact_uri.startswith("file:"):
+            return None
+        from urllib.parse import unquote, urlparse
+
+        path = Path(unquote(urlparse(artifact_uri).path))
+        if self.base is not None and (self.base / ARTIFACTS).is_dir() and ARTIFACTS in path.parts:
+            last = len(path.parts) - 1 - path.parts[::-1].index(ARTIFACTS)
+            return self.base.joinpath(*path.parts[last:])
+        return path
 
     def reopen(self, run_id: str) -> None:
         """A resumed sweep's parent is RUNNING again until the sweep ends."""
@@ -142,16 +170,55 @@ class Tracker:
         for i in range(0, len(points), 1000):
             self.client.log_batch(run_id, metrics=points[i : i + 1000])
 
-    def log_artifacts(self, run_id: str, directory: Path) -> None:
+    def log_artifacts(self, run_id: str, directory: Path, artifact_path: str | None = None) -> None:
+        """Copy `directory`'s files into the run's artifacts (under `artifact_path`), locally where they are local."""
         with _store_errors():
-            self.client.log_artifacts(run_id, str(directory))
+            local = self.artifact_dir(self.client.get_run(run_id).info.artifact_uri)
+            if local is None:
+                self.client.log_artifacts(run_id, str(directory), artifact_path)
+            else:
+                shutil.copytree(directory, local / (artifact_path or ""), dirs_exist_ok=True)
 
     def log_json(self, run_id: str, data: Any, name: str) -> None:
-        with _store_errors():
-            self.client.log_text(run_id, json.dumps(data, indent=1, sort_keys=True, default=str), name)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+            self.log_artifacts(run_id, Path(tmp))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+def store_uri(workdir: Path, uri: str | None = None) -> str:
+    """The tracking store: `uri`, else `MLFLOW_TRACKING_URI`, else sqlite in the workdir."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """A sqlite store's file, or None for a server database."""
+    return Path(uri.split("///", 1)[1]) if uri.startswith("sqlite:///") else None
+
+
+def _sqlite_folder(uri: str) -> Path | None:
+    """The folder of a sqlite store's file (where its `mlartifacts` live), or None for a server database."""
+    db = _sqlite_file(uri)
+    return None if db is None else db.resolve().parent
+
+
+def _shown(uri: str) -> str:
+    """A store URI for messages, without a password."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", uri)
+
+
+@contextlib.contextmanager
+def _store_open(uri: str) -> Iterator[None]:
+    """A store that cannot be opened (server down, bad URI) is one line naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as err:  # MLflow raises MlflowException, SQLAlchemy's OperationalError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StoreError(f"cannot open the tracking store {_shown(uri)}: {first[:300]}") from None
 
 
 @contextlib.contextmanager

@@ -93,3 +93,25 @@ def test_methods_and_inspect_list_what_exists(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "family mixtral" in out and "L00.expert003" in out and "prunable" in out
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_prune_out_refuses_a_foreign_folder_and_replaces_its_own_output(model_dir, tmp_path, capsys):
+    args = ["prune", "--model", str(model_dir), "--method", "random", "--sparsity", "0.5", "--out"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("months of work")
+    capsys.readouterr()
+    assert main([*args, str(foreign)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: --out {foreign}") and "did not write" in err[0], err
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+    assert (foreign / "thesis.tex").read_text() == "months of work"
+    out = tmp_path / "pruned"
+    assert main([*args, str(out)]) == 0
+    first = (out / "masks.safetensors").read_bytes()
+    assert main([*args, str(out), "--seed", "1"]) == 0  # its own earlier output: replaced, no flag
+    assert (out / "masks.safetensors").read_bytes() != first
+    assert main(["eval", "--model", str(out / "model"), "--tasks", "", "--ppl", "embedded:test@64/4",
+                 "--json", str(foreign / "thesis.tex")]) == 2
+    assert (foreign / "thesis.tex").read_text() == "months of work"

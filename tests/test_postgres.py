@@ -4,6 +4,7 @@ workers share — against a private server on 127.0.0.1 (Debian's postgresql; sk
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import socket
 import subprocess
@@ -69,6 +70,17 @@ def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tm
     runs = client.search_runs([client.get_experiment_by_name("pg").experiment_id])
     assert sorted(r.data.tags.get("prunebench.kind", "parent") for r in runs) == ["dense", "parent", "pruned", "pruned"]
     assert not (workdir / "mlflow.db").exists()  # everything went to the server
+
+    # the report reads the server through --tracking-uri, and through MLFLOW_TRACKING_URI, from anywhere
+    for how, env in (("flag", {}), ("env", {"MLFLOW_TRACKING_URI": f"{postgres}/mlflow"})):
+        flag = ["--tracking-uri", f"{postgres}/mlflow"] if how == "flag" else []
+        cmd = [sys.executable, "-m", "suite.cli", "report", "--experiment", "pg", "--workdir", str(tmp_path / "none"),
+               *flag, "--out", str(tmp_path / f"report_{how}")]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results = (tmp_path / f"report_{how}" / "results.csv").read_text()
+        assert results.count("\n") == 1 + 3  # header, dense, two pruned
+    assert not (tmp_path / "none").exists()  # a reader writes nothing into the workdir
 
     # two tuning workers at once on the shared study; processes of their own (a fork would share this process's
     # pooled server connections)

@@ -123,21 +123,88 @@ def test_latex_tables_are_valid_booktabs_tabulars(report):
         assert _tabular_rows(tex.read_text())
 
 
-def test_report_is_logged_on_the_parent_run(report, store):
-    t = Tracker(store / "runs", "unit", create=False)
-    names = [a.path for a in t.client.list_artifacts(t.parent(), "report")]
-    assert "report/index.html" in names
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_report_reads_the_store_and_writes_nothing_into_it(store, tmp_path):
+    before = _snapshot(store / "runs")
+    assert main(["report", "--experiment", "unit", "--workdir", str(store / "runs"), "--out", str(tmp_path / "r")]) == 0
+    assert _snapshot(store / "runs") == before
+    # re-running the same command replaces its own earlier output, with no flag
+    (tmp_path / "r" / "index.html").write_text("stale")
+    assert main(["report", "--experiment", "unit", "--workdir", str(store / "runs"), "--out", str(tmp_path / "r")]) == 0
+    assert "prunebench report" in (tmp_path / "r" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("where", ["workdir", "parent of the workdir", "user folder", "other output"])
+def test_report_out_never_replaces_what_prunebench_did_not_write(store, tmp_path, where, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("my notes")
+    prune_out = tmp_path / "pruned"
+    prune_out.mkdir()
+    (prune_out / ".prunebench-output").write_text('{"kind": "prune"}')
+    out = {"workdir": store / "runs", "parent of the workdir": store, "user folder": user,
+           "other output": prune_out}[where]
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["report", "--experiment", "unit", "--workdir", str(store / "runs"), "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out}"), err
+    assert _snapshot(out) == before
+
+
+def test_a_copied_workdir_reports_identically_and_leaves_the_original_alone(store, report, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store / "runs", copy)
+    original = _snapshot(store / "runs")
+    hidden = store / "runs_away"
+    (store / "runs").rename(hidden)  # the copy must not need the original's files
+    try:
+        assert main(["report", "--experiment", "unit", "--workdir", str(copy), "--out", str(tmp_path / "r"),
+                     "--log-to-store"]) == 0
+    finally:
+        hidden.rename(store / "runs")
+    assert _snapshot(store / "runs") == original
+    names = ["results.csv", *(p.relative_to(report).as_posix() for p in (report / "tables").glob("*.[cm][sd]*"))]
+    assert len(names) > 5
+    for name in names:
+        assert (tmp_path / "r" / name).read_text() == (report / name).read_text(), name
+    assert sorted(p.name for p in (tmp_path / "r" / "heatmaps").rglob("*.png")) == \
+        sorted(p.name for p in (report / "heatmaps").rglob("*.png"))
+    # --log-to-store wrote the report into the copy's own artifact folder
+    t = Tracker(copy, "unit", create=False)
+    logged = t.artifact_dir(t.client.get_run(t.parent()).info.artifact_uri)
+    assert logged.is_relative_to(copy) and (logged / "report" / "index.html").is_file()
+
+
+def test_report_from_a_tracking_uri_outside_the_workdir(store, report, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(store / "runs", tmp_path / "elsewhere")
+    uri = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    assert main(["report", "--experiment", "unit", "--tracking-uri", uri, "--workdir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "r1")]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["report", "--experiment", "unit", "--workdir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "r2")]) == 0
+    assert not (tmp_path / "none").exists()
+    for out in ("r1", "r2"):
+        assert (tmp_path / out / "results.csv").read_text() == (report / "results.csv").read_text()
 
 
 def test_mixed_protocols_are_refused_with_the_difference_named(store, capsys):
     both = r"embedded:test@128/32.*embedded:test@64/32|embedded:test@64/32.*embedded:test@128/32"
     with pytest.raises(ConfigError, match=both):
-        build_report(store / "runs", ["unit", "other"], store / "mixed", log_to_mlflow=False)
+        build_report(store / "runs", ["unit", "other"], store / "mixed")
     assert main(["report", "--experiment", "unit", "--experiment", "other", "--workdir", str(store / "runs"),
                  "--out", str(store / "mixed")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: refusing to merge") and "\n" not in err
-    index = build_report(store / "runs", ["unit", "other"], store / "mixed", allow_mixed=True, log_to_mlflow=False)
+    index = build_report(store / "runs", ["unit", "other"], store / "mixed", allow_mixed=True)
     assert "MIXED PROTOCOLS" in index.read_text()
     assert (store / "mixed" / "tables" / "protocol1_leaderboard.csv").is_file()
 
