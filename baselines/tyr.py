@@ -173,14 +173,17 @@ class Tyr(Pruner):
     Config = TyrConfig
     needs_calibration = True
 
+    def check_target(self, target: Target) -> None:
+        if target.uniform or target.round_to > 1:
+            raise ConfigError("tyr searches non-uniform per-layer widths: targets with uniform or round_to are "
+                              "not supported")
+
     def prune(
         self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
     ) -> PruneResult:
         cfg = self.config
         ids = calibration_ids(self.name, calibration)
-        if target.uniform or target.round_to > 1:
-            raise ConfigError("tyr searches non-uniform per-layer widths: targets with uniform or round_to are "
-                              "not supported")
+        self.check_target(target)
         started = time.perf_counter()
         was_training = model.training
         model.eval()

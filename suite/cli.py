@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -105,7 +106,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"{args.method}: sparsity {m['sparsity']:.4f} (total {m['total_sparsity']:.4f}), "
           f"params {m['params_dense']} -> {m['params_compact']}, {m['prune_seconds']:.2f}s, "
           f"compact-vs-gated {m['compact_vs_gated_max_abs_diff']:.1e} -> {args.out}")
+    print(loading_hint(Path(args.out) / "model"))
     return 0
+
+
+def loading_hint(model_dir: Path) -> str:
+    """How to load a checkpoint `prune` wrote, with stock tools."""
+    layout = json.loads((model_dir / "config.json").read_text()).get("prunebench_layout")
+    if layout is None or layout["stock"]:
+        return (f"load: AutoModelForCausalLM.from_pretrained({str(model_dir)!r}) (a stock checkpoint: uniform "
+                "widths)")
+    return (f"load: AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True) (per-layer "
+            f"widths; the modeling code ships in the folder); lm_eval --model hf --model_args "
+            f"pretrained={model_dir},trust_remote_code=True; or prunebench's load_pruned")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -143,12 +156,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The same preflight as `run` (models, data, tasks, methods and targets, tuning), and nothing is written."""
     from suite.config import load_experiment
+    from suite.runner import preflight
 
     exp = load_experiment(args.config, args.set)
-    n = len(exp.models) * len(exp.methods) * len(exp.sparsities) * len(exp.seeds)
+    specs = preflight(exp, Path(args.workdir))
     print(f"{args.config}: ok ({exp.name}: {len(exp.models)} models x {len(exp.methods)} methods x "
-          f"{len(exp.sparsities)} sparsities x {len(exp.seeds)} seeds = {n} runs)")
+          f"{len(exp.sparsities)} sparsities x {len(exp.seeds)} seeds = {len(specs)} runs)")
     return 0
 
 
@@ -244,6 +259,17 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from suite.tasks import EMBEDDED_TASKS, task_dir
+
+    if args.tasks_command == "path":
+        print(task_dir("test")[0])
+    else:
+        for name in EMBEDDED_TASKS:
+            print(name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prunebench", description="Compare LLM structured-pruning methods fairly.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -288,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "ddp-vs-hc and ddp-ablation (default 1: one process)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("validate", help="check an experiment config without running it")
+    p = sub.add_parser("validate", help="check an experiment config with run's own preflight, writing nothing")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--workdir", default="runs", help="where run would look for tuning results (default ./runs)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="run an experiment grid; finished runs are skipped")
@@ -324,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(p)
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("tasks", help="the embedded lm-eval tasks")
+    tsub = p.add_subparsers(dest="tasks_command", required=True, parser_class=_Parser)
+    tsub.add_parser("list", help="their names")
+    tsub.add_parser("path", help="the folder of their lm-eval YAMLs (for `lm_eval --include_path`), written on "
+                    "first use")
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("zoo", help="the embedded tiny reference models")
     zsub = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)

@@ -5,15 +5,18 @@ patches a Hugging Face module. Per-unit scales are folded into the consumer weig
 down_proj columns), which makes the compact model compute what the gated model computed.
 
 A model whose layers all kept one shape is written in the stock format with the reduced sizes in config.json, so
-`AutoModelForCausalLM.from_pretrained` loads it. Any other shape is written with its per-layer layout in
-config.json (`prunebench_layout`) and loads through `load_pruned`, which rebuilds every module at its pruned shape
-and then loads the weights strictly: a weight is never silently re-initialised.
+`AutoModelForCausalLM.from_pretrained` loads it. Any other shape is written with its per-layer widths declared in
+config.json, its layout (`prunebench_layout`) and the modeling code that builds it (`modeling_prunebench.py`,
+registered in `auto_map`): every HF tool loads it with `trust_remote_code=True`, and no stock class accepts it.
+`load_pruned` builds the same classes and then loads the weights strictly: a weight is never silently
+re-initialised.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +25,27 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from suite import modeling_prunebench
 from suite.errors import ConfigError, ModelLoadError
 from suite.gates import Gates
 from suite.masks import Masks
-from suite.modules import RaggedExperts, RepeatedHeadsLinear, expert_weights
+from suite.modeling_prunebench import (
+    LAYOUT_KEY,
+    MODEL_TYPE_PREFIX,
+    PRUNED_CLASSES,
+    install_attention,
+    kv_linear,
+    linear,
+    ragged_experts,
+)
+from suite.modules import expert_weights
 from suite.structures import FAMILIES, Group, Structure, decoder_layers
 
-LAYOUT_KEY = "prunebench_layout"
 # HF's grouped_mm expert kernels need 16-byte aligned strides: a fused width must be a multiple of 8 (bf16);
 # other uniform widths use RaggedExperts, so a stock-loadable MoE checkpoint always runs (round_to: 8 keeps it).
 FUSED_ALIGN = 8
 WEIGHTS = "model.safetensors"
-
-
-def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    lin.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
-    return lin
+REMOTE_CODE = "modeling_prunebench.py"
 
 
 def _rows(lin: nn.Linear, idx: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -61,24 +66,6 @@ def _kv_sharing(counts: list[int]) -> tuple[int, list[int] | None]:
     return per_slot, [h for h, r in enumerate(repeats) for _ in range(r)]
 
 
-def _install_attention(attn: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, groups: int):
-    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = q, k, v, o
-    attn.num_key_value_groups = groups  # the only per-layer head count HF reads at run time (STACK.md §2)
-
-
-def _kv_linear(weight: Tensor, bias: Tensor | None, head_dim: int, kv_index: list[int] | None) -> nn.Linear:
-    if kv_index is None:
-        return _linear(weight, bias)
-    lin = RepeatedHeadsLinear(weight.shape[1], weight.shape[0] // head_dim, head_dim, kv_index, bias is not None)
-    lin.to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    lin.requires_grad_(False)
-    return lin
-
-
 def _compact_attention(attn: nn.Module, group: Group, keep: Tensor, scale: Tensor | None) -> dict[str, Any]:
     hd = group.head_dim
     head_keep = keep.repeat_interleave(group.heads_per_unit)  # [n_heads]
@@ -94,12 +81,12 @@ def _compact_attention(attn: nn.Module, group: Group, keep: Tensor, scale: Tenso
     per_slot, kv_index = _kv_sharing(counts[counts > 0].tolist())
     o_weight = attn.o_proj.weight[:, q_rows].clone()
     o_bias = None if attn.o_proj.bias is None else attn.o_proj.bias.clone()
-    _install_attention(
+    install_attention(
         attn,
-        _linear(*_rows(attn.q_proj, q_rows)),
-        _kv_linear(*_rows(attn.k_proj, kv_rows), hd, kv_index),
-        _kv_linear(*_rows(attn.v_proj, kv_rows), hd, kv_index),
-        _linear(o_weight, o_bias),
+        linear(*_rows(attn.q_proj, q_rows)),
+        kv_linear(*_rows(attn.k_proj, kv_rows), hd, kv_index),
+        kv_linear(*_rows(attn.v_proj, kv_rows), hd, kv_index),
+        linear(o_weight, o_bias),
         per_slot,
     )
     return {"q_heads": len(q_rows) // hd, "kv_heads": len(kv_rows) // hd, "kv_index": kv_index, "head_dim": hd,
@@ -111,9 +98,9 @@ def _compact_mlp(mlp: nn.Module, keep: Tensor, scale: Tensor | None) -> int:
     if scale is not None:
         mlp.down_proj.weight.mul_(scale.to(mlp.down_proj.weight)[None, :])
     down = mlp.down_proj
-    mlp.gate_proj = _linear(*_rows(mlp.gate_proj, idx))
-    mlp.up_proj = _linear(*_rows(mlp.up_proj, idx))
-    mlp.down_proj = _linear(down.weight[:, idx].clone(), None if down.bias is None else down.bias.clone())
+    mlp.gate_proj = linear(*_rows(mlp.gate_proj, idx))
+    mlp.up_proj = linear(*_rows(mlp.up_proj, idx))
+    mlp.down_proj = linear(down.weight[:, idx].clone(), None if down.bias is None else down.bias.clone())
     return len(idx)
 
 
@@ -133,18 +120,8 @@ def _compact_experts(block: nn.Module, groups: list[Group], masks: Masks) -> dic
         experts.down_proj = nn.Parameter(torch.stack([d for _, _, d in kept]), requires_grad=False)
         experts.intermediate_dim = widths[0]
         return {"experts": widths, "experts_fused": True}
-    block.experts = _ragged(experts, kept)
+    block.experts = ragged_experts(experts.act_fn, kept)
     return {"experts": widths, "experts_fused": False}
-
-
-def _ragged(experts: nn.Module, weights: list[tuple[Tensor, Tensor, Tensor]]) -> RaggedExperts:
-    hidden = weights[0][2].shape[0]
-    ragged = RaggedExperts(hidden, [g.shape[0] for g, _, _ in weights], experts.act_fn)
-    for mlp, (gate, up, down) in zip(ragged, weights, strict=True):
-        mlp.gate_proj.weight = nn.Parameter(gate.contiguous(), requires_grad=False)
-        mlp.up_proj.weight = nn.Parameter(up.contiguous(), requires_grad=False)
-        mlp.down_proj.weight = nn.Parameter(down.contiguous(), requires_grad=False)
-    return ragged
 
 
 @torch.no_grad()
@@ -196,7 +173,11 @@ def _write_layout(model: nn.Module, family: str, layers: list[dict[str, Any]]) -
         if stock:
             for key, value in sizes.items():
                 setattr(cfg, key, value)
-    cfg.prunebench_layout = {"version": 1, "stock": stock, "layers": layers}
+    layout: dict[str, Any] = {"version": 1, "stock": stock, "layers": layers}
+    if not stock:  # the dense sizes the stock modules start from, before each layer is rebuilt at its shape
+        keys = ("num_attention_heads", "num_key_value_heads", info.dense_width_key, info.expert_width_key)
+        layout["dense"] = {k: getattr(cfg, k) for k in keys if k is not None and hasattr(cfg, k)}
+    cfg.prunebench_layout = layout
 
 
 def stock_widths(config: Any, structure: Structure) -> dict[str, list[int]]:
@@ -246,14 +227,26 @@ def verified_compact(model: nn.Module, structure: Structure, masks: Masks, probe
         return float((model(probe).logits.float() - gated).abs().max())
 
 
+def pruned_config(config: Any) -> Any:
+    """The config of a non-uniform checkpoint: the family's `Prunebench...Config`, which declares per-layer widths
+    and names the shipped modeling code in `auto_map` (a stock config passes through unchanged)."""
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout is None or layout["stock"] or config.model_type.startswith(MODEL_TYPE_PREFIX):
+        return config
+    config_class, _ = PRUNED_CLASSES[config.model_type]
+    return config_class.from_dict(config.to_dict() | {"model_type": config_class.model_type})
+
+
 def save_pruned(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
-    """Write a (possibly pruned) model so that `load_pruned` restores it exactly; stock layout when possible."""
+    """Write a (possibly pruned) model so that `load_pruned` restores it exactly. A uniform one is a stock
+    checkpoint; any other ships `modeling_prunebench.py` and loads with `trust_remote_code=True` in any HF tool."""
     directory.mkdir(parents=True, exist_ok=True)
     layout = getattr(model.config, LAYOUT_KEY, None)
     if layout is None or layout["stock"]:
         model.save_pretrained(directory)
     else:
-        model.config.save_pretrained(directory)
+        pruned_config(model.config).save_pretrained(directory)
+        shutil.copyfile(modeling_prunebench.__file__, directory / REMOTE_CODE)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(directory)
         save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -262,63 +255,23 @@ def save_pruned(model: nn.Module, directory: Path, tokenizer: Any = None) -> Non
 
 
 def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load any checkpoint written by `save_pruned` (or a plain HF directory), whatever its per-layer shapes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load any checkpoint written by `save_pruned` (or a plain HF directory), whatever its per-layer shapes. Pruned
+    weights load strictly: a missing or extra tensor is an error, never a silent re-initialisation."""
+    from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"{directory} is not a model directory (no config.json)")
-    config = AutoConfig.from_pretrained(directory)
-    layout = getattr(config, LAYOUT_KEY, None)
+    raw = json.loads((directory / "config.json").read_text())
+    layout = raw.get(LAYOUT_KEY)
     if layout is None or layout["stock"]:
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto").eval()
-    saved = json.loads((directory / "config.json").read_text()).get("dtype")
-    model = AutoModelForCausalLM.from_config(config)
-    model.to(dtype or getattr(torch, saved or "float32"))
-    _reshape(model, layout["layers"])
+    family = raw.get("model_type", "").removeprefix(MODEL_TYPE_PREFIX)  # older checkpoints kept the stock type
+    if family not in PRUNED_CLASSES:
+        raise ModelLoadError(f"{directory}: unsupported model family {family!r}")
+    config_class, model_class = PRUNED_CLASSES[family]
+    config = config_class.from_dict(raw | {"model_type": config_class.model_type})
+    model = model_class(config).to(dtype or getattr(torch, raw.get("dtype") or "float32"))
     load_model(model, str(directory / WEIGHTS), strict=True)
     model.tie_weights()
     return model.eval()
-
-
-def _empty(*shape: int, like: Tensor) -> Tensor:
-    return torch.empty(*shape, dtype=like.dtype, device=like.device)
-
-
-def _reshape(model: nn.Module, layers: list[dict[str, Any]]) -> None:
-    """Rebuild every decoder module at the shapes recorded in a layout (values come from the checkpoint)."""
-    for layer, spec in zip(decoder_layers(model), layers, strict=True):
-        attn, hd = layer.self_attn, spec["head_dim"]
-        like = attn.q_proj.weight
-        hidden = attn.q_proj.in_features
-
-        def proj(lin: nn.Linear, out: int, like: Tensor = like, hidden: int = hidden) -> tuple:
-            return _empty(out, hidden, like=like), None if lin.bias is None else _empty(out, like=like)
-
-        q_out, kv_out = spec["q_heads"] * hd, spec["kv_heads"] * hd
-        per_slot = spec["q_heads"] // (len(spec["kv_index"]) if spec["kv_index"] else spec["kv_heads"])
-        o_bias = _empty(hidden, like=like) if spec.get("o_bias", attn.o_proj.bias is not None) else None
-        _install_attention(
-            attn,
-            _linear(*proj(attn.q_proj, q_out)),
-            _kv_linear(*proj(attn.k_proj, kv_out), hd, spec["kv_index"]),
-            _kv_linear(*proj(attn.v_proj, kv_out), hd, spec["kv_index"]),
-            _linear(_empty(hidden, q_out, like=like), o_bias),
-            per_slot,
-        )
-        mlp = layer.mlp
-        if "intermediate" in spec:
-            w = spec["intermediate"]
-            mlp.gate_proj = _linear(*proj(mlp.gate_proj, w))
-            mlp.up_proj = _linear(*proj(mlp.up_proj, w))
-            down_bias = _empty(hidden, like=like) if spec.get("down_bias", mlp.down_proj.bias is not None) else None
-            mlp.down_proj = _linear(_empty(hidden, w, like=like), down_bias)
-        if spec.get("experts_fused"):
-            experts, (w, *_) = mlp.experts, spec["experts"]
-            experts.gate_up_proj = nn.Parameter(_empty(len(spec["experts"]), 2 * w, hidden, like=like))
-            experts.down_proj = nn.Parameter(_empty(len(spec["experts"]), hidden, w, like=like))
-            experts.intermediate_dim = w
-        elif "experts" in spec:
-            shapes = [(_empty(w, hidden, like=like), _empty(w, hidden, like=like), _empty(hidden, w, like=like))
-                      for w in spec["experts"]]
-            mlp.experts = _ragged(mlp.experts, shapes)

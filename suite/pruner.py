@@ -85,6 +85,11 @@ class Pruner(ABC):
     ) -> PruneResult:
         """Choose the units to remove so that `target` is met."""
 
+    def check_target(self, target: Target) -> None:
+        """Refuse (ConfigError) a target this method cannot meet; called by the preflight before any run starts,
+        and by a method's own `prune`. Every target is fine by default."""
+        del target
+
 
 def calibration_ids(method: str, calibration: Any) -> Tensor:
     """The calibration token ids [n, seq_len], or a clear error for a data-driven method run without data."""

@@ -78,15 +78,21 @@ def model_fingerprint(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
-def preflight(exp: Experiment) -> None:
-    """What can be known wrong before any store is touched: every model resolves (a local checkpoint of a supported
-    family, or a hub id that is cached or reachable now) and the calibration text loads. A sweep that cannot start
-    fails here with one line and leaves the tracking store as it was."""
+def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunSpec]:
+    """Everything that can be known wrong before any store is touched, and the grid it would run. `validate`,
+    `run` and `tune` call this first, so validate says ok exactly when run will start: every model resolves (a
+    local checkpoint of a supported family, a zoo model, or a hub id that is cached or reachable now), the
+    calibration and evaluation texts load, the tasks exist, every method accepts its hyperparameters and target,
+    tuned methods have their tuning results, and the tuning section (when given, or for `tune`) names real labels
+    and hyperparameters. A sweep that cannot start fails here with one line and leaves the store as it was."""
     from suite.data import load_source
     from suite.evaluate import check_tasks
     from suite.hub import hub_unreachable_reason, is_cached, require_hub
+    from suite.masks import Target
     from suite.models import resolve
+    from suite.pruner import get_method
     from suite.structures import FAMILIES
+    from suite.tuning import search_spaces
 
     for spec in exp.models:
         where = resolve(spec)
@@ -98,9 +104,21 @@ def preflight(exp: Experiment) -> None:
         elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
             require_hub(f"model {where!r}")
     load_source(exp.calibration.source)
+    for ppl in eval_spec(exp).ppl:
+        load_source(ppl.source)
     check_tasks(tuple(exp.evaluation.tasks))
     if exp.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("executor.kind 'ray' needs Ray: pip install 'prunebench[ray]'")
+    if tuning or "tuning" in exp.model_fields_set:
+        search_spaces(exp)
+    specs = expand(exp, workdir, require_tuned=not tuning)
+    for spec in {(s.label, s.method, s.sparsity): s for s in specs}.values():
+        method = get_method(spec.method)
+        try:
+            method(method.Config(**spec.hyperparameters)).check_target(Target(**spec.target))
+        except ConfigError as err:
+            raise ConfigError(f"methods.{spec.label}: {err}") from None
+    return specs
 
 
 def eval_spec(exp: Experiment) -> EvalSpec:
@@ -114,18 +132,21 @@ def tuned_path(workdir: Path, experiment: str, label: str, model: str) -> Path:
     return workdir / "tuned" / experiment / label / f"{slug}.json"
 
 
-def expand(exp: Experiment, workdir: Path) -> list[RunSpec]:
-    """The grid in a stable order: model, method, sparsity, seed."""
+def expand(exp: Experiment, workdir: Path, require_tuned: bool = True) -> list[RunSpec]:
+    """The grid in a stable order: model, method, sparsity, seed. A `tuned: true` method takes its tuning result's
+    best parameters; without one it is refused (`require_tuned`, for run) or keeps its own (for tune, which makes
+    them)."""
     specs = []
     for model in exp.models:
         for entry in exp.methods:
             params = dict(entry.params)
             if entry.tuned:
                 path = tuned_path(workdir, exp.name, entry.key, model)
-                if not path.is_file():
+                if path.is_file():
+                    params |= json.loads(path.read_text())["best_params"]
+                elif require_tuned:
                     raise ConfigError(f"methods.{entry.key}: tuned: true but no tuning result for {model} "
                                       f"(run `prunebench tune` first; looked for {path})")
-                params |= json.loads(path.read_text())["best_params"]
             from suite.pruner import get_method
 
             hyper = get_method(entry.name).Config(**params).model_dump(mode="json")
@@ -155,7 +176,7 @@ class Runner:
     """Executes an experiment against one tracking store, in this process or one Ray task per grid point."""
 
     def __init__(self, exp: Experiment, workdir: Path, fail_fast: bool = False, progress: bool = True) -> None:
-        preflight(exp)
+        self.specs = preflight(exp, workdir)  # before the store is opened (or created)
         self.exp = exp
         self.workdir = workdir
         self.fail_fast = fail_fast
@@ -166,7 +187,7 @@ class Runner:
         self._speed_reference: tuple[str | None, Any] = (None, None)
 
     def run(self) -> list[dict[str, Any]]:
-        specs = expand(self.exp, self.workdir)
+        specs = self.specs
         parent = self.tracker.parent()
         self.tracker.reopen(parent)
         rows: list[dict[str, Any]] = []

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, UnsupportedModel
+from suite.modeling_prunebench import FAMILY_KEYS
 from suite.modules import RepeatedHeadsLinear, expert_weights, expert_widths, is_experts, unwrap
 
 Granularity = Literal["kv_group", "query_head"]
@@ -36,17 +37,9 @@ class Family:
     expert_width_key: str | None = None
 
 
-FAMILIES: dict[str, Family] = {
-    f.model_type: f
-    for f in (
-        Family("llama"),
-        Family("mistral"),
-        Family("qwen2"),  # q/k/v carry biases: removed with their rows
-        Family("qwen3"),  # q_norm/k_norm act per head on head_dim, shared by all heads: never sliced
-        Family("qwen3_moe", expert_width_key="moe_intermediate_size"),
-        Family("mixtral", expert_width_key="intermediate_size"),
-    )
-}
+# qwen2's q/k/v carry biases (removed with their rows); qwen3's q_norm/k_norm act per head on head_dim, shared by
+# all heads (never sliced). The width keys are the ones pruned checkpoints declare per layer (modeling_prunebench).
+FAMILIES: dict[str, Family] = {name: Family(name, dense, expert) for name, (_, dense, expert) in FAMILY_KEYS.items()}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 from suite import atomic
 from suite.config import Experiment, SearchDim
 from suite.errors import ConfigError
-from suite.runner import tuned_path
+from suite.runner import preflight, tuned_path
 from suite.tracking import PREFIX, Tracker
 
 DDP_SPACE: dict[str, SearchDim] = {
@@ -61,6 +61,33 @@ def suggest(trial: Any, space: dict[str, SearchDim]) -> dict[str, Any]:
     return out
 
 
+def search_spaces(exp: Experiment) -> dict[str, dict[str, SearchDim]]:
+    """Per tuned label, its search space (declared, or a method's default); one error line for a label that is not
+    a method of the experiment, a method without a space, or a dimension that is not one of its hyperparameters."""
+    from suite.pruner import get_method
+
+    entries = {m.key: m for m in exp.methods}
+    unknown = [k for k in exp.tuning.methods if k not in entries]
+    if unknown:
+        raise ConfigError(f"tuning.methods: {unknown} are not method labels of this experiment ({', '.join(entries)})")
+    unused = [k for k in exp.tuning.search_space if k not in exp.tuning.methods]
+    if unused:
+        raise ConfigError(f"tuning.search_space: {unused} are not in tuning.methods ({', '.join(exp.tuning.methods)})")
+    spaces = {}
+    for label in exp.tuning.methods:
+        entry = entries[label]
+        space = exp.tuning.search_space.get(label) or (DDP_SPACE if entry.name == "ddp" else None)
+        if space is None:
+            raise ConfigError(f"tuning.search_space.{label}: no default search space for {entry.name}; declare one")
+        fields = get_method(entry.name).Config.model_fields
+        unknown_params = [p for p in space if p not in fields]
+        if unknown_params:
+            raise ConfigError(f"tuning.search_space.{label}: {unknown_params} are not {entry.name} hyperparameters "
+                              f"({', '.join(fields)})")
+        spaces[label] = space
+    return spaces
+
+
 def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str, Any]]:
     """Run `tuning.n_trials` more trials for every (tuned method, model); returns a summary per study."""
     import optuna
@@ -72,22 +99,15 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
     from suite.pruner import get_method
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spaces = search_spaces(exp)
+    preflight(exp, workdir, tuning=True)  # every refusal before the stores are opened
     entries = {m.key: m for m in exp.methods}
-    unknown = [k for k in exp.tuning.methods if k not in entries]
-    if unknown:
-        raise ConfigError(f"tuning.methods: {unknown} are not method labels of this experiment ({', '.join(entries)})")
     tracker = Tracker(workdir, exp.tracking.experiment or exp.name, exp.tracking.uri)
     sparsity = exp.tuning.sparsity or exp.sparsities[0]
     summaries = []
-    for label in exp.tuning.methods:
+    for label, space in spaces.items():
         entry = entries[label]
-        space = exp.tuning.search_space.get(label) or (DDP_SPACE if entry.name == "ddp" else None)
-        if space is None:
-            raise ConfigError(f"tuning.search_space.{label}: no default search space for {entry.name}; declare one")
         method = get_method(entry.name)
-        unknown_params = [p for p in space if p not in method.Config.model_fields]
-        if unknown_params:
-            raise ConfigError(f"tuning.search_space.{label}: {unknown_params} are not {entry.name} hyperparameters")
         for model_spec in exp.models:
             study_name = f"{exp.name}/{label}/{model_spec}"
             study = _open_study(

@@ -62,11 +62,26 @@ CASES = {
                           "cannot reach the Hugging Face hub"),
     "hub dataset offline": (lambda root, model: _config(model, calibration={"source": "wikitext2"}),
                             "cannot load data set 'wikitext2'"),
+    "evaluation data set offline": (lambda root, model: _config(model, evaluation={"ppl": ["wikitext2:test@256"]}),
+                                    "cannot load data set 'wikitext2'"),
+    "zoo typo": (lambda root, model: _config(model, models=["zoo:tiny-lama"]), "tiny-lama"),
+    "tyr with a uniform target": (lambda root, model: _config(model, methods=[{"name": "tyr"}],
+                                                              target={"uniform": True}), "methods.tyr: tyr searches"),
+    "wrong tuning label": (lambda root, model: _config(model, tuning={"methods": ["ddp"]}),
+                           "tuning.methods: ['ddp'] are not method labels"),
+    "wrong search-space parameter": (
+        lambda root, model: _config(model, methods=[{"name": "ddp"}],
+                                    tuning={"search_space": {"ddp": {"mu_endd": {"type": "float", "low": 1,
+                                                                                  "high": 2}}}}),
+        "['mu_endd'] are not ddp hyperparameters"),
+    "tuned without a tuning result": (lambda root, model: _config(model, methods=[{"name": "ddp", "tuned": True}]),
+                                      "tuned: true but no tuning result"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_refused_before_the_store_changes(store, case, tmp_path, monkeypatch, capsys):
+    """`validate` and `run` give the same one refusal; neither changes an existing store or creates a new one."""
     root, model = store
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -75,14 +90,19 @@ def test_bad_input_is_refused_before_the_store_changes(store, case, tmp_path, mo
     path = tmp_path / "exp.yaml"
     path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
     before = _snapshot(root / "w")
-    capsys.readouterr()
-    started = time.perf_counter()
-    assert main(["run", str(path), "--workdir", str(root / "w")]) == 2
-    assert time.perf_counter() - started < 60  # never hangs on the network
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
-    assert "Traceback" not in err[0]
+    refusals = {}
+    for command, workdir in (("validate", root / "w"), ("run", root / "w"), ("run", tmp_path / "fresh")):
+        capsys.readouterr()
+        started = time.perf_counter()
+        assert main([command, str(path), "--workdir", str(workdir)]) == 2, command
+        assert time.perf_counter() - started < 60  # never hangs on the network
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (command, err)
+        assert "Traceback" not in err[0]
+        refusals[command, workdir] = err[0]
+    assert refusals["validate", root / "w"] == refusals["run", root / "w"]
     assert _snapshot(root / "w") == before
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_an_interrupted_download_is_not_mistaken_for_a_cached_model(store, tmp_path, monkeypatch, capsys):
@@ -149,3 +169,19 @@ def test_a_failing_artifact_store_is_one_line_and_a_resume_finishes_the_sweep(st
     assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 0
     runs = t.client.search_runs([t.experiment_id], "attributes.status = 'FINISHED'")
     assert sorted(r.data.tags.get("prunebench.kind", "parent") for r in runs) == ["dense", "parent", "pruned"]
+
+
+@pytest.mark.parametrize("case", ["unknown model", "wrong tuning label", "wrong search-space parameter"])
+def test_tune_refuses_before_creating_any_store(store, case, tmp_path, capsys):
+    root, model = store
+    make, message = CASES[case]
+    config = make(root, model)
+    if case == "unknown model":
+        config["methods"] = [{"name": "ddp"}]
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["tune", str(path), "--workdir", str(tmp_path / "fresh")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "fresh").exists()

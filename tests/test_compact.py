@@ -78,7 +78,7 @@ def test_uneven_query_heads_per_kv_group_stay_exact():
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.k_proj, RepeatedHeadsLinear)
     assert attn.k_proj.weight.shape[0] == 3 * 8  # three K/V heads stored once each
-    assert attn.k_proj.head_index.tolist() == [0, 0, 1, 2] and attn.num_key_value_groups == 1
+    assert attn.k_proj.head_index == [0, 0, 1, 2] and attn.num_key_value_groups == 1
     with torch.no_grad():
         assert (model(ids).logits - gated).abs().max() <= TOL
 
