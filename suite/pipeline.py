@@ -5,6 +5,7 @@ The CLI's `prune` and the orchestrator share this path, so a number means the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -36,6 +37,21 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@torch.no_grad()
+def weights_digest(model: nn.Module) -> str:
+    """A digest of every parameter's values (its norm and its row and column sums weighted by position): tells
+    whether a method changed weights in place, without a copy of the model or a full-size temporary."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        rows = p.detach().reshape(p.shape[0], -1) if p.dim() else p.detach().reshape(1, 1)
+        r = rows.sum(1, dtype=torch.float32)
+        c = rows.sum(0, dtype=torch.float32)
+        values = (torch.linalg.vector_norm(rows, dtype=torch.float32), r @ torch.arange(len(r), device=r.device,
+                  dtype=torch.float32), c @ torch.arange(len(c), device=c.device, dtype=torch.float32))
+        h.update(f"{name}:{':'.join(f'{v.item():.9g}' for v in values)}".encode())
+    return h.hexdigest()
+
+
 def prune_model(
     model: nn.Module,
     method: str,
@@ -52,9 +68,12 @@ def prune_model(
     structure = build_structure(model, granularity)
     pruner = get_method(method)(hyperparameters)
     pruner.step_callback = step_callback
+    before = weights_digest(model)
     start = time.perf_counter()
     result = pruner.prune(model, structure, calibration, target, seed=seed)
     prune_seconds = time.perf_counter() - start
+    # a method that rewrote weights (a refit, compensation biases) cannot be replayed from its masks alone
+    weights_changed = weights_digest(model) != before
     result.masks.meta |= {"method": method, "seed": seed, "target": target.model_dump(mode="json")}
     metrics = {
         "method": method,
@@ -65,6 +84,7 @@ def prune_model(
         "prune_seconds": prune_seconds,
         "calibration": getattr(calibration, "spec", None),
         "calibration_hash": getattr(calibration, "content_hash", None),
+        "weights_changed": weights_changed,
     } | compact_and_measure(model, structure, result.masks, seed)
     metrics |= {f"diag_{k}": v for k, v in result.diagnostics.items()}
     return PruneOutcome(result, metrics)

@@ -31,6 +31,9 @@ from suite.tracking import ERROR, PREFIX, Tracker, flatten
 log = logging.getLogger(__name__)
 KIND = PREFIX + "kind"
 WORKER = PREFIX + "worker"
+PRUNING = PREFIX + "pruning_identity"
+PRUNED_BY = PREFIX + "pruned_by"  # on a run that re-evaluated another run's pruning: that run's id
+MODEL_ARTIFACT = "model"  # the compact checkpoint, stored when a method rewrote weights
 POLL_SECONDS = 2.0  # how often a worker looks again at grid points another worker holds
 
 
@@ -52,12 +55,22 @@ class RunSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, fingerprint: str) -> str:
-        body = asdict(self) | {"model_fingerprint": fingerprint, "suite_version": suite.__version__}
-        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        """The run: its pruning and its evaluation."""
+        return _digest(asdict(self) | {"model_fingerprint": fingerprint, "suite_version": suite.__version__})
+
+    def pruning_identity(self, fingerprint: str) -> str:
+        """The pruning alone (model, method, hyperparameters, target, seed, calibration, dtype): a run under a new
+        evaluation protocol reuses the masks (and rewritten weights) of a FINISHED run with this identity."""
+        body = {k: v for k, v in asdict(self).items() if k != "evaluation"}
+        return _digest(body | {"model_fingerprint": fingerprint, "suite_version": suite.__version__})
 
     @property
     def name(self) -> str:
         return f"{self.model.removeprefix('zoo:')}/{self.label}/sp{self.sparsity}/seed{self.seed}"
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def model_fingerprint(spec: str) -> str:
@@ -340,33 +353,70 @@ class Runner:
         return self._speed_reference[1]
 
     def _execute(self, spec: RunSpec, identity: str, fingerprint: str, dense: dict[str, float]) -> Any:
-        from suite.masks import Target
         from suite.models import load_model
-        from suite.pipeline import prune_model
-        from suite.pruner import get_method
 
+        pruning = spec.pruning_identity(fingerprint)
         tags = {KIND: "pruned", PREFIX + "model": spec.model, PREFIX + "method": spec.method,
-                PREFIX + "label": spec.label, PREFIX + "model_fingerprint": fingerprint, WORKER: worker()}
-        run_id = self.tracker.start(spec.name, identity, tags)
+                PREFIX + "label": spec.label, PREFIX + "model_fingerprint": fingerprint, WORKER: worker(),
+                PRUNING: pruning}
+        source = self.tracker.find_tagged(PRUNING, pruning)
+        run_id = self.tracker.start(spec.name, identity, tags | ({PRUNED_BY: source.info.run_id} if source else {}))
         try:
             dense_model = self._dense_model(spec.model)
-            model, tokenizer = load_model(spec.model, spec.dtype)
-            method = get_method(spec.method)
-            calibration = self._calibration_for(spec.model, tokenizer)  # data-free methods ignore it
-            outcome = prune_model(model, spec.method, method.Config(**spec.hyperparameters),
-                                  Target(**spec.target), seed=spec.seed, granularity=spec.granularity,
-                                  calibration=calibration)
+            if source is not None:
+                model, tokenizer, outcome = self._reuse(spec, source)
+            else:
+                model, tokenizer = load_model(spec.model, spec.dtype)
+                outcome = self._prune(spec, model, tokenizer)
             self._record(run_id, spec, model, tokenizer, outcome.metrics, outcome.result, dense, dense_model)
             for level, masks in sorted(outcome.result.nested.items()):  # logged before the parent finishes
-                self._nested(spec, identity, fingerprint, tags, level, masks, outcome.metrics, dense, dense_model)
+                self._nested(spec, pruning, fingerprint, tags, level, masks, outcome.metrics, dense, dense_model)
             self.tracker.finish(run_id)
         except Exception as err:  # a sweep records the failure and goes on (--fail-fast re-raises)
             self._failed(run_id, spec, err)
         return self.tracker.client.get_run(run_id)
 
-    def _nested(self, spec: RunSpec, identity: str, fingerprint: str, tags: dict[str, str], level: float,
+    def _prune(self, spec: RunSpec, model: Any, tokenizer: Any) -> Any:
+        from suite.masks import Target
+        from suite.pipeline import prune_model
+        from suite.pruner import get_method
+
+        method = get_method(spec.method)
+        calibration = self._calibration_for(spec.model, tokenizer)  # data-free methods ignore it
+        return prune_model(model, spec.method, method.Config(**spec.hyperparameters), Target(**spec.target),
+                           seed=spec.seed, granularity=spec.granularity, calibration=calibration)
+
+    def _reuse(self, spec: RunSpec, source: Any) -> tuple[Any, Any, Any]:
+        """The compact model and pruning outcome of `source`, a FINISHED run of the same pruning identity, without
+        pruning again: its stored checkpoint where the method rewrote weights, otherwise the dense model compacted
+        to its masks (and checked compact == gated again). Its prune metrics, diagnostics and curves carry over."""
+        from suite.compact import load_pruned
+        from suite.masks import Masks
+        from suite.models import load_model, parse_dtype
+        from suite.pipeline import PruneOutcome, compact_and_measure
+        from suite.pruner import PruneResult
+        from suite.structures import build_structure
+
+        with self.tracker.fetch_artifacts(source) as files:
+            stored = json.loads((files / "metrics.json").read_text())
+            stored.pop("evaluation", None)
+            masks = Masks.load(files)
+            nested = {float(d.name.removeprefix("sp")): Masks.load(d) for d in sorted((files / "nested").glob("sp*"))}
+            curves = json.loads((files / "curves.json").read_text()) if (files / "curves.json").is_file() else {}
+            if (files / MODEL_ARTIFACT).is_dir():
+                model = load_pruned(files / MODEL_ARTIFACT, parse_dtype(spec.dtype))
+                tokenizer = load_model(spec.model, spec.dtype)[1]
+                metrics = stored
+            else:
+                model, tokenizer = load_model(spec.model, spec.dtype)
+                structure = build_structure(model, spec.granularity)
+                metrics = stored | compact_and_measure(model, structure, masks, spec.seed)
+        return model, tokenizer, PruneOutcome(PruneResult(masks, curves=curves, nested=nested), metrics)
+
+    def _nested(self, spec: RunSpec, pruning: str, fingerprint: str, tags: dict[str, str], level: float,
                 masks: Any, parent_metrics: dict[str, Any], dense: dict[str, float], dense_model: Any) -> None:
-        """A lower-sparsity subnetwork the method met on the way (GISP): its own row, on a fresh copy of the model."""
+        """A lower-sparsity subnetwork the method met on the way (GISP): its own row, on a fresh copy of the model
+        (`pruning`: the parent's pruning identity, so a re-evaluation finds the same nested rows)."""
         from dataclasses import replace
 
         from suite.models import load_model
@@ -375,15 +425,16 @@ class Runner:
         from suite.structures import build_structure
 
         nested = replace(spec, sparsity=level, target=spec.target | {"sparsity": level},
-                         extra=spec.extra | {"nested_in": identity})
+                         extra=spec.extra | {"nested_in": pruning})
         nested_id = nested.identity(fingerprint)
         if self.tracker.find(nested_id) is not None:
             return
-        run_id = self.tracker.start(nested.name, nested_id, tags | {PREFIX + "nested_in": identity})
+        run_id = self.tracker.start(nested.name, nested_id, tags | {PREFIX + "nested_in": pruning,
+                                                                    PRUNING: nested.pruning_identity(fingerprint)})
         try:
             model, tokenizer = load_model(spec.model, spec.dtype)
             structure = build_structure(model, spec.granularity)
-            masks.meta |= {"method": spec.method, "seed": spec.seed, "target": nested.target, "nested_in": identity}
+            masks.meta |= {"method": spec.method, "seed": spec.seed, "target": nested.target, "nested_in": pruning}
             metrics = parent_metrics | compact_and_measure(model, structure, masks, spec.seed)
             self._record(run_id, nested, model, tokenizer, metrics, PruneResult(masks), dense, dense_model)
             self.tracker.finish(run_id)
@@ -419,11 +470,12 @@ class Runner:
         params["calibration.hash"] = prune_metrics["calibration_hash"]
         self.tracker.log(run_id, params=params, metrics=metrics, tags=protocol_tags(evaluation["protocol"]))
         self.tracker.log_curves(run_id, result.curves)
-        self._artifacts(run_id, spec, prune_metrics, result, evaluation)
+        self._artifacts(run_id, spec, model, prune_metrics, result, evaluation)
 
-    def _artifacts(self, run_id: str, spec: RunSpec, prune_metrics: dict[str, Any], result: Any,
+    def _artifacts(self, run_id: str, spec: RunSpec, model: Any, prune_metrics: dict[str, Any], result: Any,
                    evaluation: dict[str, Any]) -> None:
         from reports.heatmaps import plot_masks
+        from suite.compact import save_pruned
 
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
@@ -432,6 +484,8 @@ class Runner:
                                                        sort_keys=True, default=str))
             keep = {n: k.numpy() for n, k in result.masks.keep.items()}
             plot_masks(keep, d / "heatmap", title=spec.name)
+            if prune_metrics.get("weights_changed"):  # masks alone cannot replay it: keep the compact checkpoint
+                save_pruned(model, d / MODEL_ARTIFACT)
             self.tracker.log_artifacts(run_id, d)
 
 

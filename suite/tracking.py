@@ -131,6 +131,23 @@ class Tracker:
                                        max_results=1)
         return runs[0] if runs else None
 
+    def find_tagged(self, tag: str, value: str) -> Any | None:
+        """The latest FINISHED run with this tag value."""
+        runs = self.client.search_runs([self.experiment_id],
+                                       f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
+    @contextlib.contextmanager
+    def fetch_artifacts(self, run: Any) -> Iterator[Path]:
+        """A local folder holding `run`'s artifacts: where they are, or a download from a remote artifact store."""
+        local = self.artifact_dir(run.info.artifact_uri)
+        if local is not None:
+            yield local
+            return
+        with tempfile.TemporaryDirectory() as tmp, _store_errors():
+            yield Path(self.client.download_artifacts(run.info.run_id, "", tmp))
+
     def latest(self, identity: str) -> Any | None:
         """The most recently started run of a grid point, whatever its status."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`{IDENTITY}` = '{identity}'", max_results=1,

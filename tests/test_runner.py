@@ -245,7 +245,7 @@ def test_nested_masks_become_their_own_rows_once(tmp_path, model_dir):
     assert all(r.info.status == "FINISHED" for r in pruned)
     nested = next(r for r in pruned if r.data.params["sparsity"] == "0.2")
     parent = next(r for r in pruned if r.data.params["sparsity"] == "0.4")
-    assert nested.data.tags["prunebench.nested_in"] == parent.data.tags["prunebench.identity"]
+    assert nested.data.tags["prunebench.nested_in"] == parent.data.tags["prunebench.pruning_identity"]
     assert abs(nested.data.metrics["sparsity"] - 0.2) < 0.05 and nested.data.metrics["sparsity"] < 0.4
     assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0  # resumed: nothing new
     assert len([r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned"]) == 2
@@ -328,3 +328,47 @@ def test_the_ray_executor_gives_the_local_results_table(tmp_path, model_dir):
     workers = {r.data.tags["prunebench.worker"] for r in _runs(workdir) if r.data.tags.get("prunebench.kind") ==
                "pruned"}
     assert workers and f":{os.getpid()}" not in "".join(workers)
+
+
+def test_a_new_evaluation_protocol_reuses_every_pruning(tmp_path, model_dir, monkeypatch):
+    """Changing only `evaluation.limit` prunes nothing: each new row takes the masks (and, for a method that rewrote
+    weights, the stored compact checkpoint) of the FINISHED run with its pruning identity, and measures the same
+    perplexity; nested (GISP) rows come along. The report can then pick one protocol."""
+    import suite.pipeline
+
+    methods = [{"name": "random"}, {"name": "flap"},
+               {"name": "gisp", "params": {"iterations": 3, "nested": [0.2]}}]
+    cfg = _config(tmp_path, model_dir, methods=methods, sparsities=[0.4])
+    workdir = tmp_path / "runs"
+    assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
+    first = {(r.data.params["label"], r.data.params["sparsity"]): r for r in _runs(workdir)
+             if r.data.tags.get("prunebench.kind") == "pruned"}
+    assert len(first) == 4 and first["flap", "0.4"].data.metrics["params_added"] > 0
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("pruned again")
+
+    monkeypatch.setattr(suite.pipeline, "prune_model", no_pruning)
+    cfg = _config(tmp_path, model_dir, methods=methods, sparsities=[0.4],
+                  evaluation={"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 8})
+    assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
+    runs = [r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned"]
+    assert len(runs) == 8
+    for r in runs:
+        if r.info.run_id in {f.info.run_id for f in first.values()}:
+            continue
+        before = first[r.data.params["label"], r.data.params["sparsity"]]
+        assert r.data.tags["prunebench.pruning_identity"] == before.data.tags["prunebench.pruning_identity"]
+        assert r.data.tags["prunebench.protocol"] != before.data.tags["prunebench.protocol"]
+        ppl = "ppl.embedded_test_128/32"
+        assert r.data.metrics[ppl] == pytest.approx(before.data.metrics[ppl], rel=1e-6), r.data.params["label"]
+        assert r.data.metrics["prune_seconds"] == before.data.metrics["prune_seconds"]
+    assert main(["report", "--experiment", "unit", "--workdir", str(workdir), "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", "--experiment", "unit", "--workdir", str(workdir), "--out", str(tmp_path / "r"),
+                 "--latest"]) == 0
+    results = (tmp_path / "r" / "results.csv").read_text().splitlines()
+    assert len(results) == 1 + 1 + 4  # header, dense, the four pruned rows of the latest protocol
+    old = first["random", "0.4"].data.tags["prunebench.protocol"]
+    assert main(["report", "--experiment", "unit", "--workdir", str(workdir), "--out", str(tmp_path / "r"),
+                 "--protocol", old[:8]]) == 0
+    assert old in (tmp_path / "r" / "results.csv").read_text()
