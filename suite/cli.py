@@ -13,8 +13,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+import suite
 from suite.errors import PruneBenchError
 from suite.outputs import check_dir, check_file, write_json
 
@@ -34,6 +35,9 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
+MODEL_HELP = "zoo:NAME (embedded, offline), a local checkpoint directory, or a hub id"
+
+
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove")
     p.add_argument("--uniform", action="store_true", help="same kept width in every pruned layer")
@@ -49,15 +53,54 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
                    "default: $MLFLOW_TRACKING_URI, else the workdir's store")
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
-    from suite.pruner import methods
+def _type_name(annotation: Any) -> tuple[str, list[Any] | None]:
+    """A setting's type in words, and its allowed values when it is a choice (a Literal, possibly optional)."""
+    import typing
 
-    for name, cls in methods().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        calib = "needs calibration" if cls.needs_calibration else "data-free"
-        print(f"{name}  ({calib})  {doc}")
-        for field, info in cls.Config.model_fields.items():
-            print(f"    {field} = {info.default!r}    {info.description or ''}".rstrip())
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return "choice", list(args)
+    if args and type(None) in args:
+        inner, choices = _type_name(next(a for a in args if a is not type(None)))
+        return f"{inner} or null", choices
+    if typing.get_origin(annotation) is not None:  # list[float], dict[str, int], ...
+        return str(annotation).replace("typing.", ""), None
+    return getattr(annotation, "__name__", str(annotation)), None
+
+
+def method_info(name: str) -> dict[str, Any]:
+    """One method's description and settings (type, allowed values, default), as `methods --json` prints it."""
+    from pydantic_core import PydanticUndefined
+
+    from suite.pruner import get_method
+
+    cls = get_method(name)
+    settings = {}
+    for field, info in cls.Config.model_fields.items():
+        kind, choices = _type_name(info.annotation)
+        default = info.get_default(call_default_factory=True)
+        settings[field] = {"type": kind, "choices": choices, "required": default is PydanticUndefined,
+                           "default": None if default is PydanticUndefined else default,
+                           "description": info.description or ""}
+    return {"name": name, "summary": (cls.__doc__ or "").strip().splitlines()[0],
+            "needs_calibration": cls.needs_calibration, "settings": settings}
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from suite.pruner import get_method, methods
+
+    names = [get_method(args.name).name] if args.name else list(methods())
+    infos = [method_info(name) for name in names]
+    if args.json:
+        print(json.dumps(infos if not args.name else infos[0], indent=1, default=str))
+        return 0
+    for info in infos:
+        calib = "needs calibration" if info["needs_calibration"] else "data-free"
+        print(f"{info['name']}  ({calib})  {info['summary']}")
+        for field, s in info["settings"].items():
+            kind = f"{s['type']}: {' | '.join(map(str, s['choices']))}" if s["choices"] else s["type"]
+            value = "required" if s["required"] else f"= {s['default']!r}"
+            print(f"    {field} ({kind}) {value}    {s['description']}".rstrip())
     return 0
 
 
@@ -271,44 +314,51 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from suite.bench import BENCHES
     parser = _Parser(prog="prunebench", description="Compare LLM structured-pruning methods fairly.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"prunebench {suite.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("methods", help="registered methods and their hyperparameters")
+    p = sub.add_parser("methods", help="registered methods and their hyperparameters (type, choices, default)")
+    p.add_argument("name", nargs="?", help="only this method")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("inspect", help="the prunable structure of a model")
-    p.add_argument("--model", required=True, help="local directory or hub id")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--granularity", default="kv_group", help="kv_group (default) or query_head")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("prune", help="prune one model with one method and write the compact model")
-    p.add_argument("--model", required=True, help="local directory or hub id")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--method", required=True, help="a registered method (see `prunebench methods`)")
     _add_target_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the method and its tie-breaks (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     p.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
                    help="calibration setting: source, split, n, seq_len, valid_n, seed, tasks, task_items "
                    "(default embedded train 64x256)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="new or empty folder (or an earlier prune output): model/, masks, "
+                   "metrics.json")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity, lm-eval tasks and the protocol fingerprint of a model")
-    p.add_argument("--model", required=True, help="zoo:NAME, local directory or hub id")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the embedded tasks; '' for none)")
-    p.add_argument("--ppl", action="append", help="perplexity spec SOURCE[:SPLIT]@SEQ_LEN (default embedded:test@256)")
+    p.add_argument("--ppl", action="append",
+                   help="perplexity spec SOURCE[:SPLIT]@SEQ_LEN[/WINDOWS] (repeatable; default "
+                   "embedded:test@256)")
     p.add_argument("--limit", type=int, help="items per task (recorded in the protocol)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
-    p.add_argument("--json", help="write the full result here")
+    p.add_argument("--json", help="write the full result here (a new file, or an earlier eval --json output)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run")
-    p.add_argument("name", help="speed, ddp-vs-hc, ddp-ablation, baselines or seed-systems")
-    p.add_argument("--out", help="also save the table (JSON) here")
+    p.add_argument("name", help="one of: " + ", ".join(BENCHES))  # suite.bench imports nothing heavy
+    p.add_argument("--out", help="also save the table (JSON) here (a new file, or an earlier bench output)")
     p.add_argument("--models", help="comma-separated models for model-comparing benches")
     p.add_argument("--jobs", type=int, default=1, help="single-threaded processes for the independent cells of "
                    "ddp-vs-hc and ddp-ablation (default 1: one process)")
@@ -330,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="Optuna study per (tuned method, model); resumes and adds trials")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    p.add_argument("--workdir", default="runs")
+    p.add_argument("--workdir", default="runs", help="tracking store, optuna.db and tuning results (default ./runs)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="tables, heatmaps, plots and a leaderboard from the tracking store")

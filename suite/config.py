@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from suite.data import CalibrationSpec
-from suite.errors import ConfigError, PruneBenchError
+from suite.errors import ConfigError, PruneBenchError, did_you_mean
 from suite.masks import pydantic_message
 from suite.structures import GRANULARITIES
 
@@ -65,8 +65,9 @@ def validation_error(err: ValidationError, model: type[BaseModel], where: str = 
             field = getattr(owner, "model_fields", {}).get(part)
             annotation = getattr(field, "annotation", None)
             owner = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else owner
-        allowed = ", ".join(getattr(owner, "model_fields", {}))
-        return ConfigError(f"{where}{loc}: unknown key (allowed: {allowed})")
+        fields = list(getattr(owner, "model_fields", {}))
+        hint = did_you_mean(str(first["loc"][-1]), fields)
+        return ConfigError(f"{where}{loc}: unknown key{hint} (allowed: {', '.join(fields)})")
     return ConfigError(f"{where}{pydantic_message(err)}")
 
 

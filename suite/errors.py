@@ -1,5 +1,9 @@
 """One exception hierarchy, so the CLI can turn any user-facing failure into one `error:` line."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class PruneBenchError(Exception):
     """Base of every error a user can act on; the CLI prints it as `error: <message>` and exits 2."""
@@ -35,3 +39,11 @@ class DataError(PruneBenchError):
 
 class StoreError(PruneBenchError):
     """The tracking or artifact store refused a write (full disk, permissions, a file where a folder should be)."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """'; did you mean X?' for the closest known names ('' when none is close)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=2)
+    return f"; did you mean {' or '.join(close)}?" if close else ""

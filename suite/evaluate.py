@@ -183,11 +183,12 @@ def run_tasks(
     manager = check_tasks(tasks)
     device = next(model.parameters()).device
     max_length = getattr(model.config, "max_position_embeddings", 2048)
-    lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size,
-                         max_length=max_length)
+    with _quiet_lm_eval():
+        lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size,
+                             max_length=max_length)
     context = offline() if reason else contextlib.nullcontext()
     try:
-        with context, _quiet_datasets(), _no_environment_report():
+        with context, _quiet_datasets(), _quiet_lm_eval(), _no_environment_report():
             out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                           log_samples=False, bootstrap_iters=0, verbosity="ERROR")
     except (ConnectionError, OSError) as err:
@@ -214,6 +215,28 @@ def _no_environment_report():
         yield
     finally:
         evaluator.add_env_info, evaluator.get_git_commit_hash = saved
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval warns that an in-memory `pretrained` "is not of type str" and was "passed already initialized": both
+    describe exactly how prunebench calls it, so they are silenced. Its per-task request bar is off when stderr is
+    not a terminal (in a log it is only cursor codes)."""
+    import logging
+    import sys
+
+    import lm_eval.api.task as task_module
+
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    saved_level, saved_tqdm = hf_logger.level, task_module.tqdm
+    hf_logger.setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        task_module.tqdm = functools.partial(saved_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        hf_logger.setLevel(saved_level)
+        task_module.tqdm = saved_tqdm
 
 
 @contextlib.contextmanager

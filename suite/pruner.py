@@ -8,7 +8,6 @@ imports a method by name.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import pkgutil
@@ -22,7 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from suite.errors import ConfigError, UnknownMethod
+from suite.errors import ConfigError, UnknownMethod, did_you_mean
 from suite.masks import Masks, Normalize, SelectionMode, Target, select
 from suite.structures import Structure
 
@@ -156,7 +155,5 @@ def get_method(name: str) -> type[Pruner]:
     """The method class registered as `name`; an unknown name is refused with the closest matches."""
     known = methods()
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=2)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise UnknownMethod(f"unknown method {name!r}{hint} (registered: {', '.join(known)})")
+        raise UnknownMethod(f"unknown method {name!r}{did_you_mean(name, known)} (registered: {', '.join(known)})")
     return known[name]

@@ -219,7 +219,7 @@ class Runner:
         from tqdm import tqdm
 
         started = int(time.time() * 1000)
-        bar = tqdm(total=len(specs), desc=f"{self.exp.name}", unit="run", disable=not self.progress)
+        bar = tqdm(total=len(specs), desc=f"{self.exp.name}", unit="run", disable=None if self.progress else True)
         for model in dict.fromkeys(s.model for s in specs):
             fingerprint = model_fingerprint(model)
             dense = self._dense(model, fingerprint, claims)
