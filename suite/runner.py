@@ -122,7 +122,7 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
     check_tasks(tuple(exp.evaluation.tasks))
     if exp.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("executor.kind 'ray' needs Ray: pip install 'prunebench[ray]'")
-    if tuning or "tuning" in exp.model_fields_set:
+    if tuning or exp.tuning != type(exp.tuning)():  # a tuning section that says anything is checked
         search_spaces(exp)
     specs = expand(exp, workdir, require_tuned=not tuning)
     for spec in {(s.label, s.method, s.sparsity): s for s in specs}.values():

@@ -67,8 +67,8 @@ CASES = {
     "zoo typo": (lambda root, model: _config(model, models=["zoo:tiny-lama"]), "tiny-lama"),
     "tyr with a uniform target": (lambda root, model: _config(model, methods=[{"name": "tyr"}],
                                                               target={"uniform": True}), "methods.tyr: tyr searches"),
-    "wrong tuning label": (lambda root, model: _config(model, tuning={"methods": ["ddp"]}),
-                           "tuning.methods: ['ddp'] are not method labels"),
+    "wrong tuning label": (lambda root, model: _config(model, tuning={"methods": ["ddp_tunned"]}),
+                           "tuning.methods: ['ddp_tunned'] are not method labels"),
     "wrong search-space parameter": (
         lambda root, model: _config(model, methods=[{"name": "ddp"}],
                                     tuning={"search_space": {"ddp": {"mu_endd": {"type": "float", "low": 1,
