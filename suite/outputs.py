@@ -41,11 +41,16 @@ def _store_inside(folder: Path) -> Path | None:
     return None
 
 
+# outputs written before the marker existed, recognised by the files every one of them has
+UNMARKED = {"report": ("index.html", "report.json", "results.csv"), "prune": ("metrics.json", "masks.json", "model")}
+
+
 def _marker_kind(folder: Path) -> str | None:
     try:
         return json.loads((folder / MARKER).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
-        return None
+        pass
+    return next((kind for kind, names in UNMARKED.items() if all((folder / n).exists() for n in names)), None)
 
 
 def check_dir(out: Path, kind: str) -> None:

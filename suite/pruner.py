@@ -141,7 +141,12 @@ def _discover() -> None:
         for info in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{package}.{info.name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+        try:
+            ep.load()
+        except Exception as err:  # a broken plugin is the user's to fix: one line naming it
+            raise ConfigError(f"method plugin {ep.name!r} ({ep.value}) failed to load: "
+                              f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                              ) from None
     _discovered = True
 
 

@@ -115,3 +115,15 @@ def test_prune_out_refuses_a_foreign_folder_and_replaces_its_own_output(model_di
     assert main(["eval", "--model", str(out / "model"), "--tasks", "", "--ppl", "embedded:test@64/4",
                  "--json", str(foreign / "thesis.tex")]) == 2
     assert (foreign / "thesis.tex").read_text() == "months of work"
+
+
+def test_an_output_written_before_markers_is_still_recognised(tmp_path):
+    from suite.outputs import check_dir
+
+    old = tmp_path / "report"
+    old.mkdir()
+    for name in ("index.html", "report.json", "results.csv"):
+        (old / name).write_text("x")
+    check_dir(old, "report")  # replaced without a flag
+    with pytest.raises(Exception, match="prunebench report output"):
+        check_dir(old, "prune")
