@@ -127,3 +127,44 @@ def test_an_output_written_before_markers_is_still_recognised(tmp_path):
     check_dir(old, "report")  # replaced without a flag
     with pytest.raises(Exception, match="prunebench report output"):
         check_dir(old, "prune")
+
+
+def test_ui_stops_its_mlflow_server_on_sigterm(tmp_path):
+    """SIGTERM to `prunebench ui` stops the whole server (its own process group): nothing is left on the port."""
+    import os
+    import signal
+    import socket
+    import time
+
+    from suite.tracking import Tracker
+
+    Tracker(tmp_path / "w", "x")  # a store to serve
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "suite.cli", "ui", "--workdir", str(tmp_path / "w"), "--port",
+                           str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    deadline = time.time() + 120
+    while not listening():
+        assert ui.poll() is None and time.time() < deadline, ui.stderr.read().decode()[-2000:]
+        time.sleep(0.5)
+    server = int(subprocess.run(["ps", "-o", "pid=", "--ppid", str(ui.pid)], capture_output=True,
+                                text=True).stdout.split()[0])
+    group = os.getpgid(server)
+    assert group != os.getpgid(ui.pid)
+    ui.send_signal(signal.SIGTERM)
+    ui.wait(timeout=60)
+    deadline = time.time() + 30
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        assert time.time() < deadline, "the MLflow server outlived prunebench ui"
+        time.sleep(0.5)
+    assert not listening()
