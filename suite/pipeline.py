@@ -63,7 +63,7 @@ def prune_model(
     calibration: Any = None,
     step_callback: Any = None,
 ) -> PruneOutcome:
-    """Prune `model` in place and compact it; metrics carry the keys of DESIGN.md's metrics.json contract."""
+    """Prune `model` in place and compact it; metrics carry the keys README documents for metrics.json."""
     torch.manual_seed(seed)
     structure = build_structure(model, granularity)
     pruner = get_method(method)(hyperparameters)
