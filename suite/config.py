@@ -162,6 +162,9 @@ class TuningConfig(Strict):
 class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite in the workdir)")
     experiment: str | None = Field(None, description="MLflow experiment (default: the experiment name)")
+    store_models: bool = Field(True, description="store the compact checkpoint of a run whose method rewrote "
+                               "weights (FLAP, SlimGPT, Týr), so a new evaluation protocol reuses it instead of "
+                               "pruning again; false saves the space (a model's size per run)")
 
 
 class ExecutorConfig(Strict):

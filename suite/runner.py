@@ -360,11 +360,13 @@ class Runner:
                 PREFIX + "label": spec.label, PREFIX + "model_fingerprint": fingerprint, WORKER: worker(),
                 PRUNING: pruning}
         source = self.tracker.find_tagged(PRUNING, pruning)
-        run_id = self.tracker.start(spec.name, identity, tags | ({PRUNED_BY: source.info.run_id} if source else {}))
+        run_id = self.tracker.start(spec.name, identity, tags)
         try:
             dense_model = self._dense_model(spec.model)
-            if source is not None:
-                model, tokenizer, outcome = self._reuse(spec, source)
+            reused = None if source is None else self._reuse(spec, source)
+            if reused is not None:
+                model, tokenizer, outcome = reused
+                self.tracker.log(run_id, tags={PRUNED_BY: source.info.run_id})
             else:
                 model, tokenizer = load_model(spec.model, spec.dtype)
                 outcome = self._prune(spec, model, tokenizer)
@@ -386,10 +388,12 @@ class Runner:
         return prune_model(model, spec.method, method.Config(**spec.hyperparameters), Target(**spec.target),
                            seed=spec.seed, granularity=spec.granularity, calibration=calibration)
 
-    def _reuse(self, spec: RunSpec, source: Any) -> tuple[Any, Any, Any]:
+    def _reuse(self, spec: RunSpec, source: Any) -> tuple[Any, Any, Any] | None:
         """The compact model and pruning outcome of `source`, a FINISHED run of the same pruning identity, without
         pruning again: its stored checkpoint where the method rewrote weights, otherwise the dense model compacted
-        to its masks (and checked compact == gated again). Its prune metrics, diagnostics and curves carry over."""
+        to its masks (and checked compact == gated again). Its prune metrics, diagnostics and curves carry over.
+        None when the masks cannot replay it (weights rewritten, or not known not to be, and no checkpoint stored):
+        then the run prunes again."""
         from suite.compact import load_pruned
         from suite.masks import Masks
         from suite.models import load_model, parse_dtype
@@ -407,6 +411,8 @@ class Runner:
                 model = load_pruned(files / MODEL_ARTIFACT, parse_dtype(spec.dtype))
                 tokenizer = load_model(spec.model, spec.dtype)[1]
                 metrics = stored
+            elif stored.get("weights_changed") is not False:
+                return None
             else:
                 model, tokenizer = load_model(spec.model, spec.dtype)
                 structure = build_structure(model, spec.granularity)
@@ -484,7 +490,7 @@ class Runner:
                                                        sort_keys=True, default=str))
             keep = {n: k.numpy() for n, k in result.masks.keep.items()}
             plot_masks(keep, d / "heatmap", title=spec.name)
-            if prune_metrics.get("weights_changed"):  # masks alone cannot replay it: keep the compact checkpoint
+            if prune_metrics.get("weights_changed") and self.exp.tracking.store_models:  # masks cannot replay it
                 save_pruned(model, d / MODEL_ARTIFACT)
             self.tracker.log_artifacts(run_id, d)
 

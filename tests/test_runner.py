@@ -372,3 +372,24 @@ def test_a_new_evaluation_protocol_reuses_every_pruning(tmp_path, model_dir, mon
     assert main(["report", "--experiment", "unit", "--workdir", str(workdir), "--out", str(tmp_path / "r"),
                  "--protocol", old[:8]]) == 0
     assert old in (tmp_path / "r" / "results.csv").read_text()
+
+
+def test_without_stored_models_a_weight_rewriting_method_prunes_again(tmp_path, model_dir, monkeypatch):
+    """`tracking.store_models: false`: masks replay `random` on a new protocol, but FLAP (its biases live in the
+    weights) is pruned again rather than replayed wrong."""
+    import suite.pipeline
+
+    methods = [{"name": "random"}, {"name": "flap"}]
+    cfg = _config(tmp_path, model_dir, methods=methods, tracking={"store_models": False})
+    workdir = tmp_path / "runs"
+    assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
+    pruned = []
+    real = suite.pipeline.prune_model
+    monkeypatch.setattr(suite.pipeline, "prune_model", lambda model, method, *a, **k: pruned.append(method) or
+                        real(model, method, *a, **k))
+    cfg = _config(tmp_path, model_dir, methods=methods, tracking={"store_models": False},
+                  evaluation={"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 8})
+    assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
+    assert pruned == ["flap"]
+    runs = [r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned"]
+    assert len(runs) == 4 and sum("prunebench.pruned_by" in r.data.tags for r in runs) == 1
