@@ -16,13 +16,14 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import suite
-from suite.claims import Claims
+from suite.claims import ClaimLost, Claims, lease_seconds
 from suite.config import Experiment
 from suite.errors import ConfigError, PruneBenchError
 from suite.evaluate import EvalSpec, PplSpec
@@ -116,6 +117,7 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
                                   f"{', '.join(sorted(FAMILIES))}")
         elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
             require_hub(f"model {where!r}")
+    lease_seconds()  # a malformed PRUNEBENCH_LEASE_S is refused before anything starts
     load_source(exp.calibration.source)
     for ppl in eval_spec(exp).ppl:
         load_source(ppl.source)
@@ -301,7 +303,10 @@ class Runner:
             if done is not None:
                 return done
             self.tracker.kill_orphans(identity)
-            return execute()
+            return execute(partial(claims.fence, identity))
+        except ClaimLost as lost:  # paused past the lease and taken over: the successor's result counts
+            log.warning("%s", lost)
+            return None
         finally:
             claims.release(identity)
 
@@ -316,7 +321,7 @@ class Runner:
                 return dict(run.data.metrics)
             time.sleep(POLL_SECONDS)
 
-    def _measure_dense(self, model: str, identity: str) -> Any:
+    def _measure_dense(self, model: str, identity: str, fence: Callable[[], None]) -> Any:
         from suite.evaluate import evaluate
         from suite.models import load_model
 
@@ -326,11 +331,15 @@ class Runner:
             m, tok = load_model(model, self.exp.dtype)
             result = evaluate(m, tok, self.spec)
             metrics = flat_metrics(result) | {"params_dense": sum(p.numel() for p in m.parameters())}
+            fence()
             self.tracker.log(run_id, params={"model": model, "method": "dense", "sparsity": 0.0},
                              metrics=metrics, tags=protocol_tags(result["protocol"]))
             self.tracker.log_json(run_id, result, "evaluation.json")
+            fence()
             self.tracker.finish(run_id)
             return self.tracker.client.get_run(run_id)
+        except ClaimLost:
+            raise
         except Exception as err:
             self.tracker.log(run_id, tags={ERROR: _one_line(err)})
             self.tracker.finish(run_id, "FAILED")
@@ -352,7 +361,10 @@ class Runner:
             self._speed_reference = (model, load_model(model, self.exp.dtype)[0])
         return self._speed_reference[1]
 
-    def _execute(self, spec: RunSpec, identity: str, fingerprint: str, dense: dict[str, float]) -> Any:
+    def _execute(self, spec: RunSpec, identity: str, fingerprint: str, dense: dict[str, float],
+                 fence: Callable[[], None]) -> Any:
+        """Prune (or reuse an earlier pruning), evaluate and record one grid point; `fence` raises ClaimLost once
+        this worker no longer holds the point, and is called before every write of its result."""
         from suite.models import load_model
 
         pruning = spec.pruning_identity(fingerprint)
@@ -370,10 +382,14 @@ class Runner:
             else:
                 model, tokenizer = load_model(spec.model, spec.dtype)
                 outcome = self._prune(spec, model, tokenizer)
-            self._record(run_id, spec, model, tokenizer, outcome.metrics, outcome.result, dense, dense_model)
+            self._record(run_id, spec, model, tokenizer, outcome.metrics, outcome.result, dense, dense_model, fence)
             for level, masks in sorted(outcome.result.nested.items()):  # logged before the parent finishes
-                self._nested(spec, pruning, fingerprint, tags, level, masks, outcome.metrics, dense, dense_model)
+                self._nested(spec, pruning, fingerprint, tags, level, masks, outcome.metrics, dense, dense_model,
+                             fence)
+            fence()
             self.tracker.finish(run_id)
+        except ClaimLost:
+            raise
         except Exception as err:  # a sweep records the failure and goes on (--fail-fast re-raises)
             self._failed(run_id, spec, err)
         return self.tracker.client.get_run(run_id)
@@ -420,7 +436,8 @@ class Runner:
         return model, tokenizer, PruneOutcome(PruneResult(masks, curves=curves, nested=nested), metrics)
 
     def _nested(self, spec: RunSpec, pruning: str, fingerprint: str, tags: dict[str, str], level: float,
-                masks: Any, parent_metrics: dict[str, Any], dense: dict[str, float], dense_model: Any) -> None:
+                masks: Any, parent_metrics: dict[str, Any], dense: dict[str, float], dense_model: Any,
+                fence: Callable[[], None]) -> None:
         """A lower-sparsity subnetwork the method met on the way (GISP): its own row, on a fresh copy of the model
         (`pruning`: the parent's pruning identity, so a re-evaluation finds the same nested rows)."""
         from dataclasses import replace
@@ -442,8 +459,11 @@ class Runner:
             structure = build_structure(model, spec.granularity)
             masks.meta |= {"method": spec.method, "seed": spec.seed, "target": nested.target, "nested_in": pruning}
             metrics = parent_metrics | compact_and_measure(model, structure, masks, spec.seed)
-            self._record(run_id, nested, model, tokenizer, metrics, PruneResult(masks), dense, dense_model)
+            self._record(run_id, nested, model, tokenizer, metrics, PruneResult(masks), dense, dense_model, fence)
+            fence()
             self.tracker.finish(run_id)
+        except ClaimLost:
+            raise
         except Exception as err:
             self._failed(run_id, nested, err)
 
@@ -455,11 +475,12 @@ class Runner:
             raise err
 
     def _record(self, run_id: str, spec: RunSpec, model: Any, tokenizer: Any, prune_metrics: dict[str, Any],
-                result: Any, dense: dict[str, float], dense_model: Any) -> None:
+                result: Any, dense: dict[str, float], dense_model: Any, fence: Callable[[], None]) -> None:
         """Evaluate the compact model and log params, metrics (pruned, dense, retained %), curves and artifacts."""
         from suite.evaluate import evaluate, speed
 
         evaluation = evaluate(model, tokenizer, self.spec)
+        fence()
         numbers = prune_metrics.items()
         metrics = {k: v for k, v in numbers if isinstance(v, int | float) and not isinstance(v, bool)}
         metrics |= flat_metrics(evaluation)

@@ -84,15 +84,19 @@ class Tracker:
             return
         workdir.mkdir(parents=True, exist_ok=True)
         # opening a sqlite store runs its schema migrations (eagerly, in the client's constructor): two processes
-        # doing it at once corrupt it, so the client is made under the lock
-        with locked(workdir / LOCK), _store_open(self.uri):
-            self.client = MlflowClient(tracking_uri=self.uri)
-            found = self.client.get_experiment_by_name(experiment)
-            if found is None:
-                artifacts = (workdir / ARTIFACTS / experiment).resolve().as_uri()
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
-            else:
-                self.experiment_id = found.experiment_id
+        # doing it at once corrupt it, so the client is made under the lock, and a new store is built aside first
+        with locked(workdir / LOCK):
+            db = _sqlite_file(self.uri)
+            if db is not None:
+                _initialise_sqlite(db)
+            with _store_open(self.uri):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    artifacts = (workdir / ARTIFACTS / experiment).resolve().as_uri()
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+                else:
+                    self.experiment_id = found.experiment_id
 
     def artifact_dir(self, artifact_uri: str) -> Path | None:
         """The local folder of a run's artifacts, or None for a remote artifact store. A sqlite store's artifacts
@@ -202,12 +206,58 @@ class Tracker:
             self.log_artifacts(run_id, Path(tmp))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a run. A run another worker marked KILLED (it took the grid point over) never becomes FINISHED."""
+        if status == "FINISHED" and self.client.get_run(run_id).info.status == "KILLED":
+            from suite.claims import ClaimLost
+
+            raise ClaimLost(f"run {run_id} was marked KILLED by the worker that took its grid point over")
         self.client.set_terminated(run_id, status=status)
 
 
 def store_uri(workdir: Path, uri: str | None = None) -> str:
     """The tracking store: `uri`, else `MLFLOW_TRACKING_URI`, else sqlite in the workdir."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def _initialise_sqlite(db: Path) -> None:
+    """Make sure `db` is a complete store (the caller holds the workdir lock). MLflow's schema migrations are not
+    atomic, so a new store is built, every migration included, in a temporary file beside it and renamed into
+    place: a kill leaves no store or a whole one, never half of one. A store that cannot be opened (half built by an
+    older prunebench) is set aside (`<name>.broken-<time>`) and rebuilt when it holds no runs, and refused with one
+    line when it does."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for leftover in db.parent.glob(f".{db.name}.*.tmp*"):  # a creator killed mid-build (we hold the lock)
+        leftover.unlink(missing_ok=True)
+    if db.is_file():
+        try:
+            with _store_open(f"sqlite:///{db}"):
+                SqlAlchemyStore(f"sqlite:///{db}", str(db.parent / ARTIFACTS)).engine.dispose()
+            return
+        except StoreError as err:
+            runs = _count_runs(db)
+            if runs:
+                raise StoreError(f"{err}; it holds {runs} runs, so it is left as it is: restore it from a backup, "
+                                 "or move it away to start a new store") from None
+            db.rename(db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}"))
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    try:
+        with _store_open(f"sqlite:///{tmp}"):
+            SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / ARTIFACTS)).engine.dispose()
+        tmp.replace(db)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _count_runs(db: Path) -> int:
+    """Runs in a sqlite store that MLflow cannot open (0 when it has no runs table)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return int(con.execute("select count(*) from runs").fetchone()[0])
+    except sqlite3.Error:
+        return 0
 
 
 def _sqlite_file(uri: str) -> Path | None:

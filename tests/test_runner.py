@@ -393,3 +393,66 @@ def test_without_stored_models_a_weight_rewriting_method_prunes_again(tmp_path, 
     assert pruned == ["flap"]
     runs = [r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned"]
     assert len(runs) == 4 and sum("prunebench.pruned_by" in r.data.tags for r in runs) == 1
+
+
+def test_a_worker_paused_past_its_lease_records_nothing_when_it_resumes(tmp_path, model_dir):
+    """Fencing: worker A is SIGSTOPped mid-run, B takes the point over (A's run marked KILLED) and finishes it; A,
+    resumed, finds its claim token gone and records nothing. Exactly one FINISHED run for the point."""
+    import os
+    import signal
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    cfg = _config(tmp_path, model_dir, methods=[{"name": "ddp", "params": {"steps": 600, "batch_size": 2,
+                                                                          "valid_batches": 1}}])
+    workdir = tmp_path / "runs"
+    env = os.environ | {"PRUNEBENCH_LEASE_S": "2"}
+    cmd = [sys.executable, "-m", "suite.cli", "run", str(cfg), "--workdir", str(workdir)]
+    a = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while True:  # wait until A is inside the pruned run
+            assert a.poll() is None and time.time() < deadline, a.communicate()[1][-2000:]
+            if (workdir / "mlflow.db").is_file():
+                client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+                exp = client.get_experiment_by_name("unit")
+                if exp and client.search_runs([exp.experiment_id], "tags.`prunebench.kind` = 'pruned' and "
+                                              "attributes.status = 'RUNNING'"):
+                    break
+            time.sleep(0.2)
+        a.send_signal(signal.SIGSTOP)
+        time.sleep(3)  # past A's lease
+        b = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert b.returncode == 0, b.stderr[-2000:]
+    finally:
+        a.send_signal(signal.SIGCONT)
+    _, err = a.communicate(timeout=600)
+    assert a.returncode == 0, err[-2000:]
+    assert "claim was taken over" in err
+    runs = [r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned"]
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    killed = next(r for r in runs if r.info.status == "KILLED")
+    assert "ppl.embedded_test_128/32" not in killed.data.metrics  # A recorded nothing after it lost the claim
+
+
+def test_release_never_removes_a_successors_claim_and_lease_settings_are_checked(tmp_path, monkeypatch):
+    from suite.claims import ClaimLost, Claims, lease_seconds
+    from suite.errors import ConfigError
+
+    mine, theirs = Claims(tmp_path, lease=0.4), Claims(tmp_path, lease=0.4)
+    assert mine.acquire("p")
+    mine._stop.set()  # paused: no more heartbeats
+    time.sleep(0.6)
+    assert theirs.acquire("p")
+    assert not mine.current("p") and theirs.current("p")
+    with pytest.raises(ClaimLost):
+        mine.fence("p")
+    mine.release("p")
+    assert (tmp_path / "claims" / "p.claim").is_file() and theirs.current("p")
+    theirs.close()
+    assert not (tmp_path / "claims" / "p.claim").exists()
+    for bad in ("abc", "0", "-5", "inf"):
+        monkeypatch.setenv("PRUNEBENCH_LEASE_S", bad)
+        with pytest.raises(ConfigError, match="PRUNEBENCH_LEASE_S"):
+            lease_seconds()
