@@ -48,6 +48,18 @@ WEIGHTS = "model.safetensors"
 REMOTE_CODE = "modeling_prunebench.py"
 
 
+def strict(loading_info: dict[str, Any], where: Any) -> None:
+    """One error line when `from_pretrained` left a tensor out, found an extra one, or had to resize one:
+    transformers would otherwise initialise the missing ones at random and carry on."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        found = sorted(str(k if isinstance(k, str) else k[0]) for k in loading_info.get(kind) or ())
+        if found:
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            raise ModelLoadError(f"{where}: {kind.replace('_keys', '')} tensors in the checkpoint: "
+                                 f"{', '.join(found[:3])}{more}; refusing to load it with those weights "
+                                 "initialised at random")
+
+
 def _rows(lin: nn.Linear, idx: Tensor) -> tuple[Tensor, Tensor | None]:
     return lin.weight[idx].clone(), None if lin.bias is None else lin.bias[idx].clone()
 
@@ -265,7 +277,10 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> nn.M
     raw = json.loads((directory / "config.json").read_text())
     layout = raw.get(LAYOUT_KEY)
     if layout is None or layout["stock"]:
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto").eval()
+        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", trust_remote_code=False,
+                                                           output_loading_info=True)
+        strict(info, directory)
+        return model.eval()
     family = raw.get("model_type", "").removeprefix(MODEL_TYPE_PREFIX)  # older checkpoints kept the stock type
     if family not in PRUNED_CLASSES:
         raise ModelLoadError(f"{directory}: unsupported model family {family!r}")

@@ -6,12 +6,21 @@ validation, on every command, so an override is checked exactly like the file.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from suite.data import CalibrationSpec
 from suite.errors import ConfigError, PruneBenchError, did_you_mean
@@ -87,11 +96,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _path_safe(value: str | None) -> str | None:
+    """Names that become folder names under the workdir (experiment, MLflow experiment, method label) stay one
+    plain path component: no separators, never `.` or `..`, so no config value can write outside the workdir."""
+    if value is not None and (value in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.\-\[\]=,+]+", value)):
+        raise ValueError(f"{value!r} must be one plain name (letters, digits, _ . - [ ] = , +), not a path")
+    return value
+
+
+PathSafe = Annotated[str, AfterValidator(_path_safe)]
+
+
 class MethodEntry(Strict):
     """One method of the grid: a registered name, its hyperparameters, and whether tuned values override them."""
 
     name: str
-    label: str | None = Field(None, description="unique name in tables (default: the method name)")
+    label: PathSafe | None = Field(None, description="unique name in tables (default: the method name)")
     params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters, checked by the method")
     tuned: bool = Field(False, description="use the best parameters of `prunebench tune` for this method")
 
@@ -161,7 +181,7 @@ class TuningConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite in the workdir)")
-    experiment: str | None = Field(None, description="MLflow experiment (default: the experiment name)")
+    experiment: PathSafe | None = Field(None, description="MLflow experiment (default: the experiment name)")
     store_models: bool = Field(True, description="store the compact checkpoint of a run whose method rewrote "
                                "weights (FLAP, SlimGPT, Týr), so a new evaluation protocol reuses it instead of "
                                "pruning again; false saves the space (a model's size per run)")
@@ -180,7 +200,7 @@ class ExecutorConfig(Strict):
 class Experiment(Strict):
     """An experiment: the grid models x methods x sparsities x seeds, and how each point is run and recorded."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: PathSafe
     models: list[str] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
     sparsities: list[float] = Field(min_length=1)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from suite.errors import DataError
-from suite.hub import hub_unreachable_reason, offline
+from suite.hub import hub_unreachable_reason, offline, scoped_env
 
 SPLITS = ("train", "valid", "test")
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
@@ -31,7 +31,7 @@ EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "i
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".tex"})
 HF_DATASETS = {  # name -> (load_dataset args, kwargs, {our split: their split})
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}, {"train": "train", "valid": "validation", "test": "test"}),
-    "ptb": (("ptb_text_only", "penn_treebank"), {"trust_remote_code": True},
+    "ptb": (("ptb_text_only", "penn_treebank"), {},
             {"train": "train", "valid": "validation", "test": "test"}),
     "c4": (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz",  # Wanda/LLM-Pruner shards
                                             "validation": "en/c4-validation.00000-of-00008.json.gz"}},
@@ -133,8 +133,7 @@ def hf_source(name: str) -> TextSource:
         if reason is None:
             loaded = datasets.load_dataset(*args, **kwargs)
         else:
-            with offline():
-                os.environ["HF_DATASETS_OFFLINE"] = "1"
+            with offline(), scoped_env("HF_DATASETS_OFFLINE", "1"):
                 loaded = datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # datasets raises many unrelated types for "not cached" / "not reachable"
         why = reason or str(err).splitlines()[0]

@@ -243,20 +243,26 @@ def _quiet_lm_eval():
 def _quiet_datasets():
     import datasets
 
+    from suite.hub import scoped_env
+
     datasets.disable_progress_bars()
-    saved = os.environ.get("HF_DATASETS_OFFLINE")
-    os.environ["HF_DATASETS_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "0")
-    try:
+    with scoped_env("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0")):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("HF_DATASETS_OFFLINE", None)
-        else:
-            os.environ["HF_DATASETS_OFFLINE"] = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # everything at once
+
+
+def check_positions(config: Any, lengths: dict[str, int]) -> None:
+    """Refuse a window longer than the model's positions (it would be silently scored past its training range)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    over = {what: n for what, n in lengths.items() if n > limit}
+    if over:
+        what, n = next(iter(over.items()))
+        raise ConfigError(f"{what}: {n} tokens is beyond the model's {limit} positions (max_position_embeddings)")
 
 
 def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = False) -> dict[str, Any]:
@@ -265,6 +271,7 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = 
 
     result: dict[str, Any] = {"ppl": {}, "tasks": {}}
     ppl_hashes = {}
+    check_positions(model.config, {f"ppl {p}": p.seq_len for p in spec.ppl})
     for p in spec.ppl:
         source = load_source(p.source)
         result["ppl"][str(p)] = perplexity(model, token_stream(source, p.split, tokenizer), p.seq_len, mode=p.mode,

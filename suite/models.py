@@ -69,12 +69,14 @@ def _tokenizer(where: str, local_only: bool) -> Any:
     path = Path(where)
     if path.is_dir() and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    return AutoTokenizer.from_pretrained(where, local_files_only=local_only)
+    return AutoTokenizer.from_pretrained(where, local_files_only=local_only, trust_remote_code=False)
 
 
 def _load_hub(model_id: str, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
     """Download (or reuse the cache); with the hub unreachable, a cached copy still loads, anything else fails fast."""
     from transformers import AutoModelForCausalLM
+
+    from suite.compact import strict
 
     reason = hub_unreachable_reason()
     if reason is not None and not is_cached(model_id, "config.json"):
@@ -82,7 +84,9 @@ def _load_hub(model_id: str, dtype: torch.dtype | None) -> tuple[nn.Module, Any]
     context = offline() if reason is not None else contextlib.nullcontext()
     try:
         with context:
-            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype or "auto")
+            model, info = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype or "auto",
+                                                               trust_remote_code=False, output_loading_info=True)
+            strict(info, model_id)
             return model.eval(), _tokenizer(model_id, local_only=reason is not None)
     except OSError as err:
         raise ModelLoadError(f"cannot load {model_id!r} from the hub: {str(err).splitlines()[0]}") from None

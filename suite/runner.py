@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import suite
@@ -100,9 +101,10 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
     tuned methods have their tuning results, and the tuning section (when given, or for `tune`) names real labels
     and hyperparameters. A sweep that cannot start fails here with one line and leaves the store as it was."""
     from suite.data import load_source
-    from suite.evaluate import check_tasks
+    from suite.evaluate import check_positions, check_tasks
     from suite.hub import hub_unreachable_reason, is_cached, require_hub
     from suite.masks import Target
+    from suite.modeling_prunebench import MODEL_TYPE_PREFIX
     from suite.models import resolve
     from suite.pruner import get_method
     from suite.structures import FAMILIES
@@ -111,10 +113,17 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
     for spec in exp.models:
         where = resolve(spec)
         if isinstance(where, Path):
-            model_type = json.loads((where / "config.json").read_text()).get("model_type")
+            config = json.loads((where / "config.json").read_text())
+            model_type = config.get("model_type", "").removeprefix(MODEL_TYPE_PREFIX)
             if model_type not in FAMILIES:
                 raise ConfigError(f"{spec}: unsupported model family {model_type!r}; supported: "
                                   f"{', '.join(sorted(FAMILIES))}")
+            lengths = {"calibration.seq_len": exp.calibration.seq_len} | {f"evaluation.ppl {p}": p.seq_len
+                                                                         for p in eval_spec(exp).ppl}
+            try:
+                check_positions(SimpleNamespace(**config), lengths)
+            except ConfigError as err:
+                raise ConfigError(f"{spec}: {err}") from None
         elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
             require_hub(f"model {where!r}")
     lease_seconds()  # a malformed PRUNEBENCH_LEASE_S is refused before anything starts

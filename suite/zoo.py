@@ -174,7 +174,7 @@ def train(name: str, progress: bool = True) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(s.seed)
     step, wall, losses = 0, 0.0, []
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])

@@ -53,16 +53,17 @@ CASES = {
     "unknown hyperparameter": (lambda root, model: _config(model, methods=[{"name": "ddp", "params": {"lr0": 1}}]),
                                "lr0"),
     "unknown model": (lambda root, model: _config(model, models=[str(root / "missing")]), "does not exist"),
-    "unknown task": (lambda root, model: _config(model, evaluation={"tasks": ["no_such_task"]}), "no_such_task"),
+    "unknown task": (lambda root, model: _config(model, evaluation={"tasks": ["no_such_task"],
+                                                                    "ppl": ["embedded:test@128/8"]}), "no_such_task"),
     "sparsity above 1": (lambda root, model: _config(model, sparsities=[1.5]), "outside (0, 1)"),
     "sparsity 0": (lambda root, model: _config(model, sparsities=[0.0]), "outside (0, 1)"),
     "unsupported architecture": (lambda root, model: _config(model, models=[str(_gpt2(root))]),
                                  "unsupported model family 'gpt2'"),
     "hub model offline": (lambda root, model: _config(model, models=["someone/not-cached-model"]),
                           "cannot reach the Hugging Face hub"),
-    "hub dataset offline": (lambda root, model: _config(model, calibration={"source": "wikitext2"}),
+    "hub dataset offline": (lambda root, model: _config(model, calibration={"source": "wikitext2", "seq_len": 32}),
                             "cannot load data set 'wikitext2'"),
-    "evaluation data set offline": (lambda root, model: _config(model, evaluation={"ppl": ["wikitext2:test@256"]}),
+    "evaluation data set offline": (lambda root, model: _config(model, evaluation={"ppl": ["wikitext2:test@128"]}),
                                     "cannot load data set 'wikitext2'"),
     "zoo typo": (lambda root, model: _config(model, models=["zoo:tiny-lama"]), "tiny-lama"),
     "tyr with a uniform target": (lambda root, model: _config(model, methods=[{"name": "tyr"}],
@@ -76,6 +77,14 @@ CASES = {
         "['mu_endd'] are not ddp hyperparameters"),
     "tuned without a tuning result": (lambda root, model: _config(model, methods=[{"name": "ddp", "tuned": True}]),
                                       "tuned: true but no tuning result"),
+    "window beyond the model's positions": (lambda root, model: _config(model, evaluation={
+        "ppl": ["embedded:test@4096/2"]}), "4096 tokens is beyond the model's 128 positions"),
+    "experiment name ..": (lambda root, model: _config(model, name=".."), "not a path"),
+    "tracking.experiment outside the workdir": (lambda root, model: _config(model, tracking={
+        "experiment": "../../../x"}), "not a path"),
+    "method label outside the workdir": (lambda root, model: _config(model, methods=[{"name": "random",
+                                                                                       "label": "../x"}]),
+                                         "not a path"),
 }
 
 
