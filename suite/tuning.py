@@ -9,8 +9,11 @@ where `prunebench run` finds them for methods marked `tuned: true`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,14 @@ def suggest(trial: Any, space: dict[str, SearchDim]) -> dict[str, Any]:
         else:
             out[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
     return out
+
+
+def invocation_seed(seed: int) -> int:
+    """The sampler seed of one `tune` invocation: `tuning.seed` mixed with this host, process and moment, so a second
+    invocation, or a second worker on the same study, proposes different parameters instead of repeating the
+    first's (Optuna's samplers only see finished trials). Recorded on every trial it proposes."""
+    text = f"{seed}:{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
 def search_spaces(exp: Experiment) -> dict[str, dict[str, SearchDim]]:
@@ -110,18 +121,20 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
         method = get_method(entry.name)
         for model_spec in exp.models:
             study_name = f"{exp.name}/{label}/{model_spec}"
+            sampler_seed = invocation_seed(exp.tuning.seed)
             study = _open_study(
                 study_name=study_name, storage=storage_uri(workdir, exp.tuning.storage), direction="minimize",
                 load_if_exists=True,
-                sampler=optuna.samplers.TPESampler(seed=exp.tuning.seed),
+                sampler=optuna.samplers.TPESampler(seed=sampler_seed),
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=exp.tuning.report_every),
             )
             _, tokenizer = load_model(model_spec, exp.dtype)
             calibration = exp.calibration.build(tokenizer)
 
             def objective(trial: Any, entry=entry, space=space, model_spec=model_spec, study_name=study_name,
-                          calibration=calibration, label=label, method=method) -> float:
+                          calibration=calibration, label=label, method=method, sampler_seed=sampler_seed) -> float:
                 params = entry.params | suggest(trial, space)
+                trial.set_user_attr("sampler_seed", sampler_seed)  # which invocation's sampler proposed it
                 run_id = tracker.start(f"tune/{label}/{model_spec.removeprefix('zoo:')}/trial{trial.number}",
                                        f"trial:{study_name}:{trial.number}", {PREFIX + "kind": "trial"})
                 tracker.log(run_id, params={"method": entry.name, "label": label, "model": model_spec,

@@ -90,4 +90,7 @@ def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tm
     assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outs]
     (study,) = optuna.get_all_study_summaries(f"{postgres}/optuna")
     assert study.n_trials == 4
+    trials = optuna.load_study(study_name=study.study_name, storage=f"{postgres}/optuna").trials
+    assert len({t.user_attrs["sampler_seed"] for t in trials}) == 2  # each worker sampled with its own seed
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # four configurations, none repeated
     assert not (workdir / "optuna.db").exists()
