@@ -230,16 +230,26 @@ def _initialise_sqlite(db: Path) -> None:
     for leftover in db.parent.glob(f".{db.name}.*.tmp*"):  # a creator killed mid-build (we hold the lock)
         leftover.unlink(missing_ok=True)
     if db.is_file():
-        try:
-            with _store_open(f"sqlite:///{db}"):
-                SqlAlchemyStore(f"sqlite:///{db}", str(db.parent / ARTIFACTS)).engine.dispose()
-            return
-        except StoreError as err:
-            runs = _count_runs(db)
-            if runs:
-                raise StoreError(f"{err}; it holds {runs} runs, so it is left as it is: restore it from a backup, "
-                                 "or move it away to start a new store") from None
-            db.rename(db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}"))
+        problem = _unfinished(db)
+        if problem is None:
+            try:
+                with _store_open(f"sqlite:///{db}"):
+                    store = SqlAlchemyStore(f"sqlite:///{db}", str(db.parent / ARTIFACTS))
+                    store.search_experiments(max_results=1)  # the schema really is there (tables, columns)
+                    store.engine.dispose()
+                return
+            except StoreError as err:
+                if any(word in str(err).lower() for word in ("locked", "busy")):
+                    raise  # another process is writing: not a damaged store
+                problem = str(err)
+        runs = _count_runs(db)
+        if runs:
+            raise StoreError(f"{problem}; it holds {runs} runs, so it is left as it is: restore it from a backup, "
+                             "or move it away to start a new store")
+        db.rename(db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}"))
+        stale = SqlAlchemyStore._engine_map.pop(f"sqlite:///{db}", None)  # MLflow caches engines per URI
+        if stale is not None:
+            stale.dispose()
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     try:
         with _store_open(f"sqlite:///{tmp}"):
@@ -247,6 +257,19 @@ def _initialise_sqlite(db: Path) -> None:
         tmp.replace(db)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _unfinished(db: Path) -> str | None:
+    """Why a sqlite store is not a finished MLflow schema (no recorded migration), read without writing; None when
+    it has one (MLflow then opens it, upgrading an older schema)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            row = con.execute("select version_num from alembic_version").fetchone()
+    except sqlite3.Error as err:
+        return f"the tracking store {db} is not a complete MLflow store ({err})"
+    return None if row else f"the tracking store {db} records no schema version (its creation was interrupted)"
 
 
 def _count_runs(db: Path) -> int:

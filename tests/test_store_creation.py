@@ -55,3 +55,30 @@ def test_killing_the_first_run_while_it_builds_the_store_never_breaks_it(tmp_pat
     print(f"{kills} kills, {hit} inside the build, {broken} broken stores")
     assert broken == 0
     assert hit > 0  # the kills did land in the window this test is about
+
+
+def test_a_half_built_store_is_set_aside_when_empty_and_refused_when_it_holds_runs(tmp_path):
+    """What an interrupted build by an older version left: rebuilt when it holds no runs (the broken file kept
+    beside it), one line when it holds runs (and the file left exactly as it was)."""
+    import sqlite3
+
+    import pytest
+
+    from suite.errors import StoreError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with sqlite3.connect(empty / "mlflow.db") as con:  # migrations stopped half way: a table, no version
+        con.execute("create table experiments (experiment_id integer primary key, name text)")
+    Tracker(empty, "x")
+    assert _opens(empty / "mlflow.db") and len(list(empty.glob("mlflow.db.broken-*"))) == 1
+    full = tmp_path / "full"
+    full.mkdir()
+    with sqlite3.connect(full / "mlflow.db") as con:
+        con.execute("create table runs (run_uuid text primary key)")
+        con.execute("insert into runs values ('r1')")
+        con.execute("create table experiments (experiment_id integer primary key, name text, bogus text)")
+    before = (full / "mlflow.db").read_bytes()
+    with pytest.raises(StoreError, match="holds 1 runs"):
+        Tracker(full, "x")
+    assert (full / "mlflow.db").read_bytes() == before
