@@ -461,6 +461,7 @@ class Runner:
         nested_id = nested.identity(fingerprint)
         if self.tracker.find(nested_id) is not None:
             return
+        self.tracker.kill_orphans(nested_id)  # left RUNNING by a killed worker (the parent's claim covers it)
         run_id = self.tracker.start(nested.name, nested_id, tags | {PREFIX + "nested_in": pruning,
                                                                     PRUNING: nested.pruning_identity(fingerprint)})
         try:

@@ -456,3 +456,19 @@ def test_release_never_removes_a_successors_claim_and_lease_settings_are_checked
         monkeypatch.setenv("PRUNEBENCH_LEASE_S", bad)
         with pytest.raises(ConfigError, match="PRUNEBENCH_LEASE_S"):
             lease_seconds()
+
+
+def test_a_nested_row_left_running_by_a_killed_worker_is_marked_killed_on_resume(tmp_path, model_dir):
+    """A worker killed while recording GISP's nested rows leaves the parent and a nested row RUNNING: the resume marks
+    both KILLED and finishes fresh ones, so nothing stays RUNNING."""
+    cfg = _config(tmp_path, model_dir, methods=[{"name": "gisp", "params": {"iterations": 3, "nested": [0.2]}}],
+                  sparsities=[0.4])
+    workdir = tmp_path / "runs"
+    assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
+    t = Tracker(workdir, "unit")
+    for r in _runs(workdir):
+        if r.data.tags.get("prunebench.kind") == "pruned":
+            t.client.update_run(r.info.run_id, status="RUNNING")  # as a SIGKILL mid-nested leaves them
+    assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
+    statuses = sorted(r.info.status for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned")
+    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
