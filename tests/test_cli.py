@@ -168,3 +168,26 @@ def test_ui_stops_its_mlflow_server_on_sigterm(tmp_path):
         assert time.time() < deadline, "the MLflow server outlived prunebench ui"
         time.sleep(0.5)
     assert not listening()
+
+
+def test_methods_shows_types_choices_and_defaults_and_the_cli_has_a_version(capsys):
+    assert main(["methods", "ddp", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["settings"]["forward_map"]["choices"] == ["relu", "identity", "clamp"]
+    assert info["settings"]["lr"]["type"] == "float or null" and info["settings"]["steps"]["default"] == 300
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "PydanticUndefined" not in listing and "nested (list[float]) = []" in listing
+    assert main(["methods", "wanda"]) == 2
+    assert "did you mean wanda_sp" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("prunebench ")
+
+
+def test_a_key_typo_gets_did_you_mean(tmp_path, capsys):
+    d = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(d)
+    assert main(["prune", "--model", str(d), "--method", "slimgpt", "--sparsity", "0.3", "--set", "round=8",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "slimgpt.round: unknown key; did you mean rounds?" in capsys.readouterr().err
