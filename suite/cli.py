@@ -28,6 +28,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _seed(text: str) -> int:
+    from suite.config import SEED_LIMIT
+
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return seed
+
+
 def _layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -335,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--method", required=True, help="a registered method (see `prunebench methods`)")
     _add_target_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the method and its tie-breaks (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the method and its tie-breaks (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     p.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
                    help="calibration setting: source, split, n, seq_len, valid_n, seed, tasks, task_items "

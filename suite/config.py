@@ -105,6 +105,8 @@ def _path_safe(value: str | None) -> str | None:
 
 
 PathSafe = Annotated[str, AfterValidator(_path_safe)]
+SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 
 
 class MethodEntry(Strict):
@@ -204,7 +206,7 @@ class Experiment(Strict):
     models: list[str] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
     sparsities: list[float] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     granularity: str = "kv_group"
     target: TargetConfig = Field(default_factory=TargetConfig)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)

@@ -55,6 +55,8 @@ def _marker_kind(folder: Path) -> str | None:
 
 def check_dir(out: Path, kind: str) -> None:
     """Refuse `out` unless it is missing, empty, or an earlier `kind` output of prunebench (one `error:` line)."""
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"--out {out}: the current folder or one above it; choose a new folder (e.g. ./{kind})")
     if not out.exists():
         if out.is_symlink():
             raise ConfigError(f"--out {out}: a broken symbolic link; choose another folder")

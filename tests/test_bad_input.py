@@ -80,6 +80,7 @@ CASES = {
     "window beyond the model's positions": (lambda root, model: _config(model, evaluation={
         "ppl": ["embedded:test@4096/2"]}), "4096 tokens is beyond the model's 128 positions"),
     "experiment name ..": (lambda root, model: _config(model, name=".."), "not a path"),
+    "seed beyond 64 bits": (lambda root, model: _config(model, seeds=[2**70]), "seeds.0"),
     "tracking.experiment outside the workdir": (lambda root, model: _config(model, tracking={
         "experiment": "../../../x"}), "not a path"),
     "method label outside the workdir": (lambda root, model: _config(model, methods=[{"name": "random",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -191,3 +192,16 @@ def test_a_key_typo_gets_did_you_mean(tmp_path, capsys):
     assert main(["prune", "--model", str(d), "--method", "slimgpt", "--sparsity", "0.3", "--set", "round=8",
                  "--out", str(tmp_path / "o")]) == 2
     assert "slimgpt.round: unknown key; did you mean rounds?" in capsys.readouterr().err
+
+
+def test_out_dot_and_a_huge_seed_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(d)
+    for extra in (["--out", "."], ["--out", str(tmp_path / "o"), "--seed", str(2**70)]):
+        capsys.readouterr()
+        with contextlib.suppress(SystemExit):
+            assert main(["prune", "--model", str(d), "--method", "random", "--sparsity", "0.3", *extra]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error:"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
