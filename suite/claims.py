@@ -76,9 +76,8 @@ class Claims:
         """Whether this worker still holds `identity` (its token is the one on file)."""
         if identity not in self.held:
             return False
-        path, token = self.held[identity]
         with locked(self.lock):
-            return _read(path).get("token") == token
+            return _ours(*self.held[identity])
 
     def fence(self, identity: str) -> None:
         """Raise ClaimLost unless this worker still holds `identity`: called before every write of its result."""
@@ -91,7 +90,7 @@ class Claims:
         if held is not None:
             path, token = held
             with locked(self.lock):
-                if _read(path).get("token") == token:
+                if _ours(path, token):
                     path.unlink(missing_ok=True)
 
     def holder(self, identity: str) -> dict[str, object] | None:
@@ -120,9 +119,14 @@ class Claims:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease / 4):
             for path, token in list(self.held.values()):
-                if _read(path).get("token") == token:  # never keep a successor's claim alive
+                if _ours(path, token):  # never keep a successor's claim alive
                     with contextlib.suppress(FileNotFoundError):
                         os.utime(path)
+
+
+def _ours(path: Path, token: str) -> bool:
+    """Whether the claim file still carries our token (not a successor's, not gone)."""
+    return _read(path).get("token") == token
 
 
 def _read(path: Path) -> dict[str, object]:

@@ -259,10 +259,9 @@ def check_positions(config: Any, lengths: dict[str, int]) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return
-    over = {what: n for what, n in lengths.items() if n > limit}
-    if over:
-        what, n = next(iter(over.items()))
-        raise ConfigError(f"{what}: {n} tokens is beyond the model's {limit} positions (max_position_embeddings)")
+    for what, n in lengths.items():
+        if n > limit:
+            raise ConfigError(f"{what}: {n} tokens is beyond the model's {limit} positions (max_position_embeddings)")
 
 
 def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = False) -> dict[str, Any]:

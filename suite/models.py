@@ -63,6 +63,16 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
     return _load_hub(where, torch_dtype)
 
 
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a model spec (or None), without loading its weights; a hub id offline uses the cache."""
+    where = resolve(spec)
+    if isinstance(where, Path):
+        return _tokenizer(str(where), local_only=True)
+    reason = hub_unreachable_reason()
+    with offline() if reason is not None else contextlib.nullcontext():
+        return _tokenizer(where, local_only=reason is not None)
+
+
 def _tokenizer(where: str, local_only: bool) -> Any:
     from transformers import AutoTokenizer
 

@@ -421,7 +421,7 @@ class Runner:
         then the run prunes again."""
         from suite.compact import load_pruned
         from suite.masks import Masks
-        from suite.models import load_model, parse_dtype
+        from suite.models import load_model, load_tokenizer, parse_dtype
         from suite.pipeline import PruneOutcome, compact_and_measure
         from suite.pruner import PruneResult
         from suite.structures import build_structure
@@ -429,15 +429,16 @@ class Runner:
         with self.tracker.fetch_artifacts(source) as files:
             stored = json.loads((files / "metrics.json").read_text())
             stored.pop("evaluation", None)
+            checkpoint = (files / MODEL_ARTIFACT).is_dir()
+            if not checkpoint and stored.get("weights_changed") is not False:
+                return None
             masks = Masks.load(files)
             nested = {float(d.name.removeprefix("sp")): Masks.load(d) for d in sorted((files / "nested").glob("sp*"))}
             curves = json.loads((files / "curves.json").read_text()) if (files / "curves.json").is_file() else {}
-            if (files / MODEL_ARTIFACT).is_dir():
+            if checkpoint:
                 model = load_pruned(files / MODEL_ARTIFACT, parse_dtype(spec.dtype))
-                tokenizer = load_model(spec.model, spec.dtype)[1]
+                tokenizer = load_tokenizer(spec.model)  # the dense weights are not needed
                 metrics = stored
-            elif stored.get("weights_changed") is not False:
-                return None
             else:
                 model, tokenizer = load_model(spec.model, spec.dtype)
                 structure = build_structure(model, spec.granularity)
