@@ -14,11 +14,11 @@ import pandas as pd
 
 from suite.errors import ConfigError
 from suite.masks import Masks
-from suite.tracking import ERROR, PREFIX, Tracker
+from suite.tracking import ERROR, NONFINITE, PREFIX, Tracker
 
 KIND = PREFIX + "kind"
 ID_COLUMNS = ["experiment", "run_id", "kind", "status", "model", "method", "method_name", "sparsity", "seed",
-              "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity", "start_time"]
+              "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity", "start_time", "nonfinite"]
 LOCAL = ["artifacts"]  # where this machine finds a run's files: used by the report, never exported
 
 
@@ -43,15 +43,51 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
                 "artifact_uri": run.info.artifact_uri, "error": tags.get(ERROR, ""),
                 "start_time": run.info.start_time,
                 "artifacts": str(tracker.artifact_dir(run.info.artifact_uri) or ""),
-            }
+                "code": tags.get(PREFIX + "code", tags.get(PREFIX + "suite_version", "")),
+                "calibration_hash": params.get("calibration.hash", ""),
+            } | {k: _value(v) for k, v in params.items() if k.startswith("hp.")}
             metrics = dict(run.data.metrics)
+            nonfinite = json.loads(tags.get(NONFINITE, "{}"))
+            metrics |= {k: float(v) for k, v in nonfinite.items()}  # inf as inf, not MLflow's clamped largest float
+            row["nonfinite"] = ",".join(sorted(nonfinite))
             # the `sparsity` param is the grid's target; the metric of that name is what the method achieved
             row["achieved_sparsity"] = metrics.pop("sparsity", row["sparsity"])
             if kind == "dense":  # the reference row of every table
                 metrics |= {"params_compact": metrics.get("params_dense"), "retained.mean_acc": 100.0}
             rows.append(row | {k: v for k, v in metrics.items() if k not in row})  # params win (e.g. seed)
-    df = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + LOCAL)
+    df = distinguish(pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + LOCAL))
     return df.sort_values(["experiment", "model", "kind", "method", "sparsity", "seed"], ignore_index=True)
+
+
+def distinguish(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs that share a label but not their configuration (hyperparameters, calibration data, code) are different
+    methods, never seeds of one: their `method` becomes `label[key=value,...]`, naming what differs. A grid point
+    recorded twice (the same configuration, sparsity, seed and protocol) counts once: the latest run."""
+    if df.empty:
+        return df
+    config = [c for c in df.columns if c.startswith("hp.")] + ["calibration_hash", "code"]
+    config = [c for c in config if c in df.columns]
+    df = df.copy()
+    pruned = df["kind"] == "pruned"
+    for (_, _), block in df[pruned].groupby(["model", "method"], sort=False):
+        variants = block[config].astype(str).drop_duplicates()
+        if len(variants) < 2:
+            continue
+        differing = [c for c in config if variants[c].nunique() > 1]
+        for index, row in block.iterrows():
+            shown = ",".join(f"{c.removeprefix('hp.')}={str(row[c])[:12]}" for c in differing)
+            df.loc[index, "method"] = f"{row['method']}[{shown}]"
+    df = df.sort_values("start_time")
+    keys = ["experiment", "model", "kind", "method", "sparsity", "seed", "protocol", *config]
+    return df.drop_duplicates(subset=[k for k in keys if k in df.columns], keep="last")
+
+
+def _value(text: str) -> Any:
+    """A logged parameter back as a number where it is one (MLflow keeps params as strings)."""
+    try:
+        return float(text) if any(ch in text for ch in ".eE") or text.lower() in ("nan", "inf") else int(text)
+    except ValueError:
+        return text
 
 
 def export(df: pd.DataFrame, path: Path) -> Path:

@@ -21,6 +21,8 @@ MISS_TOLERANCE = 0.02  # relaxed sparsity further than this from the target: the
 MISS_NOTE = ("† the method's relaxation missed the target by more than 2 points of sparsity (relaxed sp.): the "
              "exact-budget projection decided the rest of the budget, so the row measures the projection as much as "
              "the method.")
+NONFINITE_NOTE = ("‡ a run's metric was not finite (inf or nan: the loss diverged); it is recorded as such, and a mean "
+                  "that includes it is inf or nan.")
 
 
 def missed_budget(runs: pd.DataFrame) -> pd.Series:
@@ -61,6 +63,10 @@ class Summary:
     columns: list[str]
     frame: pd.DataFrame  # index (method, sparsity); columns (column, 'mean'|'ci'|'n')
     missed: frozenset[tuple[str, float]] = frozenset()  # (method, sparsity) rows with a run that missed its budget
+    nonfinite: frozenset[tuple[str, float]] = frozenset()  # (method, sparsity) rows with a non-finite metric
+
+    def notes(self) -> list[str]:
+        return [n for n, rows in ((MISS_NOTE, self.missed), (NONFINITE_NOTE, self.nonfinite)) if rows]
 
     def best(self) -> set[tuple[int, str]]:
         """(row position, column) pairs to bold: best pruned mean per column within each sparsity."""
@@ -86,7 +92,9 @@ def summarize(df: pd.DataFrame, model: str) -> Summary:
     frame = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
     order = sorted(frame.index, key=lambda k: (k[0] != "dense", k[1], k[0]))
     missed = runs[missed_budget(runs)]
-    return Summary(model, cols, frame.loc[order], frozenset(zip(missed["method"], missed["sparsity"], strict=True)))
+    flagged = runs[runs["nonfinite"].fillna("").astype(bool)] if "nonfinite" in runs else runs.iloc[:0]
+    return Summary(model, cols, frame.loc[order], frozenset(zip(missed["method"], missed["sparsity"], strict=True)),
+                   frozenset(zip(flagged["method"], flagged["sparsity"], strict=True)))
 
 
 def _cell(column: str, mean: float, ci: float) -> str:
@@ -110,7 +118,9 @@ def cells(summary: Summary) -> tuple[list[str], list[list[str]], set[tuple[int, 
     header = ["method", "sparsity", *(label(c) for c in summary.columns)]
     body = []
     for (method, sparsity), row in summary.frame.iterrows():
-        name = f"{method} †" if (method, sparsity) in summary.missed else str(method)
+        flags = (("†", summary.missed), ("‡", summary.nonfinite))
+        marks = "".join(mark for mark, rows in flags if (method, sparsity) in rows)
+        name = f"{method} {marks}" if marks else str(method)
         body.append([name, f"{sparsity:.2f}"] +
                     [_cell(c, row[(c, "mean")], row[(c, "ci")]) for c in summary.columns])
     return header, body, summary.best()
@@ -122,8 +132,8 @@ def markdown(summary: Summary) -> str:
     for i, row in enumerate(body):
         out = row[:2] + [f"**{v}**" if (i, c) in bold else v for c, v in zip(summary.columns, row[2:], strict=True)]
         lines.append("| " + " | ".join(out) + " |")
-    if summary.missed:
-        lines += ["", MISS_NOTE]
+    for note in summary.notes():
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +172,7 @@ def html_table(summary: Summary) -> str:
         tds += [f"<td><b>{html.escape(v)}</b></td>" if (i, c) in bold else f"<td>{html.escape(v)}</td>"
                 for c, v in zip(summary.columns, row[2:], strict=True)]
         out.append("<tr>" + "".join(tds) + "</tr>")
-    note = [f'<p class="note">{html.escape(MISS_NOTE)}</p>'] if summary.missed else []
+    note = [f'<p class="note">{html.escape(n)}</p>' for n in summary.notes()]
     return "\n".join([*out, "</tbody>", "</table>", *note]) + "\n"
 
 

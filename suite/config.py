@@ -179,6 +179,8 @@ class TuningConfig(Strict):
     report_every: int = Field(10, ge=1, description="steps between intermediate losses (MedianPruner)")
     storage: str | None = Field(None, description="Optuna RDB URL the tuning workers share, e.g. "
                                 "postgresql://user@host/optuna (default: sqlite in the workdir)")
+    heartbeat_s: int = Field(60, ge=1, description="seconds between a running trial's heartbeats; a trial silent "
+                             "for three of them (its worker died) is failed and its parameters tried again")
 
 
 class TrackingConfig(Strict):

@@ -1,13 +1,15 @@
 """Run an experiment: expand the grid, skip what is FINISHED, prune + evaluate the rest, record everything.
 
 Every grid point has an identity: a hash of all that determines its result (model weights fingerprint, method
-and resolved hyperparameters, target, seed, calibration spec and data hash, evaluation spec, suite version). A
+and resolved hyperparameters, target, seed, calibration spec and the content hash of its text, evaluation spec and
+the content hashes of its texts and task items, and a fingerprint of the code: version and source hash). A
 FINISHED run with the same identity is never repeated, so a crashed sweep resumes where it stopped. Each dense
 model is evaluated once per protocol and reused for every retained-% number.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -24,7 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import suite
-from suite.claims import ClaimLost, Claims, lease_seconds
+from suite.claims import ClaimLost, Claims, lease_seconds, open_claims, wait_seconds
 from suite.config import Experiment
 from suite.errors import ConfigError, PruneBenchError
 from suite.evaluate import EvalSpec, PplSpec
@@ -54,17 +56,20 @@ class RunSpec:
     calibration: dict[str, Any]
     evaluation: dict[str, Any]
     dtype: str
+    calibration_data: str = ""  # content hash of the calibration source's splits
+    evaluation_data: dict[str, Any] = field(default_factory=dict)  # content hashes of perplexity texts and task items
+    code: str = ""  # code_fingerprint(): a fix to a pruner or the suite makes every identity new
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, fingerprint: str) -> str:
         """The run: its pruning and its evaluation."""
-        return _digest(asdict(self) | {"model_fingerprint": fingerprint, "suite_version": suite.__version__})
+        return _digest(asdict(self) | {"model_fingerprint": fingerprint})
 
     def pruning_identity(self, fingerprint: str) -> str:
-        """The pruning alone (model, method, hyperparameters, target, seed, calibration, dtype): a run under a new
-        evaluation protocol reuses the masks (and rewritten weights) of a FINISHED run with this identity."""
-        body = {k: v for k, v in asdict(self).items() if k != "evaluation"}
-        return _digest(body | {"model_fingerprint": fingerprint, "suite_version": suite.__version__})
+        """The pruning alone (model, method, hyperparameters, target, seed, calibration and its data, dtype, code): a
+        run under a new evaluation protocol reuses the masks (and rewritten weights) of a FINISHED run with it."""
+        body = {k: v for k, v in asdict(self).items() if k not in ("evaluation", "evaluation_data")}
+        return _digest(body | {"model_fingerprint": fingerprint})
 
     @property
     def name(self) -> str:
@@ -73,6 +78,53 @@ class RunSpec:
 
 def _digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The code a result came from: the package version and a hash of every source file of prunebench's packages
+    (suite, ddp, baselines), so a resumed sweep never reuses a result that older code produced. Method plugins
+    outside these packages add their own module's hash in `method_fingerprint`."""
+    h = hashlib.sha256(suite.__version__.encode())
+    root = Path(suite.__file__).resolve().parent.parent
+    for package in ("suite", "ddp", "baselines"):
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{suite.__version__}+{h.hexdigest()[:12]}"
+
+
+def method_fingerprint(name: str) -> str:
+    """`code_fingerprint()`, plus the source of the method's own module when a plugin defines it elsewhere."""
+    import inspect
+
+    from suite.pruner import get_method
+
+    base = code_fingerprint()
+    source = inspect.getsourcefile(get_method(name))
+    root = Path(suite.__file__).resolve().parent.parent
+    if source is None or Path(source).resolve().is_relative_to(root):
+        return base
+    return f"{base}+{hashlib.sha256(Path(source).read_bytes()).hexdigest()[:12]}"
+
+
+def data_fingerprint(exp: Experiment) -> tuple[str, dict[str, Any]]:
+    """Content hashes of the texts the runs read: the calibration source's splits, and each perplexity window's
+    split and each embedded task's items (a hub task: its lm-eval version). Two workers on different interpreters
+    (the embedded corpus is the stdlib's source) or on edited data never share a result."""
+    import lm_eval
+
+    from suite.data import load_source
+    from suite.tasks import task_dir
+
+    calibration = load_source(exp.calibration.source)
+    text = json.dumps(calibration.hashes, sort_keys=True)
+    evaluation: dict[str, Any] = {"ppl": {}, "tasks": {}}
+    for p in eval_spec(exp).ppl:
+        evaluation["ppl"][str(p)] = load_source(p.source).hashes.get(p.split)
+    if exp.evaluation.tasks:
+        embedded = task_dir("test")[1]
+        evaluation["tasks"] = {t: embedded.get(t, f"lm-eval {lm_eval.__version__}") for t in exp.evaluation.tasks}
+    return hashlib.sha256(text.encode()).hexdigest()[:16], evaluation
 
 
 def model_fingerprint(spec: str) -> str:
@@ -126,7 +178,7 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
                 raise ConfigError(f"{spec}: {err}") from None
         elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
             require_hub(f"model {where!r}")
-    lease_seconds()  # a malformed PRUNEBENCH_LEASE_S is refused before anything starts
+    lease_seconds(), wait_seconds()  # a malformed PRUNEBENCH_LEASE_S or _WAIT_S is refused before anything starts
     load_source(exp.calibration.source)
     for ppl in eval_spec(exp).ppl:
         load_source(ppl.source)
@@ -135,7 +187,7 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
         raise ConfigError("executor.kind 'ray' needs Ray: pip install 'prunebench[ray]'")
     if tuning or exp.tuning != type(exp.tuning)():  # a tuning section that says anything is checked
         search_spaces(exp)
-    specs = expand(exp, workdir, require_tuned=not tuning)
+    specs = expand(exp, workdir, require_tuned=not tuning, data=data_fingerprint(exp))
     for spec in {(s.label, s.method, s.sparsity): s for s in specs}.values():
         method = get_method(spec.method)
         try:
@@ -156,10 +208,12 @@ def tuned_path(workdir: Path, experiment: str, label: str, model: str) -> Path:
     return workdir / "tuned" / experiment / label / f"{slug}.json"
 
 
-def expand(exp: Experiment, workdir: Path, require_tuned: bool = True) -> list[RunSpec]:
+def expand(exp: Experiment, workdir: Path, require_tuned: bool = True,
+           data: tuple[str, dict[str, Any]] | None = None) -> list[RunSpec]:
     """The grid in a stable order: model, method, sparsity, seed. A `tuned: true` method takes its tuning result's
     best parameters; without one it is refused (`require_tuned`, for run) or keeps its own (for tune, which makes
-    them)."""
+    them). `data`: `data_fingerprint(exp)`, computed here when not given."""
+    calibration_data, evaluation_data = data if data is not None else data_fingerprint(exp)
     specs = []
     for model in exp.models:
         for entry in exp.methods:
@@ -181,6 +235,8 @@ def expand(exp: Experiment, workdir: Path, require_tuned: bool = True) -> list[R
                         seed=seed, target=exp.target.model_dump(mode="json") | {"sparsity": sparsity},
                         granularity=exp.granularity, calibration=exp.calibration.model_dump(mode="json"),
                         evaluation=exp.evaluation.model_dump(mode="json"), dtype=exp.dtype,
+                        calibration_data=calibration_data, evaluation_data=evaluation_data,
+                        code=method_fingerprint(entry.name),
                     ))
     return specs
 
@@ -216,7 +272,7 @@ class Runner:
         self.tracker.reopen(parent)
         rows: list[dict[str, Any]] = []
         try:
-            with Claims(self.workdir) as claims:
+            with open_claims(self.workdir, self.tracker.uri) as claims:
                 self._sweep(specs, rows, claims)
         except BaseException as err:  # the parent says how the sweep ended: FAILED on an error, KILLED on Ctrl-C
             self.tracker.finish(parent, "FAILED" if isinstance(err, Exception) else "KILLED")
@@ -237,6 +293,7 @@ class Runner:
             pending = [s for s in specs if s.model == model]
             if self.exp.executor.kind == "ray":
                 pending = self._on_ray(pending, fingerprint, dense, rows, bar, started)
+            waiting = Waiting(claims)
             while pending:
                 held_elsewhere = []
                 for spec in pending:
@@ -248,7 +305,7 @@ class Runner:
                     rows.append(row)
                     bar.update(1)
                 if held_elsewhere:
-                    time.sleep(POLL_SECONDS)
+                    waiting.on({s.name: s.identity(fingerprint) for s in held_elsewhere})
                 pending = held_elsewhere
         bar.close()
         grid = {(s.model, s.label, s.sparsity, s.seed): i for i, s in enumerate(specs)}
@@ -279,13 +336,22 @@ class Runner:
                 raise ConfigError(f"executor.address {ex.address!r}: cannot join the Ray cluster: "
                                   f"{_one_line(err)}") from None
         try:
-            task = ray.remote(_ray_point).options(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=0)
+            # a task whose worker or node dies is retried (Ray's default 3 times): claims make a point idempotent
+            task = ray.remote(_ray_point).options(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=3)
             config = self.exp.model_dump(mode="json")
             workdir = str(self.workdir.resolve())
             futures = {task.remote(config, workdir, spec, fingerprint, dense, started): spec for spec in specs}
             held = []
-            for future, spec in futures.items():
-                row = ray.get(future)
+            waiting = list(futures)
+            while waiting:  # collected as they finish: one slow or lost task holds up no other result
+                (future,), waiting = ray.wait(waiting, num_returns=1)
+                spec = futures[future]
+                try:
+                    row = ray.get(future)
+                except ray.exceptions.RayError as err:  # retries spent, or the task raised: the driver takes it over
+                    log.warning("%s: Ray task lost after its retries (%s); this worker runs it", spec.name,
+                                _one_line(err))
+                    row = None
                 if row is None:
                     held.append(spec)
                     continue
@@ -323,19 +389,21 @@ class Runner:
         """Dense metrics for this protocol: measured once (by one worker), then found by identity."""
         identity = hashlib.sha256(json.dumps(
             {"dense": model, "fp": fingerprint, "eval": self.exp.evaluation.model_dump(mode="json"),
-             "dtype": self.exp.dtype, "suite": suite.__version__}, sort_keys=True).encode()).hexdigest()[:20]
+             "dtype": self.exp.dtype, "code": code_fingerprint(), "data": self.specs[0].evaluation_data},
+            sort_keys=True).encode()).hexdigest()[:20]
+        waiting = Waiting(claims)
         while True:
             run = self._once(identity, claims, None, partial(self._measure_dense, model, identity))
             if run is not None:
                 return dict(run.data.metrics)
-            time.sleep(POLL_SECONDS)
+            waiting.on({f"{model.removeprefix('zoo:')}/dense": identity})
 
     def _measure_dense(self, model: str, identity: str, fence: Callable[[], None]) -> Any:
         from suite.evaluate import evaluate
         from suite.models import load_model
 
         run_id = self.tracker.start(f"{model.removeprefix('zoo:')}/dense", identity,
-                                    {KIND: "dense", PREFIX + "model": model})
+                                    {KIND: "dense", PREFIX + "model": model, PREFIX + "code": code_fingerprint()})
         try:
             m, tok = load_model(model, self.exp.dtype)
             result = evaluate(m, tok, self.spec)
@@ -379,7 +447,7 @@ class Runner:
         pruning = spec.pruning_identity(fingerprint)
         tags = {KIND: "pruned", PREFIX + "model": spec.model, PREFIX + "method": spec.method,
                 PREFIX + "label": spec.label, PREFIX + "model_fingerprint": fingerprint, WORKER: worker(),
-                PRUNING: pruning}
+                PRUNING: pruning, PREFIX + "code": spec.code}
         source = self.tracker.find_tagged(PRUNING, pruning)
         run_id = self.tracker.start(spec.name, identity, tags)
         try:
@@ -527,6 +595,33 @@ class Runner:
             self.tracker.log_artifacts(run_id, d)
 
 
+class Waiting:
+    """A worker waiting for grid points that other live workers hold: says once what it waits for and for whom,
+    polls every POLL_SECONDS, and gives up with one line after PRUNEBENCH_WAIT_S (a holder whose heartbeat goes on
+    while its work hangs would otherwise keep every other worker waiting forever)."""
+
+    def __init__(self, claims: Claims) -> None:
+        self.claims = claims
+        self.since: float | None = None
+        self.deadline = wait_seconds()
+
+    def on(self, points: dict[str, str]) -> None:
+        """Wait one poll for `points` (name -> identity)."""
+        import sys
+
+        from tqdm import tqdm
+
+        holders = {name: self.claims.holder(identity) for name, identity in points.items()}
+        shown = ", ".join(f"{name} (held by {h['host']}:{h['pid']})" if h else name for name, h in holders.items())
+        if self.since is None:
+            self.since = time.monotonic()
+            tqdm.write(f"waiting for {len(points)} grid point(s) that other workers hold: {shown}", file=sys.stderr)
+        elif time.monotonic() - self.since > self.deadline:
+            raise PruneBenchError(f"gave up after {self.deadline:g} s (PRUNEBENCH_WAIT_S) waiting for {shown}: its "
+                                  "holder is alive but has not finished; look at that worker, or run again later")
+        time.sleep(POLL_SECONDS)
+
+
 def _ray_point(config: dict[str, Any], workdir: str, spec: RunSpec, fingerprint: str, dense: dict[str, float],
                started: int) -> dict[str, Any] | None:
     """A Ray task: one grid point, through a Runner of its own on the shared workdir and tracking store (the model
@@ -535,7 +630,7 @@ def _ray_point(config: dict[str, Any], workdir: str, spec: RunSpec, fingerprint:
 
     quiet_transformers()
     runner = Runner(Experiment.model_validate(config), Path(workdir), progress=False)
-    with Claims(runner.workdir) as claims:
+    with open_claims(runner.workdir, runner.tracker.uri) as claims:
         return runner.point(spec, fingerprint, dense, claims, started)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from suite.errors import ConfigError, StoreError
 
 PREFIX = "prunebench."
 ROLE, IDENTITY, ERROR = PREFIX + "role", PREFIX + "identity", PREFIX + "error"
+NONFINITE = PREFIX + "nonfinite"  # JSON {metric: "inf" | "-inf" | "nan"}: MLflow keeps NaN but clamps infinities
 ARTIFACTS = "mlartifacts"  # in the workdir: every run's artifacts
 LOCK = ".tracking.lock"  # in the workdir: store creation and the parent run happen under it
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -176,8 +178,12 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
+        numbers = {metric_key(k): float(v) for k, v in (metrics or {}).items() if _number(v)}
+        nonfinite = {k: str(v) for k, v in numbers.items() if not _finite(v)}
+        if nonfinite:  # recorded, and named, so that a report shows inf where MLflow stored its largest float
+            tags = dict(tags or {}) | {NONFINITE: json.dumps(nonfinite, sort_keys=True)}
         p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
-        m = [Metric(metric_key(k), float(v), now, 0) for k, v in (metrics or {}).items() if _finite(v)]
+        m = [Metric(k, v, now, 0) for k, v in numbers.items()]
         t = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
         for i in range(0, max(len(p), len(m), len(t), 1), 100):
             self.client.log_batch(run_id, metrics=m[i : i + 100], params=p[i : i + 100], tags=t[i : i + 100])
@@ -231,6 +237,8 @@ def _initialise_sqlite(db: Path) -> None:
         leftover.unlink(missing_ok=True)
     if db.is_file():
         problem = _unfinished(db)
+        if problem is None and _upgrade_aside(db):
+            return
         if problem is None:
             try:
                 with _store_open(f"sqlite:///{db}"):
@@ -257,6 +265,38 @@ def _initialise_sqlite(db: Path) -> None:
         tmp.replace(db)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _upgrade_aside(db: Path) -> bool:
+    """A store written by an older MLflow (an older schema revision), upgraded under the same protection as a new
+    one: the migrations run on a copy (SQLite's online backup) that replaces `db` only once they all succeeded, and
+    the store as it was stays beside it as `<name>.pre-upgrade-<revision>`. False when `db` is current."""
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision, _upgrade_db, create_sqlalchemy_engine
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        revision = con.execute("select version_num from alembic_version").fetchone()[0]
+    if revision == _get_latest_schema_revision():
+        return False
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as src, \
+                contextlib.closing(sqlite3.connect(tmp)) as dst:
+            src.backup(dst)
+        with _store_open(f"sqlite:///{db}"):
+            engine = create_sqlalchemy_engine(f"sqlite:///{tmp}")
+            try:
+                _upgrade_db(engine)
+            finally:
+                engine.dispose()
+        backup = db.with_name(f"{db.name}.pre-upgrade-{revision}")
+        if not backup.exists():
+            os.link(db, backup)
+        tmp.replace(db)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def _unfinished(db: Path) -> str | None:
@@ -319,9 +359,13 @@ def _store_errors() -> Iterator[None]:
         raise StoreError(f"cannot write to the artifact store: {err}") from None
 
 
-def _finite(v: Any) -> bool:
+def _number(v: Any) -> bool:
     try:
-        f = float(v)
+        float(v)
     except (TypeError, ValueError):
         return False
-    return f == f and abs(f) != float("inf")
+    return not isinstance(v, str)
+
+
+def _finite(v: Any) -> bool:
+    return _number(v) and math.isfinite(float(v))

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,25 @@ def storage_uri(workdir: Path, storage: str | None = None) -> str:
     return storage or f"sqlite:///{(workdir / 'optuna.db').resolve()}"
 
 
-def _open_study(**kwargs: Any) -> Any:
-    """`optuna.create_study`, retried: workers starting together on a fresh shared RDB race to create its tables
-    (or the study) and all but one get an integrity error; a moment later the tables and study exist."""
+def _open_study(url: str, heartbeat_s: int, on_stale: Any, **kwargs: Any) -> Any:
+    """`optuna.create_study` on an RDB storage with trial heartbeats, retried: workers starting together on a fresh
+    shared RDB race to create its tables (or the study) and all but one get an integrity error; a moment later the
+    tables and study exist. A trial whose worker died stops beating; the next trial any worker starts fails it as
+    stale (Optuna's `fail_stale_trials`, by the database's clock) and `on_stale` runs for it."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    for attempt in range(4):
+    def attempt() -> Any:
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                                             failed_trial_callback=on_stale)
+        return optuna.create_study(storage=storage, **kwargs)
+
+    for tries in range(4):
         try:
-            return optuna.create_study(**kwargs)
+            return attempt()
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError, optuna.exceptions.DuplicatedStudyError):
-            time.sleep(0.5 + attempt)
-    return optuna.create_study(**kwargs)  # a fifth failure is a real one: raised
+            time.sleep(0.5 + tries)
+    return attempt()  # a fifth failure is a real one: raised
 
 
 def suggest(trial: Any, space: dict[str, SearchDim]) -> dict[str, Any]:
@@ -70,6 +78,19 @@ def invocation_seed(seed: int) -> int:
     first's (Optuna's samplers only see finished trials). Recorded on every trial it proposes."""
     text = f"{seed}:{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _stale(tracker: Tracker, study_name: str, study: Any, trial: Any) -> None:
+    """A trial whose worker died (failed as stale): its MLflow run is marked KILLED, and its parameters are queued
+    once more, so the budget of completed trials is still met."""
+    import optuna
+
+    tracker.kill_orphans(_trial_identity(study_name, trial.number))
+    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
+
+
+def _trial_identity(study_name: str, number: int) -> str:
+    return f"trial:{study_name}:{number}"
 
 
 def search_spaces(exp: Experiment) -> dict[str, dict[str, SearchDim]]:
@@ -123,8 +144,8 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
             study_name = f"{exp.name}/{label}/{model_spec}"
             sampler_seed = invocation_seed(exp.tuning.seed)
             study = _open_study(
-                study_name=study_name, storage=storage_uri(workdir, exp.tuning.storage), direction="minimize",
-                load_if_exists=True,
+                storage_uri(workdir, exp.tuning.storage), exp.tuning.heartbeat_s, partial(_stale, tracker, study_name),
+                study_name=study_name, direction="minimize", load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=sampler_seed),
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=exp.tuning.report_every),
             )
@@ -136,7 +157,7 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                 params = entry.params | suggest(trial, space)
                 trial.set_user_attr("sampler_seed", sampler_seed)  # which invocation's sampler proposed it
                 run_id = tracker.start(f"tune/{label}/{model_spec.removeprefix('zoo:')}/trial{trial.number}",
-                                       f"trial:{study_name}:{trial.number}", {PREFIX + "kind": "trial"})
+                                       _trial_identity(study_name, trial.number), {PREFIX + "kind": "trial"})
                 tracker.log(run_id, params={"method": entry.name, "label": label, "model": model_spec,
                                             "sparsity": sparsity, "trial": trial.number} | params)
 

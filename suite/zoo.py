@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -202,7 +203,7 @@ def train(name: str, progress: bool = True) -> dict[str, Any]:
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{s.batch * s.seq_len * step / wall:.0f}")
         if step % 200 == 0 or step == s.steps:
             state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_suffix(".tmp")
+            tmp = state_path.with_name(f".{state_path.name}.{os.getpid()}.tmp")  # two trainers never share it
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
                         "step": step, "wall": wall, "losses": losses}, tmp)
             tmp.replace(state_path)

@@ -94,3 +94,61 @@ def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tm
     assert len({t.user_attrs["sampler_seed"] for t in trials}) == 2  # each worker sampled with its own seed
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # four configurations, none repeated
     assert not (workdir / "optuna.db").exists()
+
+
+def test_a_killed_tuning_worker_s_trial_is_failed_and_retried_and_claims_use_the_database(postgres, tmp_path):
+    """Optuna's heartbeat: a tuning worker SIGKILLed mid-trial leaves the trial RUNNING; the next worker fails it as
+    stale (by the server's clock), marks its MLflow run KILLED and runs its parameters again, so the requested trials
+    all complete. The sweep's claims live in the tracking database (the `prunebench_claims` table)."""
+    import signal
+    import time
+
+    import optuna
+    import sqlalchemy as sa
+    from mlflow.tracking import MlflowClient
+
+    model = tiny_text_model(tmp_path / "tiny")
+    cfg = {"name": "pgkill", "models": [str(model)],
+           "methods": [{"name": "ddp", "params": {"steps": 400, "batch_size": 2, "valid_batches": 1}}],
+           "sparsities": [0.3], "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
+           "evaluation": {"ppl": ["embedded:test@128/8"], "tasks": [], "limit": 4},
+           "tracking": {"uri": f"{postgres}/mlflow"},
+           "tuning": {"n_trials": 1, "report_every": 50, "storage": f"{postgres}/optuna", "heartbeat_s": 1,
+                      "search_space": {"ddp": {"mu_end": {"type": "float", "low": 10, "high": 500, "log": True}}}}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "suite.cli", "tune", str(path), "--workdir", str(tmp_path / "runs")]
+    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    running = []
+    while not running:  # wait until the victim is inside its trial
+        assert victim.poll() is None and time.time() < deadline, victim.communicate()[1][-2000:]
+        time.sleep(0.5)
+        summaries = optuna.get_all_study_summaries(f"{postgres}/optuna")
+        names = [s.study_name for s in summaries if s.study_name.startswith("pgkill/")]
+        if names:
+            study = optuna.load_study(study_name=names[0], storage=f"{postgres}/optuna")
+            running = [t for t in study.trials if t.state.name == "RUNNING"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    time.sleep(4)  # past the grace period (three heartbeats)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = optuna.load_study(study_name=names[0], storage=f"{postgres}/optuna").trials
+    killed = trials[running[0].number]
+    assert killed.state.name == "FAIL"
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == killed.params
+    client = MlflowClient(tracking_uri=f"{postgres}/mlflow")
+    runs = client.search_runs([client.get_experiment_by_name("pgkill").experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert [r.info.status for r in runs if r.data.tags["prunebench.identity"].endswith(f":{killed.number}")] == \
+        ["KILLED"]
+
+    # a sweep on this store claims its grid points in the database, and releases them all
+    assert main(["run", str(path), "--workdir", str(tmp_path / "runs")]) == 0
+    engine = sa.create_engine(f"{postgres}/mlflow")
+    with engine.connect() as con:
+        assert con.execute(sa.text("select count(*) from prunebench_claims")).scalar() == 0
+    engine.dispose()
+    assert not (tmp_path / "runs" / "claims").exists()

@@ -284,9 +284,9 @@ def test_claims_exclude_live_holders_and_take_over_dead_ones(tmp_path):
     import subprocess
     import sys
 
-    from suite.claims import Claims
+    from suite.claims import FileClaims
 
-    with Claims(tmp_path, lease=60) as mine:
+    with FileClaims(tmp_path, lease=60) as mine:
         assert mine.acquire("a") and (tmp_path / "claims" / "a.claim").exists()
         other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         try:
@@ -436,26 +436,38 @@ def test_a_worker_paused_past_its_lease_records_nothing_when_it_resumes(tmp_path
     assert "ppl.embedded_test_128/32" not in killed.data.metrics  # A recorded nothing after it lost the claim
 
 
-def test_release_never_removes_a_successors_claim_and_lease_settings_are_checked(tmp_path, monkeypatch):
-    from suite.claims import ClaimLost, Claims, lease_seconds
+@pytest.mark.parametrize("store", ["files", "database"])
+def test_release_never_removes_a_successors_claim_and_lease_settings_are_checked(store, tmp_path, monkeypatch):
+    """Both claim stores: a holder silent past its lease is taken over, is fenced, and its release leaves the
+    successor's claim. The database store ages claims by the database's clock (sqlite here: whole seconds)."""
+    from suite.claims import ClaimLost, DatabaseClaims, FileClaims, lease_seconds, wait_seconds
     from suite.errors import ConfigError
 
-    mine, theirs = Claims(tmp_path, lease=0.4), Claims(tmp_path, lease=0.4)
-    assert mine.acquire("p")
+    lease = 0.4 if store == "files" else 1.0
+    if store == "files":
+        mine, theirs = FileClaims(tmp_path, lease=lease), FileClaims(tmp_path, lease=lease)
+    else:
+        uri = f"sqlite:///{tmp_path / 'claims.db'}"
+        mine, theirs = DatabaseClaims(uri, lease=lease), DatabaseClaims(uri, lease=lease)
+    assert mine.acquire("p") and not theirs.acquire("p")  # a live holder excludes
+    assert theirs.holder("p")["pid"] == mine.me["pid"]
     mine._stop.set()  # paused: no more heartbeats
-    time.sleep(0.6)
+    time.sleep(lease + (0.2 if store == "files" else 1.5))
     assert theirs.acquire("p")
     assert not mine.current("p") and theirs.current("p")
     with pytest.raises(ClaimLost):
         mine.fence("p")
     mine.release("p")
-    assert (tmp_path / "claims" / "p.claim").is_file() and theirs.current("p")
+    assert theirs.current("p")  # the successor's claim stayed
     theirs.close()
-    assert not (tmp_path / "claims" / "p.claim").exists()
+    assert theirs.holder("p") is None and mine.acquire("p")  # released: free again
+    mine.close()
     for bad in ("abc", "0", "-5", "inf"):
-        monkeypatch.setenv("PRUNEBENCH_LEASE_S", bad)
-        with pytest.raises(ConfigError, match="PRUNEBENCH_LEASE_S"):
-            lease_seconds()
+        for name, read in (("PRUNEBENCH_LEASE_S", lease_seconds), ("PRUNEBENCH_WAIT_S", wait_seconds)):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(ConfigError, match=name):
+                read()
+            monkeypatch.delenv(name)
 
 
 def test_a_nested_row_left_running_by_a_killed_worker_is_marked_killed_on_resume(tmp_path, model_dir):

@@ -82,3 +82,56 @@ def test_a_half_built_store_is_set_aside_when_empty_and_refused_when_it_holds_ru
     with pytest.raises(StoreError, match="holds 1 runs"):
         Tracker(full, "x")
     assert (full / "mlflow.db").read_bytes() == before
+
+
+def test_a_store_of_an_older_mlflow_is_upgraded_aside_and_kept_when_the_upgrade_fails(tmp_path, monkeypatch):
+    """A store at the previous schema revision: its upgrade runs on a copy that replaces it only when every migration
+    succeeded (the store as it was kept as `mlflow.db.pre-upgrade-<rev>`); an upgrade that dies half way leaves the
+    store byte for byte as it was, with one line."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+    import pytest
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+
+    from suite.errors import StoreError
+
+    head = db_utils._get_latest_schema_revision()
+    previous = ScriptDirectory.from_config(db_utils._get_alembic_config("")).get_revision(head).down_revision
+
+    def old_store(folder):
+        folder.mkdir()
+        engine = db_utils.create_sqlalchemy_engine(f"sqlite:///{folder / 'mlflow.db'}")
+        InitialBase.metadata.create_all(engine)
+        config = db_utils._get_alembic_config(str(engine.url))
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, previous)
+        engine.dispose()
+        with sqlite3.connect(folder / "mlflow.db") as con:
+            con.execute("insert into experiments (name, artifact_location, lifecycle_stage) "
+                        "values ('old', 'file:///nowhere', 'active')")
+        return folder / "mlflow.db"
+
+    db = old_store(tmp_path / "ok")
+    before = db.read_bytes()
+    tracker = Tracker(db.parent, "old")
+    assert tracker.client.get_experiment_by_name("old") is not None
+    assert (db.parent / f"mlflow.db.pre-upgrade-{previous}").read_bytes() == before
+    with sqlite3.connect(db) as con:
+        assert con.execute("select version_num from alembic_version").fetchone()[0] == head
+
+    db = old_store(tmp_path / "dies")
+    before = db.read_bytes()
+
+    def dies_half_way(engine):
+        with engine.begin() as con:
+            con.exec_driver_sql("create table half_migrated (x integer)")
+        raise RuntimeError("killed in the middle of a migration")
+
+    monkeypatch.setattr(db_utils, "_upgrade_db", dies_half_way)
+    with pytest.raises(StoreError, match="killed in the middle"):
+        Tracker(db.parent, "old")
+    assert db.read_bytes() == before and sorted(p.name for p in db.parent.iterdir()) == [".tracking.lock", "mlflow.db"]
