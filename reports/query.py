@@ -6,13 +6,15 @@ and artifacts such as masks and curves), so a report can be rebuilt from a store
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from suite.errors import ConfigError
+from suite.errors import ConfigError, DataError
 from suite.masks import Masks
 from suite.tracking import ERROR, NONFINITE, PREFIX, Tracker
 
@@ -113,10 +115,29 @@ def artifact(row: pd.Series, name: str) -> Path | None:
 
 def read_json(row: pd.Series, name: str) -> Any | None:
     path = artifact(row, name)
-    return json.loads(path.read_text()) if path else None
+    if path is None:
+        return None
+    with _damaged(path):
+        return json.loads(path.read_text())
 
 
 def read_masks(row: pd.Series) -> Masks | None:
     """The masks a pruned run stored (keep vectors, and per-group parameter counts in `meta`), or None."""
     path = artifact(row, "masks.safetensors")
-    return Masks.load(path.parent) if path else None
+    if path is None:
+        return None
+    with _damaged(path):
+        return Masks.load(path.parent)
+
+
+@contextlib.contextmanager
+def _damaged(path: Path) -> Iterator[None]:
+    """A stored artifact that cannot be read (truncated, overwritten) is one line naming its file and run."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"damaged artifact {path} (run {path.parent.parent.name}): {first}; restore it, or delete "
+                        "that run from the store") from None

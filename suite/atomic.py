@@ -15,6 +15,17 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from suite.errors import ConfigError
+
+
+def within(root: Path, *parts: str) -> Path:
+    """`root / parts`, refused with one line unless it resolves inside `root`: every path made from a config value
+    (experiment names, labels, model slugs) stays in the workdir, whatever the value's validation let through."""
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"{'/'.join(parts)!r} would write outside {root}; names in a config are plain names")
+    return path
+
 
 @contextlib.contextmanager
 def replacing_file(path: Path) -> Iterator[Path]:

@@ -120,7 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from suite.models import load_model
     from suite.structures import build_structure
 
-    model, _ = load_model(args.model, args.dtype)
+    model, _ = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     s = build_structure(model, args.granularity)
     print(f"family {s.family}  granularity {s.granularity}  layers {s.n_layers}  fingerprint {s.fingerprint}")
     print(f"{'layer':>5}  {'group':<16} {'units':>6} {'params/unit':>12} {'params':>12}")
@@ -147,7 +147,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     hyper = apply_overrides(method.Config, {}, args.set, where=f"{args.method}.")
     calib_spec = apply_overrides(CalibrationSpec, {}, args.calib, where="calib.")
     check_dir(Path(args.out), "prune")  # before the minutes of pruning
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     calibration = None
     if method.needs_calibration:
         if tokenizer is None:
@@ -185,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec = EvalSpec(ppl=ppl, limit=args.limit, dtype=args.dtype, **({"tasks": tasks} if tasks is not None else {}))
     if args.json:
         check_file(Path(args.json), "eval")
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     if tokenizer is None:
         raise PruneBenchError(f"{args.model} has no tokenizer files; evaluation needs one")
     result = evaluate(model, tokenizer, spec)
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--granularity", default="kv_group", help="kv_group (default) or query_head")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped inside a checkpoint of a foreign model type (off: refused with one "
+                   "line; prunebench's own pruned layouts never need it)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("prune", help="prune one model with one method and write the compact model")
@@ -353,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration setting: source, split, n, seq_len, valid_n, seed, tasks, task_items "
                    "(default embedded train 64x256)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped inside a checkpoint of a foreign model type (off: refused with one "
+                   "line; prunebench's own pruned layouts never need it)")
     p.add_argument("--out", required=True, help="new or empty folder (or an earlier prune output): model/, masks, "
                    "metrics.json")
     p.set_defaults(func=cmd_prune)
@@ -365,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "embedded:test@256)")
     p.add_argument("--limit", type=int, help="items per task (recorded in the protocol)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped inside a checkpoint of a foreign model type (off: refused with one "
+                   "line; prunebench's own pruned layouts never need it)")
     p.add_argument("--json", help="write the full result here (a new file, or an earlier eval --json output)")
     p.set_defaults(func=cmd_eval)
 
@@ -437,11 +446,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PruneBenchError as err:
+        _close_bars()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_bars()
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def _close_bars() -> None:
+    """Progress bars still open when a command fails are closed (each ends its line), so the error line starts a
+    line of its own instead of running on from a bar's."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -266,9 +266,11 @@ def save_pruned(model: nn.Module, directory: Path, tokenizer: Any = None) -> Non
         tokenizer.save_pretrained(directory)
 
 
-def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+def load_pruned(directory: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Load any checkpoint written by `save_pruned` (or a plain HF directory), whatever its per-layer shapes. Pruned
-    weights load strictly: a missing or extra tensor is an error, never a silent re-initialisation."""
+    weights load strictly: a missing or extra tensor is an error, never a silent re-initialisation. prunebench's own
+    layouts load through its own classes, never through the code they ship; a foreign checkpoint's code runs only
+    with `trust_remote_code`."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
@@ -277,7 +279,8 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None) -> nn.M
     raw = json.loads((directory / "config.json").read_text())
     layout = raw.get(LAYOUT_KEY)
     if layout is None or layout["stock"]:
-        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", trust_remote_code=False,
+        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto",
+                                                           trust_remote_code=trust_remote_code,
                                                            output_loading_info=True)
         strict(info, directory)
         return model.eval()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from suite.errors import ConfigError, ModelLoadError, PruneBenchError
@@ -45,8 +46,10 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_model(spec: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer or None). Pruned checkpoints of any shape load through load_pruned."""
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer or None). Pruned checkpoints of any shape load through load_pruned (through
+    prunebench's own classes). Code shipped in a checkpoint of a foreign model type runs only with
+    `trust_remote_code`; without it transformers refuses at once (no prompt) and that is one line."""
     from suite.compact import load_pruned
 
     quiet_transformers()
@@ -54,13 +57,17 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[nn.Module, Any]:
     where = resolve(spec)
     if isinstance(where, Path):
         try:
-            model = load_pruned(where, torch_dtype)
+            model = load_pruned(where, torch_dtype, trust_remote_code=trust_remote_code)
         except PruneBenchError:
             raise
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise ModelLoadError(f"cannot load model from {where}: {str(err).splitlines()[0]}") from None
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+            what = "a damaged safetensors file: " if isinstance(err, SafetensorError) else ""
+            first = str(err).strip().splitlines()[0]
+            if "custom code" in first and not trust_remote_code:
+                first = f"{first.split('. ')[0]}; it runs only with --trust-remote-code"
+            raise ModelLoadError(f"cannot load model from {where}: {what}{first}") from None
         return model, _tokenizer(str(where), local_only=True)
-    return _load_hub(where, torch_dtype)
+    return _load_hub(where, torch_dtype, trust_remote_code)
 
 
 def load_tokenizer(spec: str) -> Any:
@@ -82,7 +89,7 @@ def _tokenizer(where: str, local_only: bool) -> Any:
     return AutoTokenizer.from_pretrained(where, local_files_only=local_only, trust_remote_code=False)
 
 
-def _load_hub(model_id: str, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
+def _load_hub(model_id: str, dtype: torch.dtype | None, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     """Download (or reuse the cache); with the hub unreachable, a cached copy still loads, anything else fails fast."""
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +102,8 @@ def _load_hub(model_id: str, dtype: torch.dtype | None) -> tuple[nn.Module, Any]
     try:
         with context:
             model, info = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype or "auto",
-                                                               trust_remote_code=False, output_loading_info=True)
+                                                               trust_remote_code=trust_remote_code,
+                                                               output_loading_info=True)
             strict(info, model_id)
             return model.eval(), _tokenizer(model_id, local_only=reason is not None)
     except OSError as err:

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import suite
+from suite.atomic import within
 from suite.claims import ClaimLost, Claims, lease_seconds, open_claims, wait_seconds
 from suite.config import Experiment
 from suite.errors import ConfigError, PruneBenchError
@@ -205,7 +206,7 @@ def eval_spec(exp: Experiment) -> EvalSpec:
 
 def tuned_path(workdir: Path, experiment: str, label: str, model: str) -> Path:
     slug = model.replace("/", "_").replace(":", "_")
-    return workdir / "tuned" / experiment / label / f"{slug}.json"
+    return within(workdir, "tuned", experiment, label, f"{slug}.json")
 
 
 def expand(exp: Experiment, workdir: Path, require_tuned: bool = True,

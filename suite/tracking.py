@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import suite
-from suite.atomic import locked
+from suite.atomic import locked, within
 from suite.errors import ConfigError, StoreError
 
 PREFIX = "prunebench."
@@ -95,7 +95,7 @@ class Tracker:
                 self.client = MlflowClient(tracking_uri=self.uri)
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None:
-                    artifacts = (workdir / ARTIFACTS / experiment).resolve().as_uri()
+                    artifacts = within(workdir, ARTIFACTS, experiment).resolve().as_uri()
                     self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
                 else:
                     self.experiment_id = found.experiment_id
@@ -251,9 +251,10 @@ def _initialise_sqlite(db: Path) -> None:
                     raise  # another process is writing: not a damaged store
                 problem = str(err)
         runs = _count_runs(db)
-        if runs:
-            raise StoreError(f"{problem}; it holds {runs} runs, so it is left as it is: restore it from a backup, "
-                             "or move it away to start a new store")
+        if runs != 0:
+            holds = f"it holds {runs} runs" if runs else "its runs cannot be counted"
+            raise StoreError(f"{problem}; {holds}, so it is left as it is: restore it from a backup, or move it "
+                             "away to start a new store")
         db.rename(db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}"))
         stale = SqlAlchemyStore._engine_map.pop(f"sqlite:///{db}", None)  # MLflow caches engines per URI
         if stale is not None:
@@ -312,15 +313,18 @@ def _unfinished(db: Path) -> str | None:
     return None if row else f"the tracking store {db} records no schema version (its creation was interrupted)"
 
 
-def _count_runs(db: Path) -> int:
-    """Runs in a sqlite store that MLflow cannot open (0 when it has no runs table)."""
+def _count_runs(db: Path) -> int | None:
+    """Runs in a sqlite store that MLflow cannot open: 0 when it has no runs table (its creation stopped before
+    that), None when it cannot be read (a damaged file is never taken for an empty one)."""
     import sqlite3
 
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
             return int(con.execute("select count(*) from runs").fetchone()[0])
+    except sqlite3.OperationalError as err:
+        return 0 if "no such table" in str(err) else None
     except sqlite3.Error:
-        return 0
+        return None
 
 
 def _sqlite_file(uri: str) -> Path | None:

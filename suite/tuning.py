@@ -195,4 +195,7 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
             atomic.write_text(out, json.dumps(summary, indent=1, sort_keys=True))
             logging.getLogger(__name__).info("%s: best %.4f with %s", study_name, best.value, best.params)
             summaries.append(summary)
+    parent = tracker.parent()  # the trials' parent: left RUNNING only while a sweep is still going
+    if tracker.client.get_run(parent).info.status == "RUNNING":
+        tracker.finish(parent)
     return summaries

@@ -31,6 +31,23 @@ def store(tmp_path_factory):
     return root, model
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every outgoing connection this process attempts, recorded and refused: a test that expects none asserts the
+    list is empty (HF_HUB_OFFLINE must keep prunebench off the network, not a timeout)."""
+    import socket
+
+    attempts = []
+
+    def refuse(self, address, *args, **kwargs):
+        attempts.append(address)
+        raise ConnectionRefusedError(111, "refused by the test's network guard")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
 def _snapshot(workdir):
     files = sorted(p for p in workdir.rglob("*") if p.is_file() and "claims" not in p.parts
                    and p.name != ".tracking.lock")
@@ -90,8 +107,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_refused_before_the_store_changes(store, case, tmp_path, monkeypatch, capsys):
-    """`validate` and `run` give the same one refusal; neither changes an existing store or creates a new one."""
+def test_bad_input_is_refused_before_the_store_changes(store, case, tmp_path, monkeypatch, capsys, no_network):
+    """`validate` and `run` give the same one refusal; neither changes an existing store or creates a new one, and
+    none of them attempts a network connection (offline means no connection, not a quick timeout)."""
     root, model = store
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -103,9 +121,8 @@ def test_bad_input_is_refused_before_the_store_changes(store, case, tmp_path, mo
     refusals = {}
     for command, workdir in (("validate", root / "w"), ("run", root / "w"), ("run", tmp_path / "fresh")):
         capsys.readouterr()
-        started = time.perf_counter()
         assert main([command, str(path), "--workdir", str(workdir)]) == 2, command
-        assert time.perf_counter() - started < 60  # never hangs on the network
+        assert no_network == [], (command, no_network)
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (command, err)
         assert "Traceback" not in err[0]
@@ -195,3 +212,140 @@ def test_tune_refuses_before_creating_any_store(store, case, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "fresh").exists()
+
+
+def test_an_unreachable_hub_is_one_line_in_seconds(store, tmp_path, monkeypatch, capsys):
+    """With HF_HUB_OFFLINE unset, a hub model is looked for on the hub's host: where nobody answers (here the hub
+    is pointed at this machine's loopback address) the refusal is one line within the connect timeout, and the only
+    connection attempted was that loopback probe."""
+    import socket
+
+    from suite.hub import CONNECT_TIMEOUT_S
+
+    _, model = store
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    attempts = []
+    connect = socket.socket.connect
+
+    def loopback_only(self, address, *args, **kwargs):
+        attempts.append(address)
+        assert address[0] == "127.0.0.1", f"a connection to {address} was attempted"
+        return connect(self, address, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_config(model, models=["someone/not-cached-model"])))
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert main(["validate", str(path), "--workdir", str(tmp_path / "w")]) == 2
+    assert time.perf_counter() - started < CONNECT_TIMEOUT_S + 30
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: cannot reach the Hugging Face hub (127.0.0.1)"), err
+    assert attempts and {a[0] for a in attempts} == {"127.0.0.1"}
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def _one_error_line(capsys, *words):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], err
+    for word in words:
+        assert word in err[0], err
+    return err[0]
+
+
+def test_damaged_files_are_one_line_and_change_nothing(store, tmp_path, capsys, no_network):
+    """The review's damaged-file cases: a truncated model.safetensors (prune, eval, inspect, run), a truncated
+    mlflow.db (run, report: refused, never set aside as if empty), one truncated mask artifact (report: the file
+    named); each exits 2 with one line and leaves every file as it was."""
+    import shutil
+
+    root, model = store
+    bad_model = tmp_path / "bad_model"
+    shutil.copytree(model, bad_model)
+    _truncate(bad_model / "model.safetensors")
+    for args in (["prune", "--model", str(bad_model), "--method", "random", "--sparsity", "0.3", "--out",
+                  str(tmp_path / "o")],
+                 ["eval", "--model", str(bad_model), "--ppl", "embedded:test@64/2", "--tasks", "pb_next_line"],
+                 ["inspect", "--model", str(bad_model)]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        _one_error_line(capsys, "damaged safetensors", str(bad_model))
+    assert not (tmp_path / "o").exists()
+
+    damaged = tmp_path / "damaged_db"
+    shutil.copytree(root / "w", damaged)
+    _truncate(damaged / "mlflow.db")
+    before = _snapshot(damaged)
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(yaml.safe_dump(_config(model)))
+    for args in (["run", str(cfg), "--workdir", str(damaged)],
+                 ["report", "--experiment", "bad", "--workdir", str(damaged), "--out", str(tmp_path / "r1")]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        _one_error_line(capsys, "mlflow.db")
+    assert _snapshot(damaged) == before and not (tmp_path / "r1").exists()
+    assert not list(damaged.glob("mlflow.db.broken-*"))
+
+    mask = tmp_path / "damaged_mask"
+    shutil.copytree(root / "w", mask)
+    (victim,) = list(mask.rglob("masks.safetensors"))[:1]
+    _truncate(victim)
+    before = _snapshot(mask)
+    capsys.readouterr()
+    assert main(["report", "--experiment", "bad", "--workdir", str(mask), "--out", str(tmp_path / "r2")]) == 2
+    _one_error_line(capsys, "damaged artifact", str(victim))
+    assert _snapshot(mask) == before and not (tmp_path / "r2").exists()
+
+
+def test_checkpoint_code_never_runs_without_the_flag(store, tmp_path, capsys, monkeypatch):
+    """A checkpoint of a foreign model type whose config names its own code (`auto_map`): without
+    --trust-remote-code there is no prompt (stdin says y), one line, and the code never runs; with the flag it runs."""
+    import io
+    import json
+    import shutil
+
+    _, model = store
+    evil = tmp_path / "evil"
+    shutil.copytree(model, evil)
+    config = json.loads((evil / "config.json").read_text())
+    config |= {"model_type": "evilnet", "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                     "AutoModelForCausalLM": "evil.EvilModel"}}
+    (evil / "config.json").write_text(json.dumps(config))
+    sentinel = tmp_path / "ran"
+    (evil / "evil.py").write_text(
+        f"open({str(sentinel)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evilnet'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    for command in (["inspect", "--model", str(evil)],
+                    ["eval", "--model", str(evil), "--ppl", "embedded:test@64/2", "--tasks", ""],
+                    ["prune", "--model", str(evil), "--method", "random", "--sparsity", "0.3", "--out",
+                     str(tmp_path / "o")]):
+        capsys.readouterr()
+        assert main(command) == 2, command
+        _one_error_line(capsys, "--trust-remote-code")
+        assert not sentinel.exists(), command
+    assert main(["inspect", "--model", str(evil), "--trust-remote-code"]) == 2  # ran, then: not a supported family
+    _one_error_line(capsys, "unsupported model family 'evilnet'")
+    assert sentinel.exists()
+
+
+@pytest.mark.parametrize("name", ["PRUNEBENCH_LEASE_S", "PRUNEBENCH_WAIT_S"])
+def test_a_malformed_claim_setting_is_one_line_before_the_store(store, name, tmp_path, monkeypatch, capsys):
+    root, model = store
+    monkeypatch.setenv(name, "abc")
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_config(model)))
+    before = _snapshot(root / "w")
+    for command in ("validate", "run"):
+        capsys.readouterr()
+        assert main([command, str(path), "--workdir", str(root / "w")]) == 2
+        _one_error_line(capsys, name)
+    assert _snapshot(root / "w") == before

@@ -277,3 +277,36 @@ def test_wilcoxon_is_scipys_exact_null_with_ties_and_zeros_and_its_approximation
             assert leaderboard.wilcoxon_p(diff) == pytest.approx(stats.wilcoxon(nonzero).pvalue, abs=1e-12)
     big = rng.normal(0.01, 0.02, size=40)
     assert leaderboard.wilcoxon_p(big) == pytest.approx(stats.wilcoxon(big, method="approx").pvalue)
+
+
+def test_one_label_with_two_configurations_is_two_rows_and_a_non_finite_metric_is_flagged(tmp_path):
+    """The review's case: one label run with `selection=global`, then `per_layer`, one seed: two methods named by what
+    differs, never one cell averaged over both. A point recorded twice counts once. An infinite perplexity is shown
+    as inf (MLflow alone would clamp it to its largest float) and its row is marked ‡."""
+    model = tiny_text_model(tmp_path / "tiny")
+    cfg = {"name": "mix", "models": [str(model)], "methods": [{"name": "magnitude", "params": {"selection": "global"}}],
+           "sparsities": [0.3], "calibration": {"n": 4, "seq_len": 32, "valid_n": 0},
+           "evaluation": {"ppl": ["embedded:test@64/4"], "tasks": ["pb_next_line"], "limit": 4}}
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir)]) == 0
+    assert main(["run", str(path), "--workdir", str(workdir), "--set", "methods.0.params.selection=per_layer"]) == 0
+    df = load_results(workdir, ["mix"])
+    pruned = df[df["kind"] == "pruned"]
+    assert sorted(pruned["method"]) == ["magnitude[selection=global]", "magnitude[selection=per_layer]"]
+    assert list(pruned["hp.selection"].sort_values()) == ["global", "per_layer"]
+
+    t = Tracker(workdir, "mix")
+    run = next(r for r in t.client.search_runs([t.experiment_id]) if r.data.params.get("hp.selection") == "global")
+    twin = t.client.create_run(t.experiment_id, tags=run.data.tags)  # the same point recorded a second time
+    t.log(twin.info.run_id, params=run.data.params, metrics=dict(run.data.metrics) | {"ppl.embedded_test_64/4":
+                                                                                       float("inf")})
+    t.finish(twin.info.run_id)
+    df = load_results(workdir, ["mix"])
+    pruned = df[df["kind"] == "pruned"]
+    assert len(pruned) == 2  # counted once: the later record
+    flagged = pruned[pruned["method"] == "magnitude[selection=global]"].iloc[0]
+    assert flagged["ppl.embedded_test_64/4"] == float("inf") and flagged["nonfinite"] == "ppl.embedded_test_64/4"
+    table = tables.markdown(tables.summarize(df, str(model)))
+    assert "magnitude[selection=global] ‡" in table and "| inf" in table and tables.NONFINITE_NOTE in table

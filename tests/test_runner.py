@@ -92,6 +92,35 @@ def test_identity_changes_with_what_determines_the_result(tmp_path, model_dir):
     assert {s.identity("fp2") for s in expand(base, tmp_path)}.isdisjoint(ids)
 
 
+def test_identity_changes_with_the_code_and_the_data(tmp_path, model_dir, monkeypatch):
+    """A source edit (the code fingerprint), other calibration text or other evaluation text: new identities, so a
+    resumed sweep never reuses a result made by older code or from other data. The evaluation text leaves the
+    pruning identity (masks are reused) alone; calibration text changes both."""
+    from dataclasses import replace
+
+    import suite.runner as runner
+
+    exp = load_experiment(_config(tmp_path, model_dir))
+    spec = expand(exp, tmp_path)[0]
+    assert spec.code.startswith("0.1.0+") and spec.calibration_data and spec.evaluation_data["ppl"]
+    runner.code_fingerprint.cache_clear()
+    monkeypatch.setattr(runner.Path, "read_bytes", lambda self: b"edited " + self.name.encode())
+    edited = expand(exp, tmp_path)[0]
+    monkeypatch.undo()
+    runner.code_fingerprint.cache_clear()
+    assert edited.code != spec.code and edited.identity("fp") != spec.identity("fp")
+    assert expand(exp, tmp_path)[0].identity("fp") == spec.identity("fp")  # the same code: the same identity
+    text = tmp_path / "corpus"
+    text.mkdir()
+    for i in range(60):
+        (text / f"doc{i}.txt").write_text(f"document {i} " * 200)
+    calibration = expand(load_experiment(_config(tmp_path, model_dir), [f"calibration.source={text}"]), tmp_path)[0]
+    assert calibration.calibration_data != spec.calibration_data
+    evaluation = replace(spec, evaluation_data=spec.evaluation_data | {"ppl": {"embedded:test@128/32": "other"}})
+    assert evaluation.identity("fp") != spec.identity("fp")
+    assert evaluation.pruning_identity("fp") == spec.pruning_identity("fp")
+
+
 @pytest.mark.parametrize("override, message", [
     ("bogus=1", "bogus: unknown key"),
     ("methods.0.name=nosuch", "unknown method 'nosuch'"),
@@ -194,44 +223,111 @@ def _check_no_duplicate_or_hollow_finished_run(workdir):
     return finished
 
 
+def _faulty_child(cfg, workdir, window):
+    """A forked `prunebench run` that SIGKILLs itself at a named window of its work (the first time it gets there)."""
+    import os
+    import shutil
+    import signal
+    import threading
+
+    import mlflow.store.db.utils as db_utils
+
+    from suite import tracking
+    from suite.claims import FileClaims
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def kind(tracker, run_id):
+        return tracker.client.get_run(run_id).data.tags
+
+    if window == "store creation":  # a timer fires inside MLflow's migrations (about a second here)
+        upgrade = db_utils._upgrade_db
+
+        def dying_upgrade(engine):
+            threading.Timer(0.3, die).start()
+            upgrade(engine)
+
+        db_utils._upgrade_db = dying_upgrade
+    elif window == "claimed, before the MLflow run starts":
+        start = Tracker.start
+        Tracker.start = lambda self, name, identity, tags: (die() if tags.get("prunebench.kind") == "pruned" else
+                                                             start(self, name, identity, tags))
+    elif window == "mid-artifacts":  # the second file of a run's artifacts (a dense run has only one)
+        copytree, copied = shutil.copytree, []
+
+        def copy(src, dst):
+            copied.append(src)
+            if len(copied) == 2:
+                die()
+            return shutil.copy2(src, dst)
+
+        tracking.shutil = type("Shutil", (), {"copytree": staticmethod(
+            lambda src, dst, **kw: copytree(src, dst, copy_function=copy, **kw))})
+    elif window in ("between artifacts and FINISHED", "a nested row, before FINISHED"):
+        finish = Tracker.finish
+        tag = "prunebench.kind" if window.startswith("between") else "prunebench.nested_in"
+
+        def dying_finish(self, run_id, status="FINISHED"):
+            tags = kind(self, run_id)
+            if status == "FINISHED" and tag in tags and tags.get("prunebench.kind") == "pruned":
+                die()
+            finish(self, run_id, status)
+
+        Tracker.finish = dying_finish
+    elif window == "after FINISHED, before the claim is released":
+        FileClaims.release = lambda self, identity: die()
+    _sweep_child(cfg, workdir)
+
+
+KILL_WINDOWS = ["store creation", "claimed, before the MLflow run starts", "mid-artifacts",
+                "between artifacts and FINISHED", "a nested row, before FINISHED",
+                "after FINISHED, before the claim is released"]
+
+
 @pytest.mark.slow
-def test_ten_kills_at_random_points_never_duplicate_or_fake_a_finished_run(tmp_path, model_dir):
-    """Issue "Reliability": kill -9 the runner at 10 random points of a 12-run sweep (during the dense evaluation,
-    pruning, evaluation or artifact logging: wherever the clock falls); after every kill no grid point is FINISHED
-    twice and every FINISHED run has its artifacts; the last resume completes the grid with each point once."""
+@pytest.mark.parametrize("window", KILL_WINDOWS)
+def test_a_worker_killed_at_a_named_window_never_duplicates_loses_or_fakes_a_run(tmp_path, model_dir, window):
+    """Two workers on a fresh workdir, one SIGKILLed at a named window of its work (GISP's nested rows included):
+    the other takes the dead worker's point over and ends with exit 0; every grid point and nested row is FINISHED
+    exactly once with its artifacts, nothing stays RUNNING, the store opens, and a resume adds no run. Every wait
+    has a deadline: a hang fails the test instead of stalling it."""
     import multiprocessing
     import os
-    import random
     import signal
 
-    cfg = _config(tmp_path, model_dir, methods=[{"name": "random"}, {"name": "magnitude"}],
-                  sparsities=[0.2, 0.3, 0.4], seeds=[0, 1])
+    cfg = _config(tmp_path, model_dir, methods=[{"name": "gisp", "params": {"iterations": 3, "nested": [0.2]}},
+                                                {"name": "random"}],
+                  sparsities=[0.4], seeds=[0, 1],
+                  evaluation={"ppl": ["embedded:test@64/4"], "tasks": ["pb_next_line"], "limit": 4})
     workdir = tmp_path / "runs"
-    rng = random.Random(0)
     ctx = multiprocessing.get_context("fork")
     _warm_for_forks()
-    kills = 0
-    while kills < 10:
-        done = len(_check_no_duplicate_or_hollow_finished_run(workdir))
-        assert done < 13, f"the grid completed after {kills} kills"
-        child = ctx.Process(target=_sweep_child, args=(cfg, workdir))
-        child.start()
-        goal = done + rng.choice([0, 1])  # let at most one more run finish, then kill a random moment later
-        while child.is_alive() and len([s for s in _store_state(workdir) if s[0] == "FINISHED"]) < goal:
-            time.sleep(0.05)
-        child.join(rng.uniform(0.0, 0.4))
-        if child.is_alive():
-            os.kill(child.pid, signal.SIGKILL)
-            kills += 1
-        child.join()
-        _check_no_duplicate_or_hollow_finished_run(workdir)
-    child = ctx.Process(target=_sweep_child, args=(cfg, workdir))
-    child.start()
-    child.join(600)
-    assert child.exitcode == 0
+    faulty = ctx.Process(target=_faulty_child, args=(cfg, workdir, window))
+    healthy = ctx.Process(target=_sweep_child, args=(cfg, workdir))
+    faulty.start()
+    deadline = time.time() + 120
+    # the healthy worker starts once the faulty one is building the store (it then waits on the workdir lock and
+    # finds what the kill left), or else once it has started a run (the faulty one takes the first points)
+    while not (any(workdir.glob(".mlflow.db.*.tmp")) if window == "store creation" else _store_state(workdir)):
+        assert faulty.is_alive() and time.time() < deadline, "the faulty worker never got there"
+        time.sleep(0.01)
+    healthy.start()
+    for worker in (faulty, healthy):
+        worker.join(600)
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+            pytest.fail(f"a worker hung ({window})")
+    assert faulty.exitcode == -signal.SIGKILL, f"the kill window {window!r} was never reached"
+    assert healthy.exitcode == 0
     finished = _check_no_duplicate_or_hollow_finished_run(workdir)
-    assert sorted(kind for kind, _, _ in finished) == ["dense"] + ["pruned"] * 12
-    assert not [s for s in _store_state(workdir) if s[0] == "RUNNING"]  # half-runs of the killed: KILLED
+    assert sorted(kind for kind, _, _ in finished) == ["dense"] + ["pruned"] * 6  # 4 points + 2 nested rows
+    assert not [s for s in _store_state(workdir) if s[0] == "RUNNING"]
+    runs = len(_store_state(workdir))
+    resume = ctx.Process(target=_sweep_child, args=(cfg, workdir))
+    resume.start()
+    resume.join(600)
+    assert resume.exitcode == 0 and len(_store_state(workdir)) == runs
 
 
 def test_nested_masks_become_their_own_rows_once(tmp_path, model_dir):
@@ -484,3 +580,56 @@ def test_a_nested_row_left_running_by_a_killed_worker_is_marked_killed_on_resume
     assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
     statuses = sorted(r.info.status for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "pruned")
     assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+
+
+def test_a_waiting_worker_says_what_it_waits_for_and_gives_up_at_its_deadline(tmp_path, monkeypatch, capsys):
+    """A point held by a live worker that never finishes (a hung main thread keeps its heartbeat going): the waiting
+    worker names the point and its holder once, then gives up after PRUNEBENCH_WAIT_S with one line."""
+    import json
+    import socket
+    import subprocess
+
+    import suite.runner as runner
+    from suite.claims import FileClaims
+    from suite.errors import PruneBenchError
+
+    monkeypatch.setenv("PRUNEBENCH_WAIT_S", "0.3")
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.2)
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with FileClaims(tmp_path, lease=60) as claims:
+            (claims.dir / "abc.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": hung.pid,
+                                                              "token": "t"}))
+            waiting = runner.Waiting(claims)
+            waiting.on({"tiny/ddp/sp0.5/seed0": "abc"})
+            assert f"tiny/ddp/sp0.5/seed0 (held by {socket.gethostname()}:{hung.pid})" in capsys.readouterr().err
+            waiting.on({"tiny/ddp/sp0.5/seed0": "abc"})
+            with pytest.raises(PruneBenchError, match=r"gave up after 0.3 s \(PRUNEBENCH_WAIT_S\) waiting for tiny/"):
+                waiting.on({"tiny/ddp/sp0.5/seed0": "abc"})
+    finally:
+        hung.kill()
+        hung.wait()
+
+
+def test_a_replaced_folder_is_never_missing_and_leftovers_of_killed_writers_are_cleared(tmp_path):
+    """`replacing_dir` swaps in one step; what a writer killed mid-write left (a `.tmp` folder), or killed between
+    the fallback's two renames (the old folder moved aside, nothing at the path), is cleared or put back by the next
+    writer."""
+    import subprocess
+
+    from suite.atomic import replacing_dir
+
+    out = tmp_path / "report"
+    with replacing_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with replacing_dir(out) as tmp:
+        (tmp / "a.txt").write_text("2")
+    assert (out / "a.txt").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    (tmp_path / f".report.{dead}.tmp").mkdir()  # killed while writing
+    out.rename(tmp_path / f".report.{dead}.old")  # killed between the two renames
+    with replacing_dir(out) as tmp:
+        assert (out / "a.txt").read_text() == "2"  # the old report is back at its path before anything else
+        (tmp / "a.txt").write_text("3")
+    assert (out / "a.txt").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
