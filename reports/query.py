@@ -64,7 +64,8 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
 def distinguish(df: pd.DataFrame) -> pd.DataFrame:
     """Runs that share a label but not their configuration (hyperparameters, calibration data, code) are different
     methods, never seeds of one: their `method` becomes `label[key=value,...]`, naming what differs. A grid point
-    recorded twice (the same configuration, sparsity, seed and protocol) counts once: the latest run."""
+    recorded twice (the same configuration, sparsity, seed and protocol) counts once, and so does a dense model
+    measured again under one protocol: the latest run."""
     if df.empty:
         return df
     config = [c for c in df.columns if c.startswith("hp.")] + ["calibration_hash", "code"]
@@ -81,7 +82,9 @@ def distinguish(df: pd.DataFrame) -> pd.DataFrame:
             df.loc[index, "method"] = f"{row['method']}[{shown}]"
     df = df.sort_values("start_time")
     keys = ["experiment", "model", "kind", "method", "sparsity", "seed", "protocol", *config]
-    return df.drop_duplicates(subset=[k for k in keys if k in df.columns], keep="last")
+    dense = df["kind"] == "dense"  # one reference per model and protocol: the latest measurement
+    return pd.concat([df[dense].drop_duplicates(subset=["experiment", "model", "protocol"], keep="last"),
+                      df[~dense].drop_duplicates(subset=[k for k in keys if k in df.columns], keep="last")])
 
 
 def _value(text: str) -> Any:

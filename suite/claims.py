@@ -175,12 +175,16 @@ class FileClaims(Claims):
             return self._live(self._path(identity))
 
     def _live(self, path: Path) -> dict[str, Any] | None:
-        """The claim at `path` when it is live (the caller holds the lock)."""
+        """The claim at `path` when it is live (the caller holds the lock). Its time is read from the open file
+        (`fstat`): on NFS an `open` revalidates the file's attributes where a bare `stat` may answer from a cache."""
         try:
-            age = time.time() - path.stat().st_mtime
+            with open(path) as f:
+                age = time.time() - os.fstat(f.fileno()).st_mtime
+                info = json.loads(f.read())
         except FileNotFoundError:
             return None
-        info = _read(path)
+        except (OSError, ValueError):
+            info, age = {}, float("inf")  # unreadable: nobody's claim
         return None if self._stale(info, age) else info
 
 

@@ -40,8 +40,6 @@ def require_hub(what: str) -> None:
             f"cannot reach the Hugging Face hub ({hub_host()}) to fetch {what}: {reason}; "
             "use a local directory or a zoo: model"
         )
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
 
 def is_cached(repo_id: str, filename: str, repo_type: str = "model") -> bool:

@@ -604,10 +604,12 @@ class Waiting:
     def __init__(self, claims: Claims) -> None:
         self.claims = claims
         self.since: float | None = None
+        self.points: set[str] = set()
         self.deadline = wait_seconds()
 
     def on(self, points: dict[str, str]) -> None:
-        """Wait one poll for `points` (name -> identity)."""
+        """Wait one poll for `points` (name -> identity); the deadline counts from the last time one of them came
+        in (progress elsewhere restarts it)."""
         import sys
 
         from tqdm import tqdm
@@ -615,8 +617,9 @@ class Waiting:
         holders = {name: self.claims.holder(identity) for name, identity in points.items()}
         shown = ", ".join(f"{name} (held by {h['host']}:{h['pid']})" if h else name for name, h in holders.items())
         if self.since is None:
-            self.since = time.monotonic()
             tqdm.write(f"waiting for {len(points)} grid point(s) that other workers hold: {shown}", file=sys.stderr)
+        if self.since is None or set(points) != self.points:
+            self.since, self.points = time.monotonic(), set(points)
         elif time.monotonic() - self.since > self.deadline:
             raise PruneBenchError(f"gave up after {self.deadline:g} s (PRUNEBENCH_WAIT_S) waiting for {shown}: its "
                                   "holder is alive but has not finished; look at that worker, or run again later")
