@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -66,22 +67,26 @@ def test_own_perplexity_agrees_with_lm_eval_rolling_loglikelihood():
     assert chunks["tokens"] == len(ids) // 256 * 255
 
 
+SEEDS = (0, 1, 2)
+
+
 @pytest.fixture(scope="module")
 def half_sparsity():
-    """Test perplexity of zoo:tiny-llama pruned to 50% by a method (and its metrics), and what random and magnitude
-    reach, on the quickstart's calibration."""
+    """Test perplexity of zoo:tiny-llama pruned to 50% by a method with a seed (and its metrics), and what random
+    (median over SEEDS) and magnitude (deterministic) reach, on the quickstart's calibration."""
     _, tok = load_model(ZOO)
     calibration = CalibrationSpec(n=64, seq_len=128, valid_n=8).build(tok)
     stream = token_stream(embedded_corpus(), "test", tok)
 
-    def ppl_after(method: str, overrides: dict) -> tuple[float, dict]:
+    def ppl_after(method: str, overrides: dict, seed: int = 0) -> tuple[float, dict]:
         model, _ = load_model(ZOO)
         cfg = get_method(method).Config(**overrides)
-        out = prune_model(model, method, cfg, Target(sparsity=0.5), calibration=calibration)
+        out = prune_model(model, method, cfg, Target(sparsity=0.5), seed=seed, calibration=calibration)
         assert abs(out.metrics["sparsity"] - 0.5) < 0.01
         return perplexity(model, stream, 256, windows=128)["ppl"], out.metrics
 
-    return ppl_after, {m: ppl_after(m, {})[0] for m in ("random", "magnitude")}
+    random = statistics.median(ppl_after("random", {}, seed)[0] for seed in SEEDS)
+    return ppl_after, {"random": random, "magnitude": ppl_after("magnitude", {})[0]}
 
 
 QUICKSTART_BUDGET = {"steps": 120, "batch_size": 8}
@@ -96,10 +101,13 @@ QUICKSTART_BUDGET = {"steps": 120, "batch_size": 8}
 def test_mask_learners_and_tyr_beat_random_and_magnitude_at_half_sparsity(half_sparsity, method, overrides):
     """On zoo:tiny-llama at 50%, at the quickstart's budget (120 steps for the mask learners, default settings),
     every mask learner, like Týr on a small search, beats random and magnitude on test perplexity, and DDP and
-    hard-concrete reach their budget by relaxation (within 2 points, before the final projection). MaskPrune's
-    rounded shared widths end 2.7 points short here (0.473): the report marks that row, see README."""
+    hard-concrete reach their budget by relaxation (within 2 points, before the final projection). Each is the
+    median over three seeds: a 120-step run is one draw (measured here: MaskPrune's perplexity spans 52 to 143 over
+    seeds 0-2, and seed 2 of DDP and hard-concrete relaxes to 0.470 and 0.478, rows the report marks †)."""
     ppl_after, floor = half_sparsity
-    ppl, metrics = ppl_after(method, overrides)
-    assert ppl < floor["random"] and ppl < floor["magnitude"], (ppl, floor)
+    runs = [ppl_after(method, overrides, seed) for seed in SEEDS]
+    ppl = statistics.median(p for p, _ in runs)
+    assert ppl < floor["random"] and ppl < floor["magnitude"], ([p for p, _ in runs], floor)
     if method in ("ddp", "hard_concrete"):
-        assert abs(metrics["diag_relaxed_sparsity"] - 0.5) <= 0.02, metrics["diag_relaxed_sparsity"]
+        relaxed = [m["diag_relaxed_sparsity"] for _, m in runs]
+        assert abs(statistics.median(relaxed) - 0.5) <= 0.02, relaxed
