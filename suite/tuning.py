@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,10 @@ def _open_study(url: str, heartbeat_s: int, on_stale: Any, **kwargs: Any) -> Any
     from sqlalchemy.exc import SQLAlchemyError
 
     def attempt() -> Any:
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-                                             failed_trial_callback=on_stale)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5: said once per study, not news
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                                                 failed_trial_callback=on_stale)
         return optuna.create_study(storage=storage, **kwargs)
 
     for tries in range(4):
