@@ -325,6 +325,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+TRUST_HELP = ("run modeling code shipped inside a checkpoint of a foreign model type (off: refused with one line; "
+              "prunebench's own pruned layouts never need it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from suite.bench import BENCHES
     parser = _Parser(prog="prunebench", description="Compare LLM structured-pruning methods fairly.")
@@ -341,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--granularity", default="kv_group", help="kv_group (default) or query_head")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run modeling code shipped inside a checkpoint of a foreign model type (off: refused with one "
-                   "line; prunebench's own pruned layouts never need it)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("prune", help="prune one model with one method and write the compact model")
@@ -356,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration setting: source, split, n, seq_len, valid_n, seed, tasks, task_items "
                    "(default embedded train 64x256)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run modeling code shipped inside a checkpoint of a foreign model type (off: refused with one "
-                   "line; prunebench's own pruned layouts never need it)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--out", required=True, help="new or empty folder (or an earlier prune output): model/, masks, "
                    "metrics.json")
     p.set_defaults(func=cmd_prune)
@@ -371,9 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "embedded:test@256)")
     p.add_argument("--limit", type=int, help="items per task (recorded in the protocol)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run modeling code shipped inside a checkpoint of a foreign model type (off: refused with one "
-                   "line; prunebench's own pruned layouts never need it)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--json", help="write the full result here (a new file, or an earlier eval --json output)")
     p.set_defaults(func=cmd_eval)
 

@@ -61,11 +61,7 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         except PruneBenchError:
             raise
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
-            what = "a damaged safetensors file: " if isinstance(err, SafetensorError) else ""
-            first = str(err).strip().splitlines()[0]
-            if "custom code" in first and not trust_remote_code:
-                first = f"{first.split('. ')[0]}; it runs only with --trust-remote-code"
-            raise ModelLoadError(f"cannot load model from {where}: {what}{first}") from None
+            raise _load_error(f"cannot load model from {where}", err, trust_remote_code) from None
         return model, _tokenizer(str(where), local_only=True)
     return _load_hub(where, torch_dtype, trust_remote_code)
 
@@ -106,5 +102,15 @@ def _load_hub(model_id: str, dtype: torch.dtype | None, trust_remote_code: bool)
                                                                output_loading_info=True)
             strict(info, model_id)
             return model.eval(), _tokenizer(model_id, local_only=reason is not None)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load {model_id!r} from the hub: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:
+        raise _load_error(f"cannot load {model_id!r} from the hub", err, trust_remote_code) from None
+
+
+def _load_error(what: str, err: Exception, trust_remote_code: bool) -> ModelLoadError:
+    """One line for a checkpoint that does not load: a damaged weights file, or code it ships that was not trusted."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, SafetensorError):
+        first = f"a damaged safetensors file: {first}"
+    elif "custom code" in first and not trust_remote_code:
+        first = f"{first.split('. ')[0]}; it runs only with --trust-remote-code"
+    return ModelLoadError(f"{what}: {first}")

@@ -120,8 +120,9 @@ def test_a_killed_tuning_worker_s_trial_is_failed_and_retried_and_claims_use_the
     cmd = [sys.executable, "-m", "suite.cli", "tune", str(path), "--workdir", str(tmp_path / "runs")]
     victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    running = []
-    while not running:  # wait until the victim is inside its trial
+    client = MlflowClient(tracking_uri=f"{postgres}/mlflow")
+    running, recording = [], []
+    while not (running and recording):  # wait until the victim is inside its trial, its MLflow run started
         assert victim.poll() is None and time.time() < deadline, victim.communicate()[1][-2000:]
         time.sleep(0.5)
         summaries = optuna.get_all_study_summaries(f"{postgres}/optuna")
@@ -129,6 +130,10 @@ def test_a_killed_tuning_worker_s_trial_is_failed_and_retried_and_claims_use_the
         if names:
             study = optuna.load_study(study_name=names[0], storage=f"{postgres}/optuna")
             running = [t for t in study.trials if t.state.name == "RUNNING"]
+        experiment = client.get_experiment_by_name("pgkill")
+        if experiment is not None:
+            recording = client.search_runs([experiment.experiment_id], "tags.`prunebench.kind` = 'trial' and "
+                                           "attributes.status = 'RUNNING'")
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     time.sleep(4)  # past the grace period (three heartbeats)
@@ -139,7 +144,6 @@ def test_a_killed_tuning_worker_s_trial_is_failed_and_retried_and_claims_use_the
     assert killed.state.name == "FAIL"
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == killed.params
-    client = MlflowClient(tracking_uri=f"{postgres}/mlflow")
     runs = client.search_runs([client.get_experiment_by_name("pgkill").experiment_id])
     assert not [r for r in runs if r.info.status == "RUNNING"]
     trial_runs = [r for r in runs if r.data.tags.get("prunebench.identity", "").endswith(f":{killed.number}")]
