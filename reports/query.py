@@ -72,7 +72,7 @@ def distinguish(df: pd.DataFrame) -> pd.DataFrame:
     config = [c for c in config if c in df.columns]
     df = df.copy()
     pruned = df["kind"] == "pruned"
-    for (_, _), block in df[pruned].groupby(["model", "method"], sort=False):
+    for _, block in df[pruned].groupby(["model", "method"], sort=False):
         variants = block[config].astype(str).drop_duplicates()
         if len(variants) < 2:
             continue

@@ -101,12 +101,12 @@ def _recover(path: Path) -> None:
     """Clear what killed writers of `path` left beside it: their half-written `.tmp` folders, and an `.old` folder
     that a kill between the fallback's two renames left instead of `path` (put back first)."""
     for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.old")):
-        if not path.exists() and _dead(leftover):
-            leftover.rename(path)
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         if _dead(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.old"):
+            if path.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.rename(path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         if _dead(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
 

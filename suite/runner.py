@@ -153,7 +153,6 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
     calibration and evaluation texts load, the tasks exist, every method accepts its hyperparameters and target,
     tuned methods have their tuning results, and the tuning section (when given, or for `tune`) names real labels
     and hyperparameters. A sweep that cannot start fails here with one line and leaves the store as it was."""
-    from suite.data import load_source
     from suite.evaluate import check_positions, check_tasks
     from suite.hub import hub_unreachable_reason, is_cached, require_hub
     from suite.masks import Target
@@ -179,16 +178,15 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
                 raise ConfigError(f"{spec}: {err}") from None
         elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
             require_hub(f"model {where!r}")
-    lease_seconds(), wait_seconds()  # a malformed PRUNEBENCH_LEASE_S or _WAIT_S is refused before anything starts
-    load_source(exp.calibration.source)
-    for ppl in eval_spec(exp).ppl:
-        load_source(ppl.source)
+    lease_seconds()  # a malformed PRUNEBENCH_LEASE_S or PRUNEBENCH_WAIT_S is refused before anything starts
+    wait_seconds()
+    data = data_fingerprint(exp)  # loads, so checks, the calibration and evaluation texts (each once)
     check_tasks(tuple(exp.evaluation.tasks))
     if exp.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("executor.kind 'ray' needs Ray: pip install 'prunebench[ray]'")
     if tuning or exp.tuning != type(exp.tuning)():  # a tuning section that says anything is checked
         search_spaces(exp)
-    specs = expand(exp, workdir, require_tuned=not tuning, data=data_fingerprint(exp))
+    specs = expand(exp, workdir, require_tuned=not tuning, data=data)
     for spec in {(s.label, s.method, s.sparsity): s for s in specs}.values():
         method = get_method(spec.method)
         try:

@@ -123,10 +123,7 @@ def test_bad_input_is_refused_before_the_store_changes(store, case, tmp_path, mo
         capsys.readouterr()
         assert main([command, str(path), "--workdir", str(workdir)]) == 2, command
         assert no_network == [], (command, no_network)
-        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (command, err)
-        assert "Traceback" not in err[0]
-        refusals[command, workdir] = err[0]
+        refusals[command, workdir] = _one_error_line(capsys, message)
     assert refusals["validate", root / "w"] == refusals["run", root / "w"]
     assert _snapshot(root / "w") == before
     assert not (tmp_path / "fresh").exists()
@@ -209,8 +206,7 @@ def test_tune_refuses_before_creating_any_store(store, case, tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     capsys.readouterr()
     assert main(["tune", str(path), "--workdir", str(tmp_path / "fresh")]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and message in err[0], err
+    _one_error_line(capsys, message)
     assert not (tmp_path / "fresh").exists()
 
 
@@ -241,8 +237,7 @@ def test_an_unreachable_hub_is_one_line_in_seconds(store, tmp_path, monkeypatch,
     started = time.perf_counter()
     assert main(["validate", str(path), "--workdir", str(tmp_path / "w")]) == 2
     assert time.perf_counter() - started < CONNECT_TIMEOUT_S + 30
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: cannot reach the Hugging Face hub (127.0.0.1)"), err
+    assert _one_error_line(capsys).startswith("error: cannot reach the Hugging Face hub (127.0.0.1)")
     assert attempts and {a[0] for a in attempts} == {"127.0.0.1"}
 
 
