@@ -35,6 +35,15 @@ SWEEP_METHODS = [{"name": "random"}, {"name": "magnitude"}, {"name": "flap"},
                  {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1}}]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Float reductions (so a mask learner's trajectory) depend on the thread count: the golden file is made on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _golden() -> dict:
     return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
 
