@@ -1,1 +1,1 @@
-"""Baseline pruning methods; each module registers its method with `suite.pruner.register`."""
+"""Baseline pruning methods; each module registers its method with `suite.methods.pruner.register`."""

@@ -8,10 +8,10 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.capture import InputStats, add_output_bias, consumer_weight, remove_units, unit_columns, walk
-from suite.masks import Target, select
-from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
-from suite.structures import Structure
+from suite.methods.capture import InputStats, add_output_bias, consumer_weight, remove_units, unit_columns, walk
+from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
+from suite.model.masks import Target, select
+from suite.model.structures import Structure
 
 
 class FlapConfig(MethodConfig):

@@ -15,17 +15,17 @@ follow the suite's granularity (`kv_group` removes whole KV groups, which is wha
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from suite.capture import gradients, taylor_scores
 from suite.errors import ConfigError
-from suite.gates import Gates
-from suite.masks import Masks, Target, select
-from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
-from suite.structures import Group, Structure
+from suite.methods.capture import gradients, taylor_scores
+from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
+from suite.model.gates import Gates
+from suite.model.masks import Masks, Target, select
+from suite.model.structures import Group, Structure
 
 
 class GispConfig(MethodConfig):
@@ -69,6 +69,7 @@ class Gisp(Pruner):
 
     Config = GispConfig
     needs_calibration = True
+    quick: ClassVar[dict[str, Any]] = {"iterations": 4}
 
     def prune(
         self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0

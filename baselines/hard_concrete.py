@@ -12,9 +12,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, rank_masks
-from suite.masks import Masks, Target
-from suite.pruner import register
+from suite.methods.mask_learning import MaskLearner, MaskLearningConfig, Relaxation, rank_masks
+from suite.methods.pruner import register
+from suite.model.masks import Masks, Target
 
 EPS = 1e-6
 

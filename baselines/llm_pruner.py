@@ -7,9 +7,9 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.capture import gradients, taylor_scores
-from suite.pruner import ScorePruner, SelectionConfig, calibration_ids, register
-from suite.structures import Structure
+from suite.methods.capture import gradients, taylor_scores
+from suite.methods.pruner import ScorePruner, SelectionConfig, calibration_ids, register
+from suite.model.structures import Structure
 
 
 class LLMPrunerConfig(SelectionConfig):

@@ -15,9 +15,9 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.capture import consumer_weight, unit_columns
-from suite.pruner import ScorePruner, SelectionConfig, register
-from suite.structures import Structure, unit_sum
+from suite.methods.capture import consumer_weight, unit_columns
+from suite.methods.pruner import ScorePruner, SelectionConfig, register
+from suite.model.structures import Structure, unit_sum
 
 
 class MagnitudeConfig(SelectionConfig):

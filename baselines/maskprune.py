@@ -15,7 +15,7 @@ width s_t = u_t n_t. Both constraints are handled by projections, the paper's pr
   gradient moves the widths off the budget, the projection moves them back: what is learned is how the budget is
   split between attention and MLP. The engine's Lagrangian (z) is kept and sees a gap of about zero.
 Since s_t is one number per kind, every pruned layer ends with the same widths, and the final widths are chosen
-among those a stock config of the family can declare (`suite.compact.stock_widths`: Llama's head count must divide
+among those a stock config of the family can declare (`suite.model.compact.stock_widths`: Llama's head count must divide
 hidden_size, fused expert widths are multiples of 8), so the compact model loads with stock `from_pretrained`.
 
 Differences from the paper, on purpose: weights stay frozen (no LoRA adapters; the engine's `train_weights` and
@@ -32,11 +32,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.compact import stock_widths
-from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, sparsity_weights
-from suite.masks import Masks, Target, select
-from suite.pruner import register
-from suite.structures import Group, Structure
+from suite.methods.mask_learning import MaskLearner, MaskLearningConfig, Relaxation, sparsity_weights
+from suite.methods.pruner import register
+from suite.model.compact import stock_widths
+from suite.model.masks import Masks, Target, select
+from suite.model.structures import Group, Structure
 
 
 class MaskPruneConfig(MaskLearningConfig):

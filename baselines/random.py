@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from suite.pruner import ScorePruner, register
-from suite.structures import Structure
+from suite.methods.pruner import ScorePruner, register
+from suite.model.structures import Structure
 
 
 @register("random")

@@ -7,11 +7,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.capture import InputStats, consumer_weight
-from suite.layerwise import LayerwiseConfig, LayerwisePruner
-from suite.obs import refit_alive, removal_path
-from suite.pruner import register
-from suite.structures import Group
+from suite.methods.capture import InputStats, consumer_weight
+from suite.methods.layerwise import LayerwiseConfig, LayerwisePruner
+from suite.methods.obs import refit_alive, removal_path
+from suite.methods.pruner import register
+from suite.model.structures import Group
 
 
 class SlimGPTConfig(LayerwiseConfig):

@@ -1,7 +1,7 @@
 """`tyr`: Týr-the-Pruner (Li et al., arXiv 2503.09657; docs/methods.md), scaled by settings to small machines.
 
 1. Supernet (Alg. 1): for every module (a layer's attention, its MLP, or one expert) the shared local OBS pruner
-   (suite.obs: greedy group OBS + exact refit) produces a ladder of levels, centre +- `levels` steps of `step` x the
+   (suite.methods.obs: greedy OBS, exact refit) produces a ladder of levels, centre +- `levels` steps of `step` x the
    module's units, centred on the uniform per-layer distribution. Layers are visited in order and each next layer
    is measured with the previous ones set to their centre level (expectation error accumulation, Týr's median
    version). Levels are cached on disk per layer under a content hash of everything that determines them (model
@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +42,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from suite.atomic import locked, replacing_file
-from suite.capture import consumer_weight, walk
-from suite.data import cache_dir
+from suite.data.sources import cache_dir
 from suite.errors import ConfigError
-from suite.layerwise import removal_goals
-from suite.masks import Masks, Target
-from suite.obs import refit_alive, removal_order
-from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
-from suite.structures import Group, Structure, decoder_layers
+from suite.methods.capture import consumer_weight, walk
+from suite.methods.layerwise import removal_goals
+from suite.methods.obs import refit_alive, removal_order
+from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
+from suite.model.masks import Masks, Target
+from suite.model.structures import Group, Structure, decoder_layers
 
 CACHE_VERSION = 2
 
@@ -172,6 +172,8 @@ class Tyr(Pruner):
 
     Config = TyrConfig
     needs_calibration = True
+    quick: ClassVar[dict[str, Any]] = {"generations": 2, "offspring": 4, "stage_tokens": [64, 256],
+                                       "stage_keep": [2, 1]}
 
     def check_target(self, target: Target) -> None:
         if target.uniform or target.round_to > 1:

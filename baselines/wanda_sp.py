@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from suite.capture import InputStats, consumer_weight, unit_columns
-from suite.layerwise import LayerwisePruner, closest_removal
-from suite.pruner import register
-from suite.structures import Group
+from suite.methods.capture import InputStats, consumer_weight, unit_columns
+from suite.methods.layerwise import LayerwisePruner, closest_removal
+from suite.methods.pruner import register
+from suite.model.structures import Group
 
 
 @register("wanda_sp")

@@ -11,15 +11,15 @@ re-fits the kept gates after a top-up or trim."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.masklearn import MaskLearner, MaskLearningConfig, Relaxation, rank_masks
-from suite.masks import Masks, Target
-from suite.pruner import register
+from suite.methods.mask_learning import MaskLearner, MaskLearningConfig, Relaxation, rank_masks
+from suite.methods.pruner import register
+from suite.model.masks import Masks, Target
 
 
 class DDPConfig(MaskLearningConfig):
@@ -127,3 +127,10 @@ class DDP(MaskLearner):
 
     Config = DDPConfig
     relaxation = DDPRelaxation
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {  # the anneal schedule; lr = lambda_lr = travel / steps
+        "schedule": {"type": "categorical", "choices": ["linear", "geometric", "cosine", "adaptive"]},
+        "mu_start": {"type": "float", "low": 0.5, "high": 5.0, "log": True},
+        "mu_end": {"type": "float", "low": 10.0, "high": 500.0, "log": True},
+        "target_warmup": {"type": "float", "low": 0.0, "high": 0.5},
+        "travel": {"type": "float", "low": 5.0, "high": 50.0, "log": True},
+    }

@@ -238,7 +238,7 @@ per column and sparsity in bold.</p>
         (tmp / "report.json").write_text(json.dumps({"experiments": experiments, "runs": len(df), "mixed": mixed,
                                                      "seconds": round(time.perf_counter() - start, 2)}))
     if log_to_store:
-        from suite.tracking import Tracker
+        from suite.run.tracking import Tracker
 
         for name in experiments:
             tracker = Tracker(workdir, name, uri, create=False)

@@ -1,6 +1,6 @@
 """What each method removed: kept-unit maps per layer, from keep vectors alone (no pruner, no model needed).
 
-Group names follow suite.structures: `L03.attn`, `L03.mlp`, `L03.expert005`.
+Group names follow suite.model.structures: `L03.attn`, `L03.mlp`, `L03.expert005`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ def parse(keep: Mapping[str, np.ndarray]) -> dict[str, dict]:
         layer, kind, expert = int(m.group(1)), m.group(2), m.group(3)
         out[kind][(layer, int(expert)) if kind == "expert" else layer] = np.asarray(k, dtype=float)
     return out
+
+
+def run_heatmap(folder: Path, spec: Any, result: Any) -> None:
+    """The runner's artifact writer (handed in by the CLI): a pruned run's mask heatmap, `heatmap.png`/`.pdf`."""
+    plot_masks({n: k.numpy() for n, k in result.masks.keep.items()}, folder / "heatmap", title=spec.name)
 
 
 def plot_masks(keep: Mapping[str, np.ndarray], stem: Path, title: str = "") -> Path:

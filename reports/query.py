@@ -15,10 +15,10 @@ from typing import Any
 import pandas as pd
 
 from suite.errors import ConfigError, DataError
-from suite.masks import Masks
-from suite.tracking import ERROR, NONFINITE, PREFIX, Tracker
+from suite.model.masks import Masks
+from suite.run.record import ERROR, KIND, NONFINITE, PREFIX
+from suite.run.tracking import Tracker
 
-KIND = PREFIX + "kind"
 ID_COLUMNS = ["experiment", "run_id", "kind", "status", "model", "method", "method_name", "sparsity", "seed",
               "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity", "start_time", "nonfinite"]
 LOCAL = ["artifacts"]  # where this machine finds a run's files: used by the report, never exported

@@ -57,29 +57,21 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
 
 
 def tiny_calibration(n: int = 4, seq_len: int = 16, seed: int = 0):
-    """Random-token calibration batches for tiny random models (real text comes from suite.data)."""
-    from suite.data import Calibration
+    """Random-token calibration batches for tiny random models (real text comes from suite.data.sources)."""
+    from suite.data.calibration import Calibration
 
     ids = torch.randint(3, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
     return Calibration.from_ids(ids, spec=f"random-tokens:n={n},seq_len={seq_len},seed={seed}")
 
 
 def quick_config(method_cls):
-    """A method's config scaled down for tiny models in tests (few steps and small batches for mask learners)."""
-    from suite.masklearn import MaskLearningConfig
-
-    if issubclass(method_cls.Config, MaskLearningConfig):
-        return method_cls.Config(steps=12, batch_size=4, valid_batches=1)
-    if "iterations" in method_cls.Config.model_fields:  # iterative one-shot methods (GISP)
-        return method_cls.Config(iterations=4)
-    if "generations" in method_cls.Config.model_fields:  # search methods (Týr)
-        return method_cls.Config(generations=2, offspring=4, stage_tokens=[64, 256], stage_keep=[2, 1])
-    return method_cls.Config()
+    """A method's config at its test scale (`Pruner.quick`: few steps and small batches for tiny models)."""
+    return method_cls.Config(**method_cls.quick)
 
 
 def tiny_text_model(directory, family: str = "llama", seed: int = 0):
     """A tiny random model with the zoo tokenizer's vocabulary, saved with that tokenizer (for pipeline tests)."""
-    from suite.zoo import VOCAB as ZOO_VOCAB
+    from suite.model.zoo import VOCAB as ZOO_VOCAB
     from suite.zoo import tokenizer
 
     model = tiny_model(family, seed=seed, vocab_size=ZOO_VOCAB, hidden_size=32, head_dim=8,

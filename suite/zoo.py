@@ -1,8 +1,8 @@
-"""The embedded zoo: a byte-level BPE tokenizer and three tiny reference LMs trained on the embedded corpus.
+"""The embedded zoo's training: a byte-level BPE tokenizer and three tiny reference LMs trained on the embedded corpus.
 
 Pruning comparisons on random weights are noise, and this machine cannot download a model, so the project
-trains and commits its own: a Llama-style MHA model, a Qwen3-style GQA model with q/k-norm, and a Qwen3-MoE
-model. `prunebench zoo train NAME` reproduces any of them (resumable; bf16 autocast on CPU).
+trains and commits its own (listed in `suite.model.zoo`). `prunebench zoo train NAME` reproduces any of them
+(resumable; bf16 autocast on CPU).
 """
 
 from __future__ import annotations
@@ -12,84 +12,15 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from suite.data import cache_dir, embedded_corpus, token_stream, tokenizer_hash
-from suite.errors import ConfigError, ModelLoadError
+from suite.data.sources import cache_dir, embedded_corpus, token_stream, tokenizer_hash
+from suite.model.structures import param_count
+from suite.model.zoo import SPECIAL, TOKENIZER_DIR, VOCAB, ZooSpec, model_dir, spec
 
-ZOO_ROOT = Path(__file__).parent / "zoo_models"
-TOKENIZER_DIR = ZOO_ROOT / "tokenizer"
-VOCAB = 4096
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-@dataclass(frozen=True)
-class ZooSpec:
-    """What fully determines a zoo model: family, config, and the training recipe."""
-
-    family: str
-    config: dict[str, Any]
-    tokens: int = 10_485_760  # >= 10M training tokens
-    batch: int = 16
-    seq_len: int = 256
-    lr: float = 1.5e-3
-    warmup: int = 100
-    weight_decay: float = 0.1
-    seed: int = 0
-    eval_seq_len: int = 256
-    notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def steps(self) -> int:
-        return math.ceil(self.tokens / (self.batch * self.seq_len))
-
-
-_BASE = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, head_dim=32,
-             max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-             eos_token_id=2, initializer_range=0.02)
-ZOO: dict[str, ZooSpec] = {
-    "tiny-llama": ZooSpec("llama", _BASE | dict(num_key_value_heads=8, intermediate_size=688),
-                          notes="Llama, MHA: 8 heads x 32, 4 layers, MLP 688"),
-    "tiny-qwen3": ZooSpec("qwen3", _BASE | dict(num_key_value_heads=4, intermediate_size=688),
-                          notes="Qwen3, GQA 8 query / 4 KV heads, q/k-norm, 4 layers, MLP 688"),
-    "tiny-qwen3-moe": ZooSpec("qwen3_moe", _BASE | dict(num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
-                                                        moe_intermediate_size=192, intermediate_size=688,
-                                                        norm_topk_prob=True, router_aux_loss_coef=0.01),
-                              notes="Qwen3-MoE, GQA 8/4, 8 experts x 192 channels, top-2, 4 layers"),
-}
-
-
-def spec(name: str) -> ZooSpec:
-    if name not in ZOO:
-        raise ConfigError(f"unknown zoo model {name!r}; available: {', '.join(ZOO)}")
-    return ZOO[name]
-
-
-def model_dir(name: str) -> Path:
-    spec(name)
-    return ZOO_ROOT / name
-
-
-def record(name: str) -> dict[str, Any] | None:
-    path = model_dir(name) / "record.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def resolve(model_spec: str) -> Path:
-    """`zoo:NAME` -> the committed checkpoint directory (refused clearly when it has not been trained)."""
-    name = model_spec.removeprefix("zoo:")
-    d = model_dir(name)
-    if not (d / "config.json").is_file():
-        raise ModelLoadError(f"zoo model {name!r} has no checkpoint; run `prunebench zoo train {name}`")
-    return d
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # tokenizer
 
 
@@ -157,8 +88,8 @@ def train(name: str, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from suite.evaluate import perplexity, run_tasks
-    from suite.tasks import EMBEDDED_TASKS
+    from suite.data.tasks import EMBEDDED_TASKS
+    from suite.evaluation.evaluate import perplexity, run_tasks
 
     s = spec(name)
     tok = tokenizer()
@@ -219,7 +150,7 @@ def train(name: str, progress: bool = True) -> dict[str, Any]:
               for split in ("valid", "test")}
     task_scores, _ = run_tasks(committed, tok, EMBEDDED_TASKS)
     rec = {
-        "name": name, "family": s.family, "params": sum(p.numel() for p in committed.parameters()),
+        "name": name, "family": s.family, "params": param_count(committed),
         "tokens": s.steps * s.batch * s.seq_len, "steps": s.steps, "wall_seconds": round(wall, 1),
         "device": device.type, "threads": torch.get_num_threads(), "precision": "bf16 autocast" if bf16 else "fp32",
         "final_train_loss": sum(losses[-50:]) / 50,

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from suite.cli import main
+from prunebench.cli import main
+from suite.run.tracking import Tracker
 from suite.testing import tiny_text_model
-from suite.tracking import Tracker
 
 
 def _config(model, **extra):

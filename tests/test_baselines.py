@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from baselines.flap import column_metric
-from suite import capture
-from suite.layerwise import closest_removal, removal_goals
-from suite.masks import Target
-from suite.obs import refit
-from suite.pruner import get_method
-from suite.structures import build_structure
+from suite.methods import capture
+from suite.methods.layerwise import closest_removal, removal_goals
+from suite.methods.obs import refit
+from suite.methods.pruner import get_method
+from suite.model.masks import Target
+from suite.model.structures import build_structure
 from suite.testing import tiny_calibration, tiny_model
 
 
@@ -143,13 +143,13 @@ def test_removal_goals_follow_the_shared_selection_and_free_kv_heads_by_choice()
 
 
 def test_gisp_emits_nested_masks_each_a_subset_of_the_next(tmp_path):
-    from suite.masks import Masks
-    from suite.pipeline import prune_model, write_outputs
+    from suite.model.masks import Masks
+    from suite.run.pipeline import prune_model, write_outputs
 
     model = tiny_model("qwen3").float()
     cls = get_method("gisp")
     cfg = cls.Config(iterations=6, nested=[0.1, 0.2, 0.35])
-    out = prune_model(model, "gisp", cfg, Target(sparsity=0.5), calibration=tiny_calibration(n=8, seq_len=16))
+    out = prune_model(model, cls(cfg), Target(sparsity=0.5), calibration=tiny_calibration(n=8, seq_len=16))
     result = out.result
     assert sorted(result.nested) == [0.1, 0.2, 0.35]
     chain = [result.nested[s] for s in (0.1, 0.2, 0.35)] + [result.masks]
@@ -175,9 +175,9 @@ def test_an_expert_no_token_reached_still_has_a_usable_hessian():
 def test_margin_gradients_are_those_of_right_minus_wrong_answer_nll():
     """The padded, weighted margin batch gives the gradient of mean NLL(right answers) - mean NLL(wrong answers),
     each answer scored as lm-eval does (sum over the continuation's tokens given the question)."""
-    from suite.capture import gradients, prunable_parameters
-    from suite.data import embedded_corpus
-    from suite.tasks import margin_set, sample_items
+    from suite.data.sources import embedded_corpus
+    from suite.data.tasks import margin_set, sample_items
+    from suite.methods.capture import gradients, prunable_parameters
     from suite.zoo import VOCAB, tokenizer
 
     tok = tokenizer()
@@ -204,9 +204,9 @@ def test_margin_gradients_are_those_of_right_minus_wrong_answer_nll():
 
 
 def test_gisp_margin_objective_uses_the_task_items_and_refuses_without_them():
-    from suite.data import CalibrationSpec
+    from suite.data.calibration import CalibrationSpec
     from suite.errors import ConfigError, DataError
-    from suite.pipeline import prune_model
+    from suite.run.pipeline import prune_model
     from suite.zoo import VOCAB, tokenizer
 
     spec = CalibrationSpec(n=4, seq_len=64, valid_n=0, tasks=("pb_return", "pb_next_line"), task_items=2)
@@ -217,12 +217,13 @@ def test_gisp_margin_objective_uses_the_task_items_and_refuses_without_them():
     for objective in ("lm", "margin"):
         model = tiny_model("qwen3", vocab_size=VOCAB).float()
         cfg = get_method("gisp").Config(iterations=3, objective=objective)
-        out = prune_model(model, "gisp", cfg, Target(sparsity=0.4), calibration=cal)
+        out = prune_model(model, get_method("gisp")(cfg), Target(sparsity=0.4), calibration=cal)
         masks[objective] = out.result.masks
         assert abs(out.metrics["sparsity"] - 0.4) < 0.05
     assert any(not torch.equal(masks["lm"].keep[k], masks["margin"].keep[k]) for k in masks["lm"].keep)
     with pytest.raises(ConfigError, match=r"calibration\.tasks"):
-        prune_model(tiny_model("qwen3"), "gisp", get_method("gisp").Config(objective="margin"), Target(sparsity=0.4),
+        prune_model(tiny_model("qwen3"), get_method("gisp")(get_method("gisp").Config(objective="margin")),
+                    Target(sparsity=0.4),
                     calibration=tiny_calibration())
     with pytest.raises(DataError, match="no train split here"):
         CalibrationSpec(tasks=("arc_easy",)).build(tokenizer())

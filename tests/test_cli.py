@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from suite.cli import main
-from suite.compact import load_pruned
+from prunebench.cli import main
+from suite.model.compact import load_pruned
 from suite.testing import tiny_model
 
 
@@ -59,7 +59,7 @@ def test_prune_with_overrides_and_constraints(tmp_path):
 def test_bad_input_is_one_error_line_and_nonzero_exit(tmp_path, args, message):
     d = tmp_path / "dense"
     tiny_model("llama").save_pretrained(d)
-    cmd = [sys.executable, "-m", "suite.cli", "prune", "--model", str(d), *args, "--out", str(tmp_path / "o")]
+    cmd = [sys.executable, "-m", "prunebench.cli", "prune", "--model", str(d), *args, "--out", str(tmp_path / "o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -137,13 +137,13 @@ def test_ui_stops_its_mlflow_server_on_sigterm(tmp_path):
     import socket
     import time
 
-    from suite.tracking import Tracker
+    from suite.run.tracking import Tracker
 
     Tracker(tmp_path / "w", "x")  # a store to serve
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ui = subprocess.Popen([sys.executable, "-m", "suite.cli", "ui", "--workdir", str(tmp_path / "w"), "--port",
+    ui = subprocess.Popen([sys.executable, "-m", "prunebench.cli", "ui", "--workdir", str(tmp_path / "w"), "--port",
                            str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def listening() -> bool:

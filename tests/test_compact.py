@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from suite.compact import compact, load_pruned, save_pruned
-from suite.gates import Gates
-from suite.masks import Masks, Target, select
-from suite.modules import RaggedExperts, RepeatedHeadsLinear
-from suite.structures import build_structure
+from suite.model.compact import compact, load_pruned, save_pruned
+from suite.model.gates import Gates
+from suite.model.masks import Masks, Target, select
+from suite.model.modules import RaggedExperts, RepeatedHeadsLinear
+from suite.model.structures import build_structure
 from suite.testing import VOCAB, tiny_model
 
 TOL = 1e-4

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from suite.cli import main
+from prunebench.cli import main
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -23,7 +23,7 @@ NEEDS = {"paper-qwen3-llama": "cannot reach the Hugging Face hub", "tune-ddp": "
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_validates(path, capsys, tmp_path):
-    from suite.config import load_experiment
+    from suite.run.config import load_experiment
 
     load_experiment(str(path), [])  # the schema holds for every config
     code = main(["validate", str(path), "--workdir", str(tmp_path / "w")])
@@ -36,8 +36,8 @@ def test_config_validates(path, capsys, tmp_path):
 
 
 def test_the_leaderboard_config_lists_every_registered_method():
-    from suite.config import load_experiment
-    from suite.pruner import methods
+    from suite.methods.pruner import methods
+    from suite.run.config import load_experiment
 
     exp = load_experiment(str(next(p for p in CONFIGS if p.stem == "leaderboard-embedded")), [])
     assert {m.name for m in exp.methods} == set(methods())

@@ -6,9 +6,10 @@ import time
 import pytest
 import torch
 
-from suite.data import calibration, embedded_corpus, load_source, split_of
+from suite.data.calibration import calibration
+from suite.data.sources import embedded_corpus, load_source, split_of
+from suite.data.tasks import EMBEDDED_TASKS, task_dir
 from suite.errors import DataError
-from suite.tasks import EMBEDDED_TASKS, task_dir
 
 
 def test_embedded_corpus_is_the_stdlib_without_tests_split_about_90_5_5():
@@ -72,7 +73,7 @@ def test_embedded_tasks_are_unambiguous_deterministic_and_from_the_test_split():
             assert item["source"].rsplit(":", 1)[0] in test_files
         labels = [it["label"] for it in items]
         assert max(labels.count(k) for k in range(4)) < 0.35 * len(items)  # answers are not positional
-    from suite.tasks import generate
+    from suite.data.tasks import generate
 
     again = generate("pb_return", embedded_corpus(), "test")
     first = [json.loads(line) for line in (root / "pb_return.jsonl").read_text().splitlines()]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from suite.errors import ConfigError
-from suite.evaluate import PplSpec, perplexity
+from suite.evaluation.evaluate import PplSpec, perplexity
 from suite.testing import tiny_model
 from suite.zoo import VOCAB, tokenizer
 
@@ -34,7 +34,7 @@ def _requests(seed: int = 0):
 def test_shared_context_scoring_matches_stock_lm_eval(family):
     from lm_eval.models.huggingface import HFLM
 
-    from suite.lm import SharedContextLM
+    from suite.evaluation.harness import SharedContextLM
 
     model = tiny_model(family, vocab_size=VOCAB, max_position_embeddings=64)
     tok = tokenizer()

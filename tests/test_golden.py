@@ -19,10 +19,10 @@ import pytest
 import torch
 import yaml
 
-from suite.cli import main
-from suite.masks import Target
-from suite.pipeline import prune_model
-from suite.pruner import get_method, methods
+from prunebench.cli import main
+from suite.methods.pruner import get_method, methods
+from suite.model.masks import Target
+from suite.run.pipeline import prune_model
 from suite.testing import FAMILY_NAMES, quick_config, tiny_calibration, tiny_model, tiny_text_model
 
 GOLDEN = Path(__file__).with_name("golden.json")
@@ -71,7 +71,7 @@ def test_every_method_on_every_family_is_unchanged(method, tmp_path):
     for family in FAMILY_NAMES:
         model = tiny_model(family)
         calibration = tiny_calibration(n=16, seed=0) if cls.needs_calibration else None
-        outcome = prune_model(model, method, quick_config(cls), Target(sparsity=0.5), seed=0,
+        outcome = prune_model(model, cls(quick_config(cls)), Target(sparsity=0.5), seed=0,
                               granularity="kv_group", calibration=calibration)
         outcome.result.save(tmp_path / family)
         ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))

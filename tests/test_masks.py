@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from suite.errors import ConfigError, MaskMismatch, TargetUnreachable
-from suite.masks import Masks, Target, select
-from suite.structures import build_structure
+from suite.model.masks import Masks, Target, select
+from suite.model.structures import build_structure
 from suite.testing import FAMILY_NAMES, tiny_model
 
 
@@ -137,8 +137,8 @@ def test_sparsity_counts_parameters_not_units():
 def test_tied_scores_spread_over_layers_by_a_seeded_key():
     """Equal scores (hard-concrete log-alphas at their clamp) must not take the whole budget from layer 0; the
     tie-break is a seeded random key, so the same seed gives the same masks and another seed other ones."""
-    from suite.masks import Target, select
-    from suite.structures import build_structure
+    from suite.model.masks import Target, select
+    from suite.model.structures import build_structure
     from suite.testing import tiny_model
 
     s = build_structure(tiny_model("llama"))

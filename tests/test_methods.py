@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from suite.compact import load_pruned, save_pruned, verified_compact
-from suite.masks import Target
-from suite.pruner import get_method, methods
-from suite.structures import build_structure
+from suite.methods.pruner import get_method, methods
+from suite.model.compact import load_pruned, save_pruned, verified_compact
+from suite.model.masks import Target
+from suite.model.structures import build_structure
 from suite.testing import quick_config, tiny_calibration, tiny_model
 
 METHODS = sorted(methods())

@@ -34,7 +34,7 @@ def test_the_readme_plugin_installs_through_its_entry_point(tmp_path):
         f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in entries.items())
         for group, entries in groups.items()))
     env = os.environ | {"PYTHONPATH": str(site)}
-    cli = [sys.executable, "-m", "suite.cli"]
+    cli = [sys.executable, "-m", "prunebench.cli"]
     shown = subprocess.run([*cli, "methods", "row_norm", "--json"], capture_output=True, text=True, env=env)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["settings"]["power"]["default"] == 2.0
@@ -50,10 +50,9 @@ def test_the_readme_plugin_installs_through_its_entry_point(tmp_path):
 
 
 def test_the_readme_search_space_is_valid():
-    from suite.config import Experiment
-    from suite.tuning import search_spaces
+    from suite.run.config import Experiment
 
     cfg = yaml.safe_load(_block("yaml", "search_space")) | {"name": "x", "models": ["zoo:tiny-llama"],
                                                              "sparsities": [0.5]}
-    spaces = search_spaces(Experiment.model_validate(cfg))
+    spaces = Experiment.model_validate(cfg).search_spaces()
     assert set(spaces["hc"]) == {"travel", "log_alpha_init", "test_mask"}

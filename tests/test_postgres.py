@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from suite.cli import main
+from prunebench.cli import main
 from suite.testing import tiny_text_model
 
 pytest.importorskip("psycopg2")
@@ -74,8 +74,8 @@ def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tm
     # the report reads the server through --tracking-uri, and through MLFLOW_TRACKING_URI, from anywhere
     for how, env in (("flag", {}), ("env", {"MLFLOW_TRACKING_URI": f"{postgres}/mlflow"})):
         flag = ["--tracking-uri", f"{postgres}/mlflow"] if how == "flag" else []
-        cmd = [sys.executable, "-m", "suite.cli", "report", "--experiment", "pg", "--workdir", str(tmp_path / "none"),
-               *flag, "--out", str(tmp_path / f"report_{how}")]
+        cmd = [sys.executable, "-m", "prunebench.cli", "report", "--experiment", "pg", "--workdir",
+               str(tmp_path / "none"), *flag, "--out", str(tmp_path / f"report_{how}")]
         done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | env, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         results = (tmp_path / f"report_{how}" / "results.csv").read_text()
@@ -84,7 +84,7 @@ def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tm
 
     # two tuning workers at once on the shared study; processes of their own (a fork would share this process's
     # pooled server connections)
-    cmd = [sys.executable, "-m", "suite.cli", "tune", str(path), "--workdir", str(workdir)]
+    cmd = [sys.executable, "-m", "prunebench.cli", "tune", str(path), "--workdir", str(workdir)]
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outs]
@@ -117,7 +117,7 @@ def test_a_killed_tuning_worker_s_trial_is_failed_and_retried_and_claims_use_the
                       "search_space": {"ddp": {"mu_end": {"type": "float", "low": 10, "high": 500, "log": True}}}}}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "suite.cli", "tune", str(path), "--workdir", str(tmp_path / "runs")]
+    cmd = [sys.executable, "-m", "prunebench.cli", "tune", str(path), "--workdir", str(tmp_path / "runs")]
     victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     client = MlflowClient(tracking_uri=f"{postgres}/mlflow")

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from suite.cli import main
-from suite.compact import compact, load_pruned, save_pruned
-from suite.masks import Masks
-from suite.structures import build_structure
+from prunebench.cli import main
+from suite.model.compact import compact, load_pruned, save_pruned
+from suite.model.masks import Masks
+from suite.model.structures import build_structure
 from suite.testing import tiny_model, tiny_text_model
 
 

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from prunebench.cli import main
 from reports import heatmaps, leaderboard, tables
 from reports.build import build_report
 from reports.query import load_results
-from suite.cli import main
 from suite.errors import ConfigError
+from suite.run.tracking import Tracker
 from suite.testing import tiny_text_model
-from suite.tracking import Tracker
 
 
 def _experiment(root, model, name, ppl="embedded:test@128/32", **extra):

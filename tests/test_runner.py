@@ -9,11 +9,12 @@ import time
 import pytest
 import yaml
 
-from suite.cli import main
-from suite.config import load_experiment
-from suite.runner import Runner, expand
+from prunebench.cli import main
+from suite.run.config import load_experiment
+from suite.run.grid import expand
+from suite.run.runner import Runner
+from suite.run.tracking import Tracker
 from suite.testing import tiny_text_model
-from suite.tracking import Tracker
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +99,16 @@ def test_identity_changes_with_the_code_and_the_data(tmp_path, model_dir, monkey
     pruning identity (masks are reused) alone; calibration text changes both."""
     from dataclasses import replace
 
-    import suite.runner as runner
+    import suite.run.grid as grid
 
     exp = load_experiment(_config(tmp_path, model_dir))
     spec = expand(exp, tmp_path)[0]
     assert spec.code.startswith("0.1.0+") and spec.calibration_data and spec.evaluation_data["ppl"]
-    runner.code_fingerprint.cache_clear()
-    monkeypatch.setattr(runner.Path, "read_bytes", lambda self: b"edited " + self.name.encode())
+    grid.code_fingerprint.cache_clear()
+    monkeypatch.setattr(grid.Path, "read_bytes", lambda self: b"edited " + self.name.encode())
     edited = expand(exp, tmp_path)[0]
     monkeypatch.undo()
-    runner.code_fingerprint.cache_clear()
+    grid.code_fingerprint.cache_clear()
     assert edited.code != spec.code and edited.identity("fp") != spec.identity("fp")
     assert expand(exp, tmp_path)[0].identity("fp") == spec.identity("fp")  # the same code: the same identity
     text = tmp_path / "corpus"
@@ -145,7 +146,7 @@ def test_tune_resumes_one_study_and_feeds_run(tmp_path, model_dir):
 
     import optuna
 
-    from suite.tuning import storage_uri
+    from suite.run.tuning import storage_uri
 
     overrides = ["tuning.n_trials=3", "tuning.report_every=2", "methods.1.params.steps=6"]
     cfg = _config(tmp_path, model_dir)
@@ -181,8 +182,8 @@ def _warm_for_forks():
     """Imports and the corpus, loaded once in the parent instead of in every forked child."""
     import mlflow.tracking  # noqa: F401
 
-    from suite.data import embedded_corpus
-    from suite.tasks import task_dir
+    from suite.data.sources import embedded_corpus
+    from suite.data.tasks import task_dir
 
     embedded_corpus().documents("train")
     task_dir("test")
@@ -232,8 +233,8 @@ def _faulty_child(cfg, workdir, window):
 
     import mlflow.store.db.utils as db_utils
 
-    from suite import tracking
-    from suite.claims import FileClaims
+    from suite.run import tracking
+    from suite.run.claims import FileClaims
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -380,7 +381,7 @@ def test_claims_exclude_live_holders_and_take_over_dead_ones(tmp_path):
     import subprocess
     import sys
 
-    from suite.claims import FileClaims
+    from suite.run.claims import FileClaims
 
     with FileClaims(tmp_path, lease=60) as mine:
         assert mine.acquire("a") and (tmp_path / "claims" / "a.claim").exists()
@@ -407,7 +408,7 @@ def test_the_ray_executor_gives_the_local_results_table(tmp_path, model_dir):
     pytest.importorskip("ray")
     import os
 
-    from suite.runner import results_table
+    from suite.run.record import results_table
 
     def table(executor):
         cfg = load_experiment(_config(tmp_path / executor["kind"], model_dir, executor=executor,
@@ -430,7 +431,7 @@ def test_a_new_evaluation_protocol_reuses_every_pruning(tmp_path, model_dir, mon
     """Changing only `evaluation.limit` prunes nothing: each new row takes the masks (and, for a method that rewrote
     weights, the stored compact checkpoint) of the FINISHED run with its pruning identity, and measures the same
     perplexity; nested (GISP) rows come along. The report can then pick one protocol."""
-    import suite.pipeline
+    import suite.run.runner
 
     methods = [{"name": "random"}, {"name": "flap"},
                {"name": "gisp", "params": {"iterations": 3, "nested": [0.2]}}]
@@ -444,7 +445,7 @@ def test_a_new_evaluation_protocol_reuses_every_pruning(tmp_path, model_dir, mon
     def no_pruning(*args, **kwargs):
         raise AssertionError("pruned again")
 
-    monkeypatch.setattr(suite.pipeline, "prune_model", no_pruning)
+    monkeypatch.setattr(suite.run.runner, "prune_model", no_pruning)
     cfg = _config(tmp_path, model_dir, methods=methods, sparsities=[0.4],
                   evaluation={"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 8})
     assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
@@ -473,16 +474,16 @@ def test_a_new_evaluation_protocol_reuses_every_pruning(tmp_path, model_dir, mon
 def test_without_stored_models_a_weight_rewriting_method_prunes_again(tmp_path, model_dir, monkeypatch):
     """`tracking.store_models: false`: masks replay `random` on a new protocol, but FLAP (its biases live in the
     weights) is pruned again rather than replayed wrong."""
-    import suite.pipeline
+    import suite.run.runner
 
     methods = [{"name": "random"}, {"name": "flap"}]
     cfg = _config(tmp_path, model_dir, methods=methods, tracking={"store_models": False})
     workdir = tmp_path / "runs"
     assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
     pruned = []
-    real = suite.pipeline.prune_model
-    monkeypatch.setattr(suite.pipeline, "prune_model", lambda model, method, *a, **k: pruned.append(method) or
-                        real(model, method, *a, **k))
+    real = suite.run.runner.prune_model
+    monkeypatch.setattr(suite.run.runner, "prune_model", lambda model, pruner, *a, **k: pruned.append(pruner.name)
+                        or real(model, pruner, *a, **k))
     cfg = _config(tmp_path, model_dir, methods=methods, tracking={"store_models": False},
                   evaluation={"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 8})
     assert main(["run", str(cfg), "--workdir", str(workdir)]) == 0
@@ -504,7 +505,7 @@ def test_a_worker_paused_past_its_lease_records_nothing_when_it_resumes(tmp_path
                                                                           "valid_batches": 1}}])
     workdir = tmp_path / "runs"
     env = os.environ | {"PRUNEBENCH_LEASE_S": "2"}
-    cmd = [sys.executable, "-m", "suite.cli", "run", str(cfg), "--workdir", str(workdir)]
+    cmd = [sys.executable, "-m", "prunebench.cli", "run", str(cfg), "--workdir", str(workdir)]
     a = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -536,8 +537,8 @@ def test_a_worker_paused_past_its_lease_records_nothing_when_it_resumes(tmp_path
 def test_release_never_removes_a_successors_claim_and_lease_settings_are_checked(store, tmp_path, monkeypatch):
     """Both claim stores: a holder silent past its lease is taken over, is fenced, and its release leaves the
     successor's claim. The database store ages claims by the database's clock (sqlite here: whole seconds)."""
-    from suite.claims import ClaimLost, DatabaseClaims, FileClaims, lease_seconds, wait_seconds
     from suite.errors import ConfigError
+    from suite.run.claims import ClaimLost, DatabaseClaims, FileClaims, lease_seconds, wait_seconds
 
     lease = 0.4 if store == "files" else 1.0
     if store == "files":
@@ -589,9 +590,9 @@ def test_a_waiting_worker_says_what_it_waits_for_and_gives_up_at_its_deadline(tm
     import socket
     import subprocess
 
-    import suite.runner as runner
-    from suite.claims import FileClaims
+    import suite.run.runner as runner
     from suite.errors import PruneBenchError
+    from suite.run.claims import FileClaims
 
     monkeypatch.setenv("PRUNEBENCH_WAIT_S", "0.3")
     monkeypatch.setattr(runner, "POLL_SECONDS", 0.2)

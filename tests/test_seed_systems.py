@@ -7,14 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from suite.capture import InputStats
-from suite.compact import save_pruned, stock_widths
-from suite.masklearn import sparsity_weights
-from suite.masks import Target
-from suite.obs import removal_path
-from suite.pipeline import compact_and_measure
-from suite.pruner import get_method
-from suite.structures import build_structure
+from suite.methods.capture import InputStats
+from suite.methods.mask_learning import sparsity_weights
+from suite.methods.obs import removal_path
+from suite.methods.pruner import get_method
+from suite.model.compact import save_pruned, stock_widths
+from suite.model.masks import Target
+from suite.model.structures import build_structure
+from suite.run.pipeline import compact_and_measure
 from suite.testing import quick_config, tiny_calibration, tiny_model
 
 

@@ -13,8 +13,8 @@ import time
 
 import yaml
 
+from suite.run.tracking import Tracker
 from suite.testing import tiny_text_model
-from suite.tracking import Tracker
 
 
 def _opens(db) -> bool:
@@ -38,7 +38,7 @@ def test_killing_the_first_run_while_it_builds_the_store_never_breaks_it(tmp_pat
     broken, hit = 0, 0
     for i in range(kills):
         workdir = tmp_path / f"w{i}"
-        cmd = [sys.executable, "-m", "suite.cli", "run", str(tmp_path / "exp.yaml"), "--workdir", str(workdir)]
+        cmd = [sys.executable, "-m", "prunebench.cli", "run", str(tmp_path / "exp.yaml"), "--workdir", str(workdir)]
         worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while not (workdir.exists() and any(workdir.glob("*mlflow.db*"))):  # the build has begun

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from suite.errors import UnsupportedModel
-from suite.structures import build_structure, unit_sum
+from suite.model.structures import build_structure, unit_sum
 from suite.testing import tiny_model
 
 

@@ -9,13 +9,14 @@ import statistics
 import pytest
 import torch
 
-from suite.cli import main
-from suite.data import CalibrationSpec, embedded_corpus, token_stream
-from suite.evaluate import EvalSpec, PplSpec, evaluate, perplexity
-from suite.masks import Target
-from suite.models import load_model
-from suite.pipeline import prune_model
-from suite.pruner import get_method
+from prunebench.cli import main
+from suite.data.calibration import CalibrationSpec
+from suite.data.sources import embedded_corpus, token_stream
+from suite.evaluation.evaluate import EvalSpec, PplSpec, evaluate, perplexity
+from suite.methods.pruner import get_method
+from suite.model.load import load_model
+from suite.model.masks import Target
+from suite.run.pipeline import prune_model
 
 pytestmark = pytest.mark.slow
 ZOO = "zoo:tiny-llama"
@@ -42,7 +43,7 @@ def test_random_pruning_damage_is_visible_to_the_embedded_evaluation():
     dense, tok = load_model(ZOO)
     before = evaluate(dense, tok, spec)
     pruned, _ = load_model(ZOO)
-    prune_model(pruned, "random", get_method("random").Config(), Target(sparsity=0.5))
+    prune_model(pruned, get_method("random")(), Target(sparsity=0.5))
     after = evaluate(pruned, tok, spec)
     key = "embedded:test@256/128"
     assert after["ppl"][key]["ppl"] >= 1.3 * before["ppl"][key]["ppl"]
@@ -81,7 +82,8 @@ def half_sparsity():
     def ppl_after(method: str, overrides: dict, seed: int = 0) -> tuple[float, dict]:
         model, _ = load_model(ZOO)
         cfg = get_method(method).Config(**overrides)
-        out = prune_model(model, method, cfg, Target(sparsity=0.5), seed=seed, calibration=calibration)
+        out = prune_model(model, get_method(method)(cfg), Target(sparsity=0.5), seed=seed,
+                          calibration=calibration)
         assert abs(out.metrics["sparsity"] - 0.5) < 0.01
         return perplexity(model, stream, 256, windows=128)["ppl"], out.metrics
 

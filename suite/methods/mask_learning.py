@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, PruneBenchError
-from suite.gates import Gates
-from suite.masks import Masks, Target, select
-from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
-from suite.structures import Group, Structure
+from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
+from suite.model.gates import Gates
+from suite.model.masks import Masks, Target, select
+from suite.model.structures import Group, Structure
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class MaskLearner(Pruner):
 
     Config = MaskLearningConfig
     needs_calibration = True
+    quick: ClassVar[dict[str, Any]] = {"steps": 12, "batch_size": 4, "valid_batches": 1}
     relaxation: type[Relaxation]
 
     def make_relaxation(self, model: nn.Module, structure: Structure, groups: list[Group], seed: int) -> Relaxation:

@@ -22,10 +22,8 @@ from typing import Any
 import suite
 from suite.atomic import locked, within
 from suite.errors import ConfigError, StoreError
+from suite.run.record import IDENTITY, NONFINITE, PREFIX, ROLE
 
-PREFIX = "prunebench."
-ROLE, IDENTITY, ERROR = PREFIX + "role", PREFIX + "identity", PREFIX + "error"
-NONFINITE = PREFIX + "nonfinite"  # JSON {metric: "inf" | "-inf" | "nan"}: MLflow keeps NaN but clamps infinities
 ARTIFACTS = "mlartifacts"  # in the workdir: every run's artifacts
 LOCK = ".tracking.lock"  # in the workdir: store creation and the parent run happen under it
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -214,7 +212,7 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """End a run. A run another worker marked KILLED (it took the grid point over) never becomes FINISHED."""
         if status == "FINISHED" and self.client.get_run(run_id).info.status == "KILLED":
-            from suite.claims import ClaimLost
+            from suite.run.claims import ClaimLost
 
             raise ClaimLost(f"run {run_id} was marked KILLED by the worker that took its grid point over")
         self.client.set_terminated(run_id, status=status)

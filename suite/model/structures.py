@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, UnsupportedModel
-from suite.modeling_prunebench import FAMILY_KEYS
-from suite.modules import RepeatedHeadsLinear, expert_weights, expert_widths, is_experts, unwrap
+from suite.model.modeling_prunebench import FAMILY_KEYS
+from suite.model.modules import RepeatedHeadsLinear, expert_weights, expert_widths, is_experts, unwrap
 
 Granularity = Literal["kv_group", "query_head"]
 GRANULARITIES: tuple[str, ...] = ("kv_group", "query_head")
@@ -194,8 +194,14 @@ def build_structure(model: nn.Module, granularity: str = "kv_group") -> Structur
             groups.append(Group(f"L{i:02d}.mlp", i, "mlp", mlp.down_proj.in_features, per_channel))
         else:
             raise UnsupportedModel(f"layer {i}: unrecognised MLP module {type(mlp).__name__}")
-    total = sum(p.numel() for p in model.parameters())
-    return Structure(family.model_type, granularity, len(layers), tuple(groups), total)
+    return Structure(family.model_type, granularity, len(layers), tuple(groups), param_count(model))
+
+
+def param_count(model: nn.Module, compute_only: bool = False) -> int:
+    """Every parameter of `model` (embeddings and head included): what `params_*` numbers count. `compute_only`:
+    all but the input embedding lookup, the parameters that cost a multiply-add per token."""
+    skip = model.get_input_embeddings().weight if compute_only else None
+    return sum(p.numel() for p in model.parameters() if p is not skip)
 
 
 def group_parts(model: nn.Module, group: Group) -> Iterator[Part]:

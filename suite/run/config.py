@@ -22,10 +22,12 @@ from pydantic import (
     model_validator,
 )
 
-from suite.data import CalibrationSpec
+from suite.data.calibration import CalibrationSpec
 from suite.errors import ConfigError, PruneBenchError, did_you_mean
-from suite.masks import pydantic_message
-from suite.structures import GRANULARITIES
+from suite.evaluation.evaluate import EvalSpec, PplSpec
+from suite.methods.pruner import get_method
+from suite.model.masks import pydantic_message
+from suite.model.structures import GRANULARITIES
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -119,8 +121,6 @@ class MethodEntry(Strict):
 
     @model_validator(mode="after")
     def _check_params(self) -> MethodEntry:
-        from suite.pruner import get_method
-
         try:
             cls = get_method(self.name)
         except PruneBenchError as err:
@@ -232,6 +232,41 @@ class Experiment(Strict):
         if value not in GRANULARITIES:
             raise ValueError(f"{value!r} is not one of {', '.join(GRANULARITIES)}")
         return value
+
+    def eval_spec(self) -> EvalSpec:
+        """The evaluation protocol every run of this experiment is measured under."""
+        e = self.evaluation
+        return EvalSpec(tasks=tuple(e.tasks), ppl=tuple(PplSpec.parse(p) for p in e.ppl), limit=e.limit,
+                        batch_size=e.batch_size, dtype=self.dtype)
+
+    def search_spaces(self) -> dict[str, dict[str, SearchDim]]:
+        """Per tuned label, its search space (declared, or the method's own `search_space`); one error line for a
+        label that is not a method of the experiment, a method without a space, or a dimension that is not one of
+        its hyperparameters."""
+        entries = {m.key: m for m in self.methods}
+        tuning = self.tuning
+        unknown = [k for k in tuning.methods if k not in entries]
+        if unknown:
+            raise ConfigError(f"tuning.methods: {unknown} are not method labels of this experiment "
+                              f"({', '.join(entries)})")
+        unused = [k for k in tuning.search_space if k not in tuning.methods]
+        if unused:
+            raise ConfigError(f"tuning.search_space: {unused} are not in tuning.methods ({', '.join(tuning.methods)})")
+        spaces = {}
+        for label in tuning.methods:
+            entry = entries[label]
+            method = get_method(entry.name)
+            space = tuning.search_space.get(label) or {k: SearchDim(**v) for k, v in method.search_space.items()}
+            if not space:
+                raise ConfigError(f"tuning.search_space.{label}: no default search space for {entry.name}; "
+                                  "declare one")
+            fields = method.Config.model_fields
+            unknown_params = [p for p in space if p not in fields]
+            if unknown_params:
+                raise ConfigError(f"tuning.search_space.{label}: {unknown_params} are not {entry.name} "
+                                  f"hyperparameters ({', '.join(fields)})")
+            spaces[label] = space
+        return spaces
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Experiment:

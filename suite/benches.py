@@ -50,9 +50,9 @@ def speed_bench(models: list[str] | None = None) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from suite.evaluate import speed
-    from suite.pipeline import prune_model
-    from suite.pruner import get_method
+    from suite.evaluation.evaluate import speed
+    from suite.methods.pruner import get_method
+    from suite.run.pipeline import prune_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -60,10 +60,9 @@ def speed_bench(models: list[str] | None = None) -> dict[str, Any]:
     dense = AutoModelForCausalLM.from_config(config).eval()
     pruned = AutoModelForCausalLM.from_config(config).eval()
     pruned.load_state_dict(dense.state_dict())
-    from suite.masks import Target
+    from suite.model.masks import Target
 
-    method = get_method("magnitude")
-    prune_model(pruned, "magnitude", method.Config(), Target(sparsity=0.5, round_to=64))
+    prune_model(pruned, get_method("magnitude")(), Target(sparsity=0.5, round_to=64))
     r = speed(pruned, dense, batch=2, prefill_len=512, decode_tokens=32, repeats=5)
     r["params_dense"] = sum(p.numel() for p in dense.parameters())
     r["params_pruned"] = sum(p.numel() for p in pruned.parameters())
@@ -78,15 +77,15 @@ def speed_bench(models: list[str] | None = None) -> dict[str, Any]:
 def prune_and_evaluate(model_spec: str, method: str, overrides: dict[str, Any], sparsity: float, seed: int,
                        calibration: Any, eval_spec: Any) -> dict[str, Any]:
     """Fresh model -> prune -> compact -> evaluate; one row of a bench table."""
-    from suite.evaluate import evaluate
-    from suite.masks import Target
-    from suite.models import load_model
-    from suite.pipeline import prune_model
-    from suite.pruner import get_method
+    from suite.evaluation.evaluate import evaluate
+    from suite.methods.pruner import get_method
+    from suite.model.load import load_model
+    from suite.model.masks import Target
+    from suite.run.pipeline import prune_model
 
     model, tokenizer = load_model(model_spec)
-    hyper = get_method(method).Config(**overrides)
-    outcome = prune_model(model, method, hyper, Target(sparsity=sparsity), seed=seed, calibration=calibration)
+    pruner = get_method(method)(get_method(method).Config(**overrides))
+    outcome = prune_model(model, pruner, Target(sparsity=sparsity), seed=seed, calibration=calibration)
     result = evaluate(model, tokenizer, eval_spec)
     ppl = next(iter(result["ppl"].values()))["ppl"]
     return {"model": model_spec, "method": method, "sparsity": sparsity, "seed": seed, "test_ppl": ppl,
@@ -96,8 +95,8 @@ def prune_and_evaluate(model_spec: str, method: str, overrides: dict[str, Any], 
 
 def dense_reference(model_spec: str, spec: Any, valid_n: int, n: int = 128, seq_len: int = 256) -> tuple[Any, dict]:
     """The bench calibration set (embedded train, n x seq_len, seed 0) and the dense model's scores under `spec`."""
-    from suite.evaluate import evaluate
-    from suite.models import load_model
+    from suite.evaluation.evaluate import evaluate
+    from suite.model.load import load_model
 
     model, tokenizer = load_model(model_spec)
     calibration = _calibration(model_spec, n, seq_len, valid_n)
@@ -108,8 +107,8 @@ def dense_reference(model_spec: str, spec: Any, valid_n: int, n: int = 128, seq_
 @functools.cache
 def _calibration(model_spec: str, n: int, seq_len: int, valid_n: int) -> Any:
     """Embedded train calibration, seed 0; built once per process (every cell of a bench shares it)."""
-    from suite.data import CalibrationSpec
-    from suite.models import load_model
+    from suite.data.calibration import CalibrationSpec
+    from suite.model.load import load_model
 
     _, tokenizer = load_model(model_spec)
     return CalibrationSpec(n=n, seq_len=seq_len, valid_n=valid_n).build(tokenizer)
@@ -182,7 +181,7 @@ def ddp_vs_hc(models: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
     budget (120 steps) and at 300, seeds 0-2, 20% and 50%: test perplexity and mean embedded-task accuracy (full test
     split, all items), train-test mismatch, convergence step, the sparsity the relaxation reached before the final
     projection and the share of the budget the projection decided; mean and 95% t-interval over the seeds."""
-    from suite.evaluate import EvalSpec
+    from suite.evaluation.evaluate import EvalSpec
 
     spec = EvalSpec()
     dense = {m: dense_reference(m, spec, BENCH_CALIBRATION[2], *BENCH_CALIBRATION[:2])[1]
@@ -231,7 +230,7 @@ def ddp_ablation(models: list[str] | None = None, jobs: int = 1, only: Sequence[
     and 50%, seed 0, on the quickstart's calibration and evaluation protocol; hard-concrete with and without the
     multiplier reset next to it (the Lagrangian is shared, so a reset DDP uses is one hard-concrete must get).
     `only` restricts the run to some variants (by label)."""
-    from suite.evaluate import EvalSpec, PplSpec
+    from suite.evaluation.evaluate import EvalSpec, PplSpec
 
     spec = EvalSpec(ppl=(PplSpec.parse("embedded:test@256/128"),), limit=100)
     dense = {m: dense_reference(m, spec, BENCH_CALIBRATION[2], *BENCH_CALIBRATION[:2])[1]
@@ -320,10 +319,10 @@ def depth_memory(method: str, layers: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from suite.data import Calibration
-    from suite.masks import Target
-    from suite.pipeline import prune_model
-    from suite.pruner import get_method
+    from suite.data.calibration import Calibration
+    from suite.methods.pruner import get_method
+    from suite.model.masks import Target
+    from suite.run.pipeline import prune_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=layers, num_attention_heads=8,
@@ -333,7 +332,7 @@ def depth_memory(method: str, layers: int) -> dict[str, Any]:
     calibration = Calibration.from_ids(ids, "random-tokens:n=32,seq_len=256")
     cls = get_method(method)
     with PeakMemory() as mem:
-        prune_model(model, method, cls.Config(), Target(sparsity=0.5), calibration=calibration)
+        prune_model(model, cls(), Target(sparsity=0.5), calibration=calibration)
     return {"method": method, "layers": layers, "peak_mb": mem.peak / 2**20,
             "model_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
 
@@ -346,7 +345,7 @@ def baselines_bench(models: list[str] | None = None) -> dict[str, Any]:
     import subprocess
     import sys
 
-    from suite.evaluate import EvalSpec
+    from suite.evaluation.evaluate import EvalSpec
 
     spec = EvalSpec()
     rows, dense = [], {}
@@ -370,7 +369,7 @@ def baselines_bench(models: list[str] | None = None) -> dict[str, Any]:
     depth = []
     for method in (*LOCAL_METHODS, "llm_pruner"):
         for layers in (2, 8, 16):
-            code = ("import json; from suite.bench import depth_memory; "
+            code = ("import json; from suite.benches import depth_memory; "
                     f"print(json.dumps(depth_memory({method!r}, {layers})))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             depth.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -394,7 +393,7 @@ def seed_systems_bench(models: list[str] | None = None) -> dict[str, Any]:
     import tempfile
     from unittest import mock
 
-    from suite.evaluate import EvalSpec
+    from suite.evaluation.evaluate import EvalSpec
 
     spec = EvalSpec()
     rows, dense, tyr = [], {}, []

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, UnknownMethod, did_you_mean
-from suite.masks import Masks, Normalize, SelectionMode, Target, select
-from suite.structures import Structure
+from suite.model.masks import Masks, Normalize, SelectionMode, Target, select
+from suite.model.structures import Structure
 
 METHOD_PACKAGES = ("baselines", "ddp")
 ENTRY_POINT_GROUP = "prunebench.methods"
@@ -36,7 +36,7 @@ class MethodConfig(BaseModel):
 
 
 class SelectionConfig(MethodConfig):
-    """How a score-based method turns its scores into masks (suite.masks.select)."""
+    """How a score-based method turns its scores into masks (suite.model.masks.select)."""
 
     selection: SelectionMode = Field("per_layer", description="global ranking, per-layer uniform ratio, or uniform")
     normalize: Normalize = Field("per_param", description="rank global scores per parameter or raw")
@@ -72,6 +72,11 @@ class Pruner(ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_calibration: ClassVar[bool] = False
+    # the method's default Optuna search space, {hyperparameter: {type, low, high, log, choices}} (see SearchDim in
+    # `prunebench methods`); empty: `tune` asks for one in the experiment's YAML
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Config overrides that scale the method down for tiny models in tests (few steps, small batches)
+    quick: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

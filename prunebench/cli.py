@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _seed(text: str) -> int:
-    from suite.config import SEED_LIMIT
+    from suite.run.config import SEED_LIMIT
 
     try:
         seed = int(text)
@@ -84,7 +84,7 @@ def method_info(name: str) -> dict[str, Any]:
     """One method's description and settings (type, allowed values, default), as `methods --json` prints it."""
     from pydantic_core import PydanticUndefined
 
-    from suite.pruner import get_method
+    from suite.methods.pruner import get_method
 
     cls = get_method(name)
     settings = {}
@@ -99,7 +99,7 @@ def method_info(name: str) -> dict[str, Any]:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from suite.pruner import get_method, methods
+    from suite.methods.pruner import get_method, methods
 
     names = [get_method(args.name).name] if args.name else list(methods())
     infos = [method_info(name) for name in names]
@@ -117,8 +117,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from suite.models import load_model
-    from suite.structures import build_structure
+    from suite.model.load import load_model
+    from suite.model.structures import build_structure
 
     model, _ = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     s = build_structure(model, args.granularity)
@@ -132,13 +132,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from suite.config import apply_overrides
-    from suite.data import CalibrationSpec
-    from suite.masks import Target
-    from suite.models import load_model
-    from suite.pipeline import prune_model, write_outputs
-    from suite.pruner import get_method
-    from suite.structures import check_granularity
+    from suite.data.calibration import CalibrationSpec
+    from suite.methods.pruner import get_method
+    from suite.model.load import load_model
+    from suite.model.masks import Target
+    from suite.model.structures import check_granularity
+    from suite.run.config import apply_overrides
+    from suite.run.pipeline import prune_model, write_outputs
 
     check_granularity(args.granularity)
     target = Target.parse(sparsity=args.sparsity, uniform=args.uniform, skip_layers=args.skip_layers,
@@ -153,7 +153,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise PruneBenchError(f"{args.method} needs calibration text, and {args.model} has no tokenizer")
         calibration = calib_spec.build(tokenizer)
-    outcome = prune_model(model, args.method, hyper, target, seed=args.seed, granularity=args.granularity,
+    outcome = prune_model(model, method(hyper), target, seed=args.seed, granularity=args.granularity,
                           calibration=calibration)
     outcome.metrics["model"] = args.model
     write_outputs(Path(args.out), model, tokenizer, outcome)
@@ -177,8 +177,8 @@ def loading_hint(model_dir: Path) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from suite.evaluate import EvalSpec, PplSpec, evaluate
-    from suite.models import load_model
+    from suite.evaluation.evaluate import EvalSpec, PplSpec, evaluate
+    from suite.model.load import load_model
 
     tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks is not None else None
     ppl = tuple(PplSpec.parse(p) for p in args.ppl) if args.ppl else (PplSpec(),)
@@ -203,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from suite.bench import run_bench
+    from suite.benches import run_bench
 
     models = [m for m in args.models.split(",") if m] if args.models else None
     run_bench(args.name, Path(args.out) if args.out else None, models, args.jobs)
@@ -212,8 +212,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """The same preflight as `run` (models, data, tasks, methods and targets, tuning), and nothing is written."""
-    from suite.config import load_experiment
-    from suite.runner import preflight
+    from suite.run.config import load_experiment
+    from suite.run.preflight import preflight
 
     exp = load_experiment(args.config, args.set)
     specs = preflight(exp, Path(args.workdir))
@@ -223,13 +223,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from suite.config import load_experiment
-    from suite.models import quiet_transformers
-    from suite.runner import Runner, results_table
+    from reports.heatmaps import run_heatmap
+    from suite.model.load import quiet_transformers
+    from suite.run.config import load_experiment
+    from suite.run.record import results_table
+    from suite.run.runner import Runner
 
     exp = load_experiment(args.config, args.set)
     quiet_transformers()
-    rows = Runner(exp, Path(args.workdir), fail_fast=args.fail_fast).run()
+    rows = Runner(exp, Path(args.workdir), fail_fast=args.fail_fast, writers=[run_heatmap]).run()
     print(results_table(rows))
     failed = sum(r["status"] != "FINISHED" for r in rows)
     if failed:
@@ -239,9 +241,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from suite.config import load_experiment
-    from suite.models import quiet_transformers
-    from suite.tuning import tune
+    from suite.model.load import quiet_transformers
+    from suite.run.config import load_experiment
+    from suite.run.tuning import tune
 
     exp = load_experiment(args.config, args.set)
     quiet_transformers()
@@ -257,7 +259,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import signal
     import subprocess
 
-    from suite.tracking import store_uri
+    from suite.run.tracking import store_uri
 
     uri = store_uri(Path(args.workdir), args.tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.split("///", 1)[1]).is_file():
@@ -294,10 +296,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_zoo(args: argparse.Namespace) -> int:
     from suite import zoo
+    from suite.model import zoo as table
 
     if args.zoo_command == "list":
-        for name, s in zoo.ZOO.items():
-            rec = zoo.record(name)
+        for name, s in table.ZOO.items():
+            rec = table.record(name)
             if rec is None:
                 print(f"{name:<16} {s.family:<10} (not trained: prunebench zoo train {name})")
                 continue
@@ -305,17 +308,17 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             print(f"{name:<16} {s.family:<10} params {rec['params']:>9,}  tokens {rec['tokens']:>11,}  "
                   f"valid ppl {rec['valid_ppl']:.3f}  test ppl {rec['test_ppl']:.3f}  {tasks}".rstrip())
     elif args.zoo_command == "path":
-        print(zoo.resolve(args.name))
+        print(table.resolve(args.name))
     elif args.zoo_command == "train":
-        zoo.spec(args.name)
+        table.spec(args.name)
         rec = zoo.train(args.name)
         print(f"{args.name}: valid ppl {rec['valid_ppl']:.3f}, test ppl {rec['test_ppl']:.3f}, "
-              f"{rec['tokens']:,} tokens in {rec['wall_seconds']:.0f}s -> {zoo.model_dir(args.name)}")
+              f"{rec['tokens']:,} tokens in {rec['wall_seconds']:.0f}s -> {table.model_dir(args.name)}")
     return 0
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from suite.tasks import EMBEDDED_TASKS, task_dir
+    from suite.data.tasks import EMBEDDED_TASKS, task_dir
 
     if args.tasks_command == "path":
         print(task_dir("test")[0])
@@ -330,7 +333,7 @@ TRUST_HELP = ("run modeling code shipped inside a checkpoint of a foreign model 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from suite.bench import BENCHES
+    from suite.benches import BENCHES
     parser = _Parser(prog="prunebench", description="Compare LLM structured-pruning methods fairly.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--version", action="version", version=f"prunebench {suite.__version__}")
@@ -376,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run")
-    p.add_argument("name", help="one of: " + ", ".join(BENCHES))  # suite.bench imports nothing heavy
+    p.add_argument("name", help="one of: " + ", ".join(BENCHES))  # suite.benches imports nothing heavy
     p.add_argument("--out", help="also save the table (JSON) here (a new file, or an earlier bench output)")
     p.add_argument("--models", help="comma-separated models for model-comparing benches")
     p.add_argument("--jobs", type=int, default=1, help="single-threaded processes for the independent cells of "

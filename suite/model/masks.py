@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from suite.errors import ConfigError, MaskMismatch, TargetUnreachable
-from suite.structures import Group, Structure
+from suite.model.structures import Group, Structure
 
 SelectionMode = Literal["global", "per_layer", "uniform"]
 Normalize = Literal["per_param", "raw"]

@@ -1,6 +1,8 @@
-"""One pruning run on a loaded model: prune, verify compact == gated, compact, measure, and write the outputs.
+"""One grid point on a loaded model, one way through: prune, stamp the masks, verify compact == gated, compact,
+measure, evaluate (pruned, dense, retained %, speed), and write the outputs.
 
-The CLI's `prune` and the orchestrator share this path, so a number means the same thing wherever it is made.
+The CLI's `prune`, the runner (its grid points, their nested rows and re-evaluations) and every bench share this
+path, so a number means the same thing wherever it is made.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from suite.compact import save_pruned, verified_compact
-from suite.masks import Masks, Target
+from suite.data.calibration import Calibration
+from suite.evaluation.evaluate import EvalSpec, evaluate, speed
+from suite.methods.pruner import Pruner, PruneResult
+from suite.model.compact import save_pruned, verified_compact
+from suite.model.masks import Masks, Target
+from suite.model.structures import Granularity, Structure, build_structure, param_count
 from suite.outputs import output_dir
-from suite.pruner import MethodConfig, PruneResult, get_method
-from suite.structures import Structure, build_structure
+from suite.run.record import flat_metrics, retained
 
 log = logging.getLogger(__name__)
 PROBE_SHAPE = (2, 16)
@@ -31,10 +36,6 @@ VERIFY_TOLERANCE = 1e-3  # fp32; compact and gated logits agree to ~1e-6 when co
 class PruneOutcome:
     result: PruneResult
     metrics: dict[str, Any]
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
@@ -54,40 +55,48 @@ def weights_digest(model: nn.Module) -> str:
 
 def prune_model(
     model: nn.Module,
-    method: str,
-    hyperparameters: MethodConfig,
+    pruner: Pruner,
     target: Target,
     *,
     seed: int = 0,
-    granularity: str = "kv_group",
-    calibration: Any = None,
-    step_callback: Any = None,
+    granularity: Granularity = "kv_group",
+    calibration: Calibration | None = None,
 ) -> PruneOutcome:
-    """Prune `model` in place and compact it; metrics carry the keys README documents for metrics.json."""
+    """Prune `model` in place with `pruner` and compact it; metrics carry the keys README documents for
+    metrics.json."""
     torch.manual_seed(seed)
     structure = build_structure(model, granularity)
-    pruner = get_method(method)(hyperparameters)
-    pruner.step_callback = step_callback
     before = weights_digest(model)
     start = time.perf_counter()
     result = pruner.prune(model, structure, calibration, target, seed=seed)
     prune_seconds = time.perf_counter() - start
     # a method that rewrote weights (a refit, compensation biases) cannot be replayed from its masks alone
     weights_changed = weights_digest(model) != before
-    result.masks.meta |= {"method": method, "seed": seed, "target": target.model_dump(mode="json")}
+    stamp(result.masks, pruner.name, seed, target.model_dump(mode="json"))
     metrics = {
-        "method": method,
-        "hyperparameters": hyperparameters.model_dump(mode="json"),
+        "method": pruner.name,
+        "hyperparameters": pruner.config.model_dump(mode="json"),
         "target": target.model_dump(mode="json"),
         "seed": seed,
         "granularity": granularity,
         "prune_seconds": prune_seconds,
-        "calibration": getattr(calibration, "spec", None),
-        "calibration_hash": getattr(calibration, "content_hash", None),
+        "calibration": None if calibration is None else calibration.spec,
+        "calibration_hash": None if calibration is None else calibration.content_hash,
         "weights_changed": weights_changed,
     } | compact_and_measure(model, structure, result.masks, seed)
     metrics |= {f"diag_{k}": v for k, v in result.diagnostics.items()}
     return PruneOutcome(result, metrics)
+
+
+def stamp(masks: Masks, method: str, seed: int, target: dict[str, Any], **extra: Any) -> None:
+    """What made these masks, in their own header (`masks.meta`): the one place it is written."""
+    masks.meta |= {"method": method, "seed": seed, "target": target, **extra}
+
+
+def apply_masks(model: nn.Module, masks: Masks, granularity: Granularity, seed: int = 0) -> dict[str, Any]:
+    """Compact a freshly loaded dense `model` to known masks (a nested subset, or a re-evaluated pruning) and
+    measure it, with the same compact == gated check as a fresh prune."""
+    return compact_and_measure(model, build_structure(model, granularity), masks, seed)
 
 
 def compact_and_measure(model: nn.Module, structure: Structure, masks: Masks, seed: int = 0) -> dict[str, Any]:
@@ -118,6 +127,19 @@ def compact_and_measure(model: nn.Module, structure: Structure, masks: Masks, se
         "structure_fingerprint": structure.fingerprint,
         "family": structure.family,
     }
+
+
+def evaluate_pruned(model: nn.Module, tokenizer: Any, protocol: EvalSpec, dense: dict[str, float],
+                    dense_model: nn.Module | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """The compact model's numbers under `protocol`: its flat metrics, the dense ones they compare with
+    (`dense.*`), retained % (`retained.*`) and, given the dense model, speed ratios (`speed.*`); and the full
+    evaluation result (with its protocol)."""
+    evaluation = evaluate(model, tokenizer, protocol)
+    pruned = flat_metrics(evaluation)
+    metrics = pruned | {f"dense.{k}": v for k, v in dense.items()} | retained(pruned, dense)
+    if dense_model is not None:
+        metrics |= {f"speed.{k}": v for k, v in speed(model, dense_model).items()}
+    return metrics, evaluation
 
 
 def write_outputs(out: Path, model: nn.Module, tokenizer: Any, outcome: PruneOutcome) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from suite.modeling_prunebench import ExpertMLP, RaggedExperts, RepeatedHeadsLinear, expert_mlp, route
+from suite.model.modeling_prunebench import ExpertMLP, RaggedExperts, RepeatedHeadsLinear, expert_mlp, route
 
 __all__ = ["ExpertMLP", "GatedExperts", "RaggedExperts", "RepeatedHeadsLinear", "expert_weights", "expert_widths",
            "is_experts", "route", "unwrap"]

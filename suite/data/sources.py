@@ -1,4 +1,4 @@
-"""Text sources and calibration batches.
+"""Text sources: the embedded corpus, local text, HF data sets; every split with a content hash.
 
 The embedded corpus is the running interpreter's standard-library source: real text that nobody here wrote and
 that every machine with Python has, split deterministically into train/valid/test by a hash of each file's
@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from suite.errors import DataError
@@ -180,83 +179,3 @@ def token_stream(source: TextSource, split: str, tokenizer: Any) -> Tensor:
     np.save(tmp, array)
     tmp.replace(path)
     return torch.from_numpy(array.astype(np.int64))
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Calibration token ids [n, seq_len] (+ held-out `valid_ids`, + task choice sequences with signed answer-token
-    weights for margin objectives), the spec that made them and a content hash over all of it."""
-
-    input_ids: Tensor
-    spec: str
-    content_hash: str
-    valid_ids: Tensor | None = None
-    margin: tuple[Tensor, Tensor] | None = None  # (ids [m, seq_len], weights [m, seq_len - 1]): suite.tasks
-
-    @classmethod
-    def from_ids(cls, input_ids: Tensor, spec: str, valid_ids: Tensor | None = None,
-                 margin: tuple[Tensor, Tensor] | None = None) -> Calibration:
-        ids = input_ids.to(torch.int64).contiguous()
-        h = hashlib.sha256(ids.numpy().tobytes() + str(tuple(ids.shape)).encode())
-        if valid_ids is not None:
-            valid_ids = valid_ids.to(torch.int64).contiguous()
-            h.update(valid_ids.numpy().tobytes())
-        if margin is not None:
-            for part in margin:
-                h.update(part.contiguous().numpy().tobytes())
-        return cls(ids, spec, h.hexdigest()[:16], valid_ids, margin)
-
-    def batches(self, batch_size: int) -> list[Tensor]:
-        return list(self.input_ids.split(batch_size))
-
-
-def _windows(source: TextSource, split: str, tokenizer: Any, n: int, seq_len: int, seed: int) -> Tensor:
-    stream = token_stream(source, split, tokenizer)
-    if len(stream) < seq_len + 1:
-        raise DataError(f"{source.name}:{split} has {len(stream)} tokens, fewer than seq_len {seq_len}")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - seq_len, (n,), generator=gen)
-    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
-
-
-def calibration(
-    source: TextSource, tokenizer: Any, n: int, seq_len: int, seed: int = 0, split: str = "train",
-    valid_n: int = 0, valid_split: str = "valid",
-) -> Calibration:
-    """n random windows of seq_len tokens from a split, drawn with a seeded generator, plus `valid_n` held-out
-    windows from `valid_split` (what tuning and the mismatch diagnostic score; never the test split)."""
-    ids = _windows(source, split, tokenizer, n, seq_len, seed)
-    valid = _windows(source, valid_split, tokenizer, valid_n, seq_len, seed) if valid_n else None
-    spec = f"{source.name}:{split}@{source.hashes[split]}:n={n}:seq_len={seq_len}:seed={seed}"
-    if valid_n:
-        spec += f"+{valid_split}@{source.hashes[valid_split]}:n={valid_n}"
-    return Calibration.from_ids(ids, spec, valid)
-
-
-class CalibrationSpec(BaseModel):
-    """Which calibration text a run uses; identical for every method on the same model (same content hash)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field("embedded", description="embedded, wikitext2, c4, ptb, or a local file/folder")
-    split: str = Field("train", description="split the calibration windows come from")
-    n: int = Field(64, ge=1, description="calibration sequences")
-    seq_len: int = Field(256, ge=2, description="tokens per sequence")
-    valid_n: int = Field(16, ge=0, description="held-out sequences (tuning objective, mismatch diagnostic)")
-    valid_split: str = Field("valid", description="split the held-out sequences come from (never test)")
-    seed: int = Field(0, description="seed of the window sampling")
-    tasks: tuple[str, ...] = Field((), description="embedded tasks whose train items feed margin objectives (GISP)")
-    task_items: int = Field(32, ge=1, description="train items per task for margin objectives")
-
-    def build(self, tokenizer: Any) -> Calibration:
-        if self.valid_split == "test":
-            raise DataError("calibration.valid_split: the test split is reserved for evaluation")
-        cal = calibration(load_source(self.source), tokenizer, self.n, self.seq_len, self.seed, self.split,
-                          self.valid_n, self.valid_split)
-        if not self.tasks:
-            return cal
-        from suite.tasks import margin_set  # suite.tasks builds on this module
-
-        margin = margin_set(tokenizer, list(self.tasks), self.task_items, self.seq_len)
-        spec = f"{cal.spec}+tasks:{','.join(self.tasks)}:train:n={self.task_items}"
-        return Calibration.from_ids(cal.input_ids, spec, cal.valid_ids, margin)

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from suite.data.tasks import EMBEDDED_TASKS, task_dir
 from suite.errors import ConfigError, DataError
-from suite.tasks import EMBEDDED_TASKS, task_dir
+from suite.model.structures import param_count
 
 PPL_MODES = ("chunks", "rolling")
 
@@ -174,8 +175,8 @@ def run_tasks(
     Embedded tasks are local files; standard tasks by name need the hub (or its cache) for their data."""
     import lm_eval
 
+    from suite.evaluation.harness import SharedContextLM
     from suite.hub import hub_unreachable_reason, offline
-    from suite.lm import SharedContextLM
 
     standard = [t for t in tasks if t not in EMBEDDED_TASKS]
     hashes = task_dir("test")[1]
@@ -266,7 +267,7 @@ def check_positions(config: Any, lengths: dict[str, int]) -> None:
 
 def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = False) -> dict[str, Any]:
     """Perplexities + task accuracies + the protocol fingerprint, as one flat-ish dict."""
-    from suite.data import load_source, token_stream
+    from suite.data.sources import load_source, token_stream
 
     result: dict[str, Any] = {"ppl": {}, "tasks": {}}
     ppl_hashes = {}
@@ -288,11 +289,6 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = 
 # ---------------------------------------------------------------------------------------------------------------
 # speed
 
-
-def compute_params(model: nn.Module) -> int:
-    """Parameters that cost a multiply-add per token (all but the input embedding lookup)."""
-    emb = model.get_input_embeddings().weight
-    return sum(p.numel() for p in model.parameters() if p is not emb)
 
 
 @torch.no_grad()
@@ -338,5 +334,5 @@ def speed(
         "reference_decode_ms_per_token": 1000 * med["reference"]["decode"],
         "prefill_speedup": prefill["model"] / prefill["reference"],
         "decode_speedup": med["reference"]["decode"] / med["model"]["decode"],
-        "ideal_speedup": compute_params(reference) / compute_params(model),
+        "ideal_speedup": param_count(reference, compute_only=True) / param_count(model, compute_only=True),
     }

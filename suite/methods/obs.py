@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from suite.capture import unit_columns
-from suite.structures import Group
+from suite.methods.capture import unit_columns
+from suite.model.structures import Group
 
 
 def obs_costs(b: Tensor, hinv: Tensor, cols: Tensor) -> Tensor:

@@ -25,11 +25,11 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from suite import modeling_prunebench
 from suite.errors import ConfigError, ModelLoadError
-from suite.gates import Gates
-from suite.masks import Masks
-from suite.modeling_prunebench import (
+from suite.model import modeling_prunebench
+from suite.model.gates import Gates
+from suite.model.masks import Masks
+from suite.model.modeling_prunebench import (
     LAYOUT_KEY,
     MODEL_TYPE_PREFIX,
     PRUNED_CLASSES,
@@ -38,8 +38,8 @@ from suite.modeling_prunebench import (
     linear,
     ragged_experts,
 )
-from suite.modules import expert_weights
-from suite.structures import FAMILIES, Group, Structure, decoder_layers
+from suite.model.modules import expert_weights
+from suite.model.structures import FAMILIES, Group, Structure, decoder_layers
 
 # HF's grouped_mm expert kernels need 16-byte aligned strides: a fused width must be a multiple of 8 (bf16);
 # other uniform widths use RaggedExperts, so a stock-loadable MoE checkpoint always runs (round_to: 8 keeps it).

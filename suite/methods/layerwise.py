@@ -16,10 +16,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.capture import InputStats, remove_units, walk
-from suite.masks import Masks, Target, select
-from suite.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
-from suite.structures import Group, Structure
+from suite.methods.capture import InputStats, remove_units, walk
+from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
+from suite.model.masks import Masks, Target, select
+from suite.model.structures import Group, Structure
 
 
 def removal_goals(structure: Structure, target: Target, mode: str) -> dict[str, int]:

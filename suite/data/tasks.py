@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from suite.atomic import locked, replacing_dir
-from suite.data import Document, TextSource, cache_dir, embedded_corpus
+from suite.data.sources import Document, TextSource, cache_dir, embedded_corpus
 from suite.errors import DataError
 
 TASK_VERSION = 1

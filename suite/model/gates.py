@@ -14,9 +14,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from suite.masks import Masks
-from suite.modules import GatedExperts
-from suite.structures import Group, Structure, decoder_layers
+from suite.model.masks import Masks
+from suite.model.modules import GatedExperts
+from suite.model.structures import Group, Structure, decoder_layers
 
 
 class Gates:

@@ -1,4 +1,5 @@
-"""Optuna studies per (method, model): by default over DDP's anneal schedule, or any space declared in YAML.
+"""Optuna studies per (method, model): over the method's own default space (DDP: its anneal schedule), or any
+space declared in YAML.
 
 The objective is the calibration-valid loss of the pruned model (held-out windows of the valid split, never the
 test split). Intermediate training losses feed a MedianPruner; the RDB storage (sqlite in the workdir by default)
@@ -21,18 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from suite import atomic
-from suite.config import Experiment, SearchDim
-from suite.errors import ConfigError
-from suite.runner import preflight, tuned_path
-from suite.tracking import PREFIX, Tracker
-
-DDP_SPACE: dict[str, SearchDim] = {
-    "schedule": SearchDim(type="categorical", choices=["linear", "geometric", "cosine", "adaptive"]),
-    "mu_start": SearchDim(type="float", low=0.5, high=5.0, log=True),
-    "mu_end": SearchDim(type="float", low=10.0, high=500.0, log=True),
-    "target_warmup": SearchDim(type="float", low=0.0, high=0.5),
-    "travel": SearchDim(type="float", low=5.0, high=50.0, log=True),  # lr = lambda_lr = travel / steps
-}
+from suite.run.config import Experiment, SearchDim
+from suite.run.grid import tuned_path
+from suite.run.preflight import preflight
+from suite.run.record import KIND
+from suite.run.tracking import Tracker
 
 
 def storage_uri(workdir: Path, storage: str | None = None) -> str:
@@ -96,45 +90,18 @@ def _trial_identity(study_name: str, number: int) -> str:
     return f"trial:{study_name}:{number}"
 
 
-def search_spaces(exp: Experiment) -> dict[str, dict[str, SearchDim]]:
-    """Per tuned label, its search space (declared, or a method's default); one error line for a label that is not
-    a method of the experiment, a method without a space, or a dimension that is not one of its hyperparameters."""
-    from suite.pruner import get_method
-
-    entries = {m.key: m for m in exp.methods}
-    unknown = [k for k in exp.tuning.methods if k not in entries]
-    if unknown:
-        raise ConfigError(f"tuning.methods: {unknown} are not method labels of this experiment ({', '.join(entries)})")
-    unused = [k for k in exp.tuning.search_space if k not in exp.tuning.methods]
-    if unused:
-        raise ConfigError(f"tuning.search_space: {unused} are not in tuning.methods ({', '.join(exp.tuning.methods)})")
-    spaces = {}
-    for label in exp.tuning.methods:
-        entry = entries[label]
-        space = exp.tuning.search_space.get(label) or (DDP_SPACE if entry.name == "ddp" else None)
-        if space is None:
-            raise ConfigError(f"tuning.search_space.{label}: no default search space for {entry.name}; declare one")
-        fields = get_method(entry.name).Config.model_fields
-        unknown_params = [p for p in space if p not in fields]
-        if unknown_params:
-            raise ConfigError(f"tuning.search_space.{label}: {unknown_params} are not {entry.name} hyperparameters "
-                              f"({', '.join(fields)})")
-        spaces[label] = space
-    return spaces
-
-
 def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str, Any]]:
     """Run `tuning.n_trials` more trials for every (tuned method, model); returns a summary per study."""
     import optuna
 
-    from suite.masklearn import lm_loss
-    from suite.masks import Target
-    from suite.models import load_model
-    from suite.pipeline import prune_model
-    from suite.pruner import get_method
+    from suite.methods.mask_learning import lm_loss
+    from suite.methods.pruner import get_method
+    from suite.model.load import load_model
+    from suite.model.masks import Target
+    from suite.run.pipeline import prune_model
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spaces = search_spaces(exp)
+    spaces = exp.search_spaces()
     preflight(exp, workdir, tuning=True)  # every refusal before the stores are opened
     entries = {m.key: m for m in exp.methods}
     tracker = Tracker(workdir, exp.tracking.experiment or exp.name, exp.tracking.uri)
@@ -160,7 +127,7 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                 params = entry.params | suggest(trial, space)
                 trial.set_user_attr("sampler_seed", sampler_seed)  # which invocation's sampler proposed it
                 run_id = tracker.start(f"tune/{label}/{model_spec.removeprefix('zoo:')}/trial{trial.number}",
-                                       _trial_identity(study_name, trial.number), {PREFIX + "kind": "trial"})
+                                       _trial_identity(study_name, trial.number), {KIND: "trial"})
                 tracker.log(run_id, params={"method": entry.name, "label": label, "model": model_spec,
                                             "sparsity": sparsity, "trial": trial.number} | params)
 
@@ -173,8 +140,10 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                 try:
                     model, _ = load_model(model_spec, exp.dtype)
                     target = Target(**exp.target.model_dump(), sparsity=sparsity)
-                    prune_model(model, entry.name, method.Config(**params), target, seed=exp.tuning.seed,
-                                granularity=exp.granularity, calibration=calibration, step_callback=report)
+                    pruner = method(method.Config(**params))
+                    pruner.step_callback = report
+                    prune_model(model, pruner, target, seed=exp.tuning.seed, granularity=exp.granularity,
+                                calibration=calibration)
                     value = lm_loss(model, calibration.valid_ids, next(model.parameters()).device)
                 except optuna.TrialPruned:
                     tracker.finish(run_id, "KILLED")

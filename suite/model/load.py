@@ -12,6 +12,7 @@ from torch import nn
 
 from suite.errors import ConfigError, ModelLoadError, PruneBenchError
 from suite.hub import hub_unreachable_reason, is_cached, offline, require_hub
+from suite.model import zoo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
 
@@ -25,8 +26,6 @@ def parse_dtype(name: str) -> torch.dtype | None:
 def resolve(spec: str) -> Path | str:
     """A local directory for `zoo:NAME` and path specs, or the hub id itself."""
     if spec.startswith("zoo:"):
-        from suite import zoo
-
         return zoo.resolve(spec)
     path = Path(spec).expanduser()
     if path.exists():
@@ -50,7 +49,7 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     """(model in eval mode, tokenizer or None). Pruned checkpoints of any shape load through load_pruned (through
     prunebench's own classes). Code shipped in a checkpoint of a foreign model type runs only with
     `trust_remote_code`; without it transformers refuses at once (no prompt) and that is one line."""
-    from suite.compact import load_pruned
+    from suite.model.compact import load_pruned
 
     quiet_transformers()
     torch_dtype = parse_dtype(dtype)
@@ -89,7 +88,7 @@ def _load_hub(model_id: str, dtype: torch.dtype | None, trust_remote_code: bool)
     """Download (or reuse the cache); with the hub unreachable, a cached copy still loads, anything else fails fast."""
     from transformers import AutoModelForCausalLM
 
-    from suite.compact import strict
+    from suite.model.compact import strict
 
     reason = hub_unreachable_reason()
     if reason is not None and not is_cached(model_id, "config.json"):

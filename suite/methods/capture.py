@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from suite.modules import GatedExperts, expert_weights
-from suite.structures import Group, Structure, decoder_layers, group_parts, unit_sum
+from suite.model.modules import GatedExperts, expert_weights
+from suite.model.structures import Group, Structure, decoder_layers, group_parts, unit_sum
 
 
 @dataclass
@@ -215,7 +215,7 @@ def gradients(model: nn.Module, structure: Structure, ids: Tensor, *, fisher: bo
 
     The loss is sum(weights * next-token NLL) with `weights` [n, seq_len - 1] over predicted positions; the default,
     1 / (n (seq_len - 1)) everywhere, is the mean LM loss. Signed weights give other objectives through the same
-    passes (GISP's margin: `suite.tasks.margin_set`).
+    passes (GISP's margin: `suite.data.tasks.margin_set`).
     `fisher`: one backward per sequence, accumulating g_n^2 / N as well (LLM-Pruner's second-order term); it needs
     the mean LM loss, whose per-sequence gradient g_n it squares."""
     n = len(ids)

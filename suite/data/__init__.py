@@ -1,0 +1,1 @@
+"""Text sources, calibration batches and the embedded tasks."""

@@ -1,0 +1,1 @@
+"""Perplexity, tasks through lm-eval, speed: what a number in a table measures."""

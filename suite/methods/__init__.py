@@ -1,0 +1,1 @@
+"""The method SDK: the Pruner contract, registry, capture, layer-wise reconstruction, OBS, mask learning."""

@@ -1,0 +1,1 @@
+"""A model's anatomy: prunable structure, masks, gates, compaction, checkpoints, loading."""

@@ -1,0 +1,1 @@
+"""Orchestration: experiment config, grid, pipeline, runner, executors, record, claims, tracking, tuning."""

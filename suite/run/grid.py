@@ -1,0 +1,160 @@
+"""The grid and its identities: an experiment expands to RunSpecs, and each point's identity is a hash of all
+that determines its result (model weights fingerprint, method and resolved hyperparameters, target, seed,
+calibration spec and the content hash of its text, evaluation spec and the content hashes of its texts and task
+items, and a fingerprint of the code: version and source hash). A FINISHED run with the same identity is never
+repeated, so a crashed sweep resumes where it stopped."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import suite
+from suite.atomic import within
+from suite.data.sources import load_source
+from suite.data.tasks import task_dir
+from suite.errors import ConfigError
+from suite.hashing import json_digest
+from suite.methods.pruner import get_method
+from suite.model.load import resolve
+from suite.run.config import Experiment
+
+CODE_PACKAGES = ("suite", "ddp", "baselines")  # what a result's code fingerprint covers
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One grid point, fully resolved."""
+
+    model: str
+    label: str
+    method: str
+    hyperparameters: dict[str, Any]
+    sparsity: float
+    seed: int
+    target: dict[str, Any]
+    granularity: str
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    dtype: str
+    calibration_data: str = ""  # content hash of the calibration source's splits
+    evaluation_data: dict[str, Any] = field(default_factory=dict)  # content hashes of perplexity texts and task items
+    code: str = ""  # code_fingerprint(): a fix to a pruner or the suite makes every identity new
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self, fingerprint: str) -> str:
+        """The run: its pruning and its evaluation."""
+        return json_digest(asdict(self) | {"model_fingerprint": fingerprint})
+
+    def pruning_identity(self, fingerprint: str) -> str:
+        """The pruning alone (model, method, hyperparameters, target, seed, calibration and its data, dtype, code): a
+        run under a new evaluation protocol reuses the masks (and rewritten weights) of a FINISHED run with it."""
+        body = {k: v for k, v in asdict(self).items() if k not in ("evaluation", "evaluation_data")}
+        return json_digest(body | {"model_fingerprint": fingerprint})
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.removeprefix('zoo:')}/{self.label}/sp{self.sparsity}/seed{self.seed}"
+
+
+def dense_identity(exp: Experiment, model: str, fingerprint: str, evaluation_data: dict[str, Any]) -> str:
+    """The dense reference of `model` under this protocol: measured once, then found by this identity."""
+    return json_digest({"dense": model, "fp": fingerprint, "eval": exp.evaluation.model_dump(mode="json"),
+                        "dtype": exp.dtype, "code": code_fingerprint(), "data": evaluation_data})
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The code a result came from: the package version and a hash of every source file of prunebench's packages
+    (suite, ddp, baselines), so a resumed sweep never reuses a result that older code produced. Method plugins
+    outside these packages add their own module's hash in `method_fingerprint`."""
+    h = hashlib.sha256(suite.__version__.encode())
+    root = Path(suite.__file__).resolve().parent.parent
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{suite.__version__}+{h.hexdigest()[:12]}"
+
+
+def method_fingerprint(name: str) -> str:
+    """`code_fingerprint()`, plus the source of the method's own module when a plugin defines it elsewhere."""
+    base = code_fingerprint()
+    source = inspect.getsourcefile(get_method(name))
+    root = Path(suite.__file__).resolve().parent.parent
+    if source is None or Path(source).resolve().is_relative_to(root):
+        return base
+    return f"{base}+{hashlib.sha256(Path(source).read_bytes()).hexdigest()[:12]}"
+
+
+def data_fingerprint(exp: Experiment) -> tuple[str, dict[str, Any]]:
+    """Content hashes of the texts the runs read: the calibration source's splits, and each perplexity window's
+    split and each embedded task's items (a hub task: its lm-eval version). Two workers on different interpreters
+    (the embedded corpus is the stdlib's source) or on edited data never share a result."""
+    import lm_eval
+
+    calibration = load_source(exp.calibration.source)
+    text = json.dumps(calibration.hashes, sort_keys=True)
+    evaluation: dict[str, Any] = {"ppl": {}, "tasks": {}}
+    for p in exp.eval_spec().ppl:
+        evaluation["ppl"][str(p)] = load_source(p.source).hashes.get(p.split)
+    if exp.evaluation.tasks:
+        embedded = task_dir("test")[1]
+        evaluation["tasks"] = {t: embedded.get(t, f"lm-eval {lm_eval.__version__}") for t in exp.evaluation.tasks}
+    return hashlib.sha256(text.encode()).hexdigest()[:16], evaluation
+
+
+def model_fingerprint(spec: str) -> str:
+    """Content hash of a local checkpoint (config + weights), or the hub id (its cache pins the revision)."""
+    where = resolve(spec)
+    if not isinstance(where, Path):
+        return f"hub:{where}"
+    h = hashlib.sha256()
+    for path in sorted(where.iterdir()):
+        if path.suffix in (".json", ".safetensors", ".bin"):
+            h.update(path.name.encode())
+            if path.stat().st_size < 512 * 2**20:
+                h.update(path.read_bytes())
+            else:  # multi-GB shards: name, size and mtime stand in for the bytes
+                h.update(f"{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def tuned_path(workdir: Path, experiment: str, label: str, model: str) -> Path:
+    slug = model.replace("/", "_").replace(":", "_")
+    return within(workdir, "tuned", experiment, label, f"{slug}.json")
+
+
+def expand(exp: Experiment, workdir: Path, require_tuned: bool = True,
+           data: tuple[str, dict[str, Any]] | None = None) -> list[RunSpec]:
+    """The grid in a stable order: model, method, sparsity, seed. A `tuned: true` method takes its tuning result's
+    best parameters; without one it is refused (`require_tuned`, for run) or keeps its own (for tune, which makes
+    them). `data`: `data_fingerprint(exp)`, computed here when not given."""
+    calibration_data, evaluation_data = data if data is not None else data_fingerprint(exp)
+    specs = []
+    for model in exp.models:
+        for entry in exp.methods:
+            params = dict(entry.params)
+            if entry.tuned:
+                path = tuned_path(workdir, exp.name, entry.key, model)
+                if path.is_file():
+                    params |= json.loads(path.read_text())["best_params"]
+                elif require_tuned:
+                    raise ConfigError(f"methods.{entry.key}: tuned: true but no tuning result for {model} "
+                                      f"(run `prunebench tune` first; looked for {path})")
+            hyper = get_method(entry.name).Config(**params).model_dump(mode="json")
+            for sparsity in exp.sparsities:
+                for seed in exp.seeds:
+                    specs.append(RunSpec(
+                        model=model, label=entry.key, method=entry.name, hyperparameters=hyper, sparsity=sparsity,
+                        seed=seed, target=exp.target.model_dump(mode="json") | {"sparsity": sparsity},
+                        granularity=exp.granularity, calibration=exp.calibration.model_dump(mode="json"),
+                        evaluation=exp.evaluation.model_dump(mode="json"), dtype=exp.dtype,
+                        calibration_data=calibration_data, evaluation_data=evaluation_data,
+                        code=method_fingerprint(entry.name),
+                    ))
+    return specs

@@ -1,0 +1,61 @@
+"""Everything that can be known wrong before any store is touched, and the grid it would run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from suite.errors import ConfigError
+from suite.evaluation.evaluate import check_positions, check_tasks
+from suite.hub import hub_unreachable_reason, is_cached, require_hub
+from suite.methods.pruner import get_method
+from suite.model.load import resolve
+from suite.model.masks import Target
+from suite.model.modeling_prunebench import MODEL_TYPE_PREFIX
+from suite.model.structures import FAMILIES
+from suite.run.claims import lease_seconds, wait_seconds
+from suite.run.config import Experiment
+from suite.run.grid import RunSpec, data_fingerprint, expand
+
+
+def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunSpec]:
+    """`validate`, `run` and `tune` call this first, so validate says ok exactly when run will start: every model
+    resolves (a local checkpoint of a supported family, a zoo model, or a hub id that is cached or reachable now),
+    the calibration and evaluation texts load, the tasks exist, every method accepts its hyperparameters and target,
+    tuned methods have their tuning results, and the tuning section (when given, or for `tune`) names real labels
+    and hyperparameters. A sweep that cannot start fails here with one line and leaves the store as it was."""
+    protocol = exp.eval_spec()
+    for spec in exp.models:
+        where = resolve(spec)
+        if isinstance(where, Path):
+            config = json.loads((where / "config.json").read_text())
+            model_type = config.get("model_type", "").removeprefix(MODEL_TYPE_PREFIX)
+            if model_type not in FAMILIES:
+                raise ConfigError(f"{spec}: unsupported model family {model_type!r}; supported: "
+                                  f"{', '.join(sorted(FAMILIES))}")
+            lengths = {"calibration.seq_len": exp.calibration.seq_len} | {f"evaluation.ppl {p}": p.seq_len
+                                                                         for p in protocol.ppl}
+            try:
+                check_positions(SimpleNamespace(**config), lengths)
+            except ConfigError as err:
+                raise ConfigError(f"{spec}: {err}") from None
+        elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
+            require_hub(f"model {where!r}")
+    lease_seconds()  # a malformed PRUNEBENCH_LEASE_S or PRUNEBENCH_WAIT_S is refused before anything starts
+    wait_seconds()
+    data = data_fingerprint(exp)  # loads, so checks, the calibration and evaluation texts (each once)
+    check_tasks(tuple(exp.evaluation.tasks))
+    if exp.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor.kind 'ray' needs Ray: pip install 'prunebench[ray]'")
+    if tuning or exp.tuning != type(exp.tuning)():  # a tuning section that says anything is checked
+        exp.search_spaces()
+    specs = expand(exp, workdir, require_tuned=not tuning, data=data)
+    for spec in {(s.label, s.method, s.sparsity): s for s in specs}.values():
+        method = get_method(spec.method)
+        try:
+            method(method.Config(**spec.hyperparameters)).check_target(Target(**spec.target))
+        except ConfigError as err:
+            raise ConfigError(f"methods.{spec.label}: {err}") from None
+    return specs
