@@ -8,10 +8,22 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.methods.capture import InputStats, add_output_bias, consumer_weight, remove_units, unit_columns, walk
-from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
-from suite.model.masks import Target, select
-from suite.model.structures import Structure
+from suite.methods import (
+    InputStats,
+    MethodConfig,
+    Pruner,
+    PruneResult,
+    Structure,
+    Target,
+    add_output_bias,
+    calibration_ids,
+    consumer_weight,
+    register,
+    remove_units,
+    select,
+    unit_columns,
+    walk,
+)
 
 
 class FlapConfig(MethodConfig):

@@ -20,12 +20,22 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from suite.errors import ConfigError
-from suite.methods.capture import gradients, taylor_scores
-from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
-from suite.model.gates import Gates
-from suite.model.masks import Masks, Target, select
-from suite.model.structures import Group, Structure
+from suite.methods import (
+    ConfigError,
+    Gates,
+    Group,
+    Masks,
+    MethodConfig,
+    Pruner,
+    PruneResult,
+    Structure,
+    Target,
+    calibration_ids,
+    gradients,
+    register,
+    select,
+    taylor_scores,
+)
 
 
 class GispConfig(MethodConfig):

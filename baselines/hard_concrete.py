@@ -12,9 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.methods.mask_learning import MaskLearner, MaskLearningConfig, Relaxation, rank_masks
-from suite.methods.pruner import register
-from suite.model.masks import Masks, Target
+from suite.methods import MaskLearner, MaskLearningConfig, Masks, Relaxation, Target, rank_masks, register
 
 EPS = 1e-6
 

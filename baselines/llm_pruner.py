@@ -7,9 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.methods.capture import gradients, taylor_scores
-from suite.methods.pruner import ScorePruner, SelectionConfig, calibration_ids, register
-from suite.model.structures import Structure
+from suite.methods import ScorePruner, SelectionConfig, Structure, calibration_ids, gradients, register, taylor_scores
 
 
 class LLMPrunerConfig(SelectionConfig):

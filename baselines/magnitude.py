@@ -15,9 +15,7 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.methods.capture import consumer_weight, unit_columns
-from suite.methods.pruner import ScorePruner, SelectionConfig, register
-from suite.model.structures import Structure, unit_sum
+from suite.methods import ScorePruner, SelectionConfig, Structure, consumer_weight, register, unit_columns, unit_sum
 
 
 class MagnitudeConfig(SelectionConfig):

@@ -32,11 +32,19 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.methods.mask_learning import MaskLearner, MaskLearningConfig, Relaxation, sparsity_weights
-from suite.methods.pruner import register
-from suite.model.compact import stock_widths
-from suite.model.masks import Masks, Target, select
-from suite.model.structures import Group, Structure
+from suite.methods import (
+    Group,
+    MaskLearner,
+    MaskLearningConfig,
+    Masks,
+    Relaxation,
+    Structure,
+    Target,
+    register,
+    select,
+    sparsity_weights,
+    stock_widths,
+)
 
 
 class MaskPruneConfig(MaskLearningConfig):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from suite.methods.pruner import ScorePruner, register
-from suite.model.structures import Structure
+from suite.methods import ScorePruner, Structure, register
 
 
 @register("random")

@@ -7,11 +7,16 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.methods.capture import InputStats, consumer_weight
-from suite.methods.layerwise import LayerwiseConfig, LayerwisePruner
-from suite.methods.obs import refit_alive, removal_path
-from suite.methods.pruner import register
-from suite.model.structures import Group
+from suite.methods import (
+    Group,
+    InputStats,
+    LayerwiseConfig,
+    LayerwisePruner,
+    consumer_weight,
+    refit_alive,
+    register,
+    removal_path,
+)
 
 
 class SlimGPTConfig(LayerwiseConfig):

@@ -41,15 +41,27 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from suite.atomic import locked, replacing_file
-from suite.data.sources import cache_dir
-from suite.errors import ConfigError
-from suite.methods.capture import consumer_weight, walk
-from suite.methods.layerwise import removal_goals
-from suite.methods.obs import refit_alive, removal_order
-from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids, register
-from suite.model.masks import Masks, Target
-from suite.model.structures import Group, Structure, decoder_layers
+from suite.methods import (
+    ConfigError,
+    Group,
+    Masks,
+    MethodConfig,
+    Pruner,
+    PruneResult,
+    Structure,
+    Target,
+    cache_dir,
+    calibration_ids,
+    consumer_weight,
+    decoder_layers,
+    locked,
+    refit_alive,
+    register,
+    removal_goals,
+    removal_order,
+    replacing_file,
+    walk,
+)
 
 CACHE_VERSION = 2
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from suite.methods.capture import InputStats, consumer_weight, unit_columns
-from suite.methods.layerwise import LayerwisePruner, closest_removal
-from suite.methods.pruner import register
-from suite.model.structures import Group
+from suite.methods import Group, InputStats, LayerwisePruner, closest_removal, consumer_weight, register, unit_columns
 
 
 @register("wanda_sp")
