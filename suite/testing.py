@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+from suite.model.families import FAMILIES
+
+FAMILY_NAMES = tuple(FAMILIES)  # every registered family: each needs a tiny config below
 VOCAB = 128
 
 
@@ -44,7 +46,7 @@ def tiny_config(family: str, **overrides: Any):
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
     }
     if family not in per_family:
-        raise KeyError(family)
+        raise KeyError(f"family {family!r} is registered but has no tiny config in suite.testing.tiny_config")
     return AutoConfig.for_model(family, **(common | per_family[family] | overrides))
 
 

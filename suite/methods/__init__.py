@@ -34,9 +34,10 @@ from suite.methods.pruner import (
     register,
 )
 from suite.model.compact import stock_widths
+from suite.model.families import decoder_layers
 from suite.model.gates import Gates
 from suite.model.masks import Masks, Target, select
-from suite.model.structures import Group, Structure, decoder_layers, unit_sum
+from suite.model.structures import Group, Structure, unit_sum
 
 __all__ = [
     "Calibration",

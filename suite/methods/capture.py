@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from suite.model.families import Family, decoder_layers, family_of
 from suite.model.modules import GatedExperts, expert_weights
-from suite.model.structures import Group, Structure, decoder_layers, group_parts, unit_sum
+from suite.model.structures import Group, Structure, group_parts, unit_sum
 
 
 @dataclass
@@ -89,12 +90,11 @@ def consumer_weight(model: nn.Module, group: Group) -> Tensor:
     """The weight [out, C] that consumes the group's units: o_proj, down_proj, or the expert's down projection.
 
     A view: writing into it changes the model (fused expert tensors included)."""
-    layer = decoder_layers(model)[group.layer]
-    if group.kind == "attn":
-        return layer.self_attn.o_proj.weight
-    if group.kind == "mlp":
-        return layer.mlp.down_proj.weight
-    return expert_weights(layer.mlp.experts, group.expert)[2]
+    family = family_of(model)
+    layer = family.layers(model)[group.layer]
+    if group.kind == "expert":
+        return expert_weights(family.moe(layer).experts, group.expert)[2]
+    return family.consumer(layer, group.kind).weight
 
 
 def unit_columns(group: Group) -> Tensor:
@@ -111,17 +111,12 @@ def remove_units(model: nn.Module, group: Group, keep: Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _capture(layer: nn.Module, groups: list[Group], stats: dict[str, InputStats]) -> Iterator[None]:
-    handles = []
-    for g in groups:
-        if g.kind == "attn":
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda _m, args, s=stats[g.name]: s.update(args[0])))
-        elif g.kind == "mlp":
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(
-                lambda _m, args, s=stats[g.name]: s.update(args[0])))
+def _capture(family: Family, layer: nn.Module, groups: list[Group], stats: dict[str, InputStats]) -> Iterator[None]:
+    """Each group's consumer inputs into its stats while the block runs (experts observed inside their module)."""
+    handles = [family.consumer(layer, g.kind).register_forward_pre_hook(
+        lambda _m, args, s=stats[g.name]: s.update(args[0])) for g in groups if g.kind != "expert"]
     experts = {g.expert: stats[g.name] for g in groups if g.kind == "expert"}
-    block = layer.mlp if experts else None
+    block = family.moe(layer) if experts else None
     original = block.experts if block is not None else None
     if block is not None:
         block.experts = GatedExperts(original, lambda _e: None, observe=lambda e, h: experts[e].update(h))
@@ -182,7 +177,7 @@ def walk(model: nn.Module, structure: Structure, ids: Tensor, *, gram: bool = Fa
             groups = structure.layer_groups(index)
             width = {g.name: int(consumer_weight(model, g).shape[1]) for g in groups}
             stats = {g.name: InputStats(width[g.name], gram=gram) for g in groups}
-            with _capture(layer, groups, stats):
+            with _capture(family_of(model), layer, groups, stats):
                 outputs = _run(layer, inputs)
             yield index, stats
             inputs = _run(layer, inputs) if sequential else outputs
@@ -261,8 +256,8 @@ def add_output_bias(model: nn.Module, group: Group, delta: Tensor) -> None:
     Compaction keeps the bias and records it in the layout, so save/reload carry it."""
     if group.kind == "expert":
         raise ValueError("expert down projections have no bias in the fused layout")
-    layer = decoder_layers(model)[group.layer]
-    lin = layer.self_attn.o_proj if group.kind == "attn" else layer.mlp.down_proj
+    family = family_of(model)
+    lin = family.consumer(family.layers(model)[group.layer], group.kind)
     with torch.no_grad():
         if lin.bias is None:
             lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),

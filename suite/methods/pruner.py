@@ -21,9 +21,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from suite.errors import ConfigError, UnknownMethod, did_you_mean
+from suite.errors import ConfigError, UnknownMethod
 from suite.model.masks import Masks, Normalize, SelectionMode, Target, select
 from suite.model.structures import Structure
+from suite.registry import Registry
 
 METHOD_PACKAGES = ("baselines", "ddp")
 ENTRY_POINT_GROUP = "prunebench.methods"
@@ -120,27 +121,8 @@ class ScorePruner(Pruner):
         return PruneResult(masks)
 
 
-_REGISTRY: dict[str, type[Pruner]] = {}
-_discovered = False
-
-
-def register(name: str):
-    """Class decorator: make a Pruner available under `name`."""
-
-    def decorate(cls: type[Pruner]) -> type[Pruner]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
 def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
+    """Import every module of the method packages and every installed plugin's entry point (each registers)."""
     for package in METHOD_PACKAGES:
         pkg = importlib.import_module(package)
         for info in pkgutil.iter_modules(pkg.__path__):
@@ -152,18 +134,26 @@ def _discover() -> None:
             raise ConfigError(f"method plugin {ep.name!r} ({ep.value}) failed to load: "
                               f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
                               ) from None
-    _discovered = True
+
+
+METHODS: Registry[type[Pruner]] = Registry("method", UnknownMethod, discover=_discover)
+
+
+def register(name: str) -> Callable[[type[Pruner]], type[Pruner]]:
+    """Class decorator: make a Pruner available under `name`."""
+
+    def decorate(cls: type[Pruner]) -> type[Pruner]:
+        cls.name = name
+        return METHODS.add(name, cls)
+
+    return decorate
 
 
 def methods() -> Mapping[str, type[Pruner]]:
     """Every registered method, by name."""
-    _discover()
-    return dict(sorted(_REGISTRY.items()))
+    return dict(METHODS.items())
 
 
 def get_method(name: str) -> type[Pruner]:
     """The method class registered as `name`; an unknown name is refused with the closest matches."""
-    known = methods()
-    if name not in known:
-        raise UnknownMethod(f"unknown method {name!r}{did_you_mean(name, known)} (registered: {', '.join(known)})")
-    return known[name]
+    return METHODS[name]

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, ModelLoadError
 from suite.model import modeling_prunebench
+from suite.model.families import FAMILIES, Family, MlpProjections, family_of
 from suite.model.gates import Gates
 from suite.model.masks import Masks
 from suite.model.modeling_prunebench import (
@@ -39,7 +39,7 @@ from suite.model.modeling_prunebench import (
     ragged_experts,
 )
 from suite.model.modules import expert_weights
-from suite.model.structures import FAMILIES, Group, Structure, decoder_layers
+from suite.model.structures import Group, Structure
 
 # HF's grouped_mm expert kernels need 16-byte aligned strides: a fused width must be a multiple of 8 (bf16);
 # other uniform widths use RaggedExperts, so a stock-loadable MoE checkpoint always runs (round_to: 8 keeps it).
@@ -105,14 +105,14 @@ def _compact_attention(attn: nn.Module, group: Group, keep: Tensor, scale: Tenso
             "o_bias": o_bias is not None}
 
 
-def _compact_mlp(mlp: nn.Module, keep: Tensor, scale: Tensor | None) -> int:
+def _compact_mlp(family: Family, layer: nn.Module, keep: Tensor, scale: Tensor | None) -> int:
     idx = keep.nonzero().squeeze(1)
+    gate, up, down = family.mlp_projections(layer)
     if scale is not None:
-        mlp.down_proj.weight.mul_(scale.to(mlp.down_proj.weight)[None, :])
-    down = mlp.down_proj
-    mlp.gate_proj = linear(*_rows(mlp.gate_proj, idx))
-    mlp.up_proj = linear(*_rows(mlp.up_proj, idx))
-    mlp.down_proj = linear(down.weight[:, idx].clone(), None if down.bias is None else down.bias.clone())
+        down.weight.mul_(scale.to(down.weight)[None, :])
+    family.set_mlp_projections(layer, MlpProjections(
+        linear(*_rows(gate, idx)), linear(*_rows(up, idx)),
+        linear(down.weight[:, idx].clone(), None if down.bias is None else down.bias.clone())))
     return len(idx)
 
 
@@ -141,20 +141,20 @@ def compact(model: nn.Module, structure: Structure, masks: Masks) -> dict[str, A
     """Fold scales and slice every pruned unit out of `model`, in place; returns the per-layer layout."""
     masks.check(structure)
     was_trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    layers = decoder_layers(model)
+    family = family_of(model)
     layout: list[dict[str, Any]] = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(family.layers(model)):
         groups = structure.layer_groups(i)
         spec: dict[str, Any] = {}
         for g in groups:
             if g.kind == "attn":
-                spec |= _compact_attention(layer.self_attn, g, masks.keep[g.name], masks.scale.get(g.name))
+                spec |= _compact_attention(family.attention(layer), g, masks.keep[g.name], masks.scale.get(g.name))
             elif g.kind == "mlp":
-                spec["intermediate"] = _compact_mlp(layer.mlp, masks.keep[g.name], masks.scale.get(g.name))
-                spec["down_bias"] = layer.mlp.down_proj.bias is not None
+                spec["intermediate"] = _compact_mlp(family, layer, masks.keep[g.name], masks.scale.get(g.name))
+                spec["down_bias"] = family.consumer(layer, "mlp").bias is not None
         expert_groups = [g for g in groups if g.kind == "expert"]
         if expert_groups:
-            spec |= _compact_experts(layer.mlp, expert_groups, masks)
+            spec |= _compact_experts(family.moe(layer), expert_groups, masks)
         layout.append(spec)
     _write_layout(model, structure.family, layout)
     for name, p in model.named_parameters():
@@ -176,10 +176,10 @@ def _write_layout(model: nn.Module, family: str, layers: list[dict[str, Any]]) -
     if stock:
         sizes = dict(zip(("num_attention_heads", "num_key_value_heads"), attn.pop(), strict=True))
         if dense:
-            sizes[info.dense_width_key] = dense.pop()
+            sizes[info.width_key("mlp")] = dense.pop()
         if expert:
-            sizes[info.expert_width_key] = expert.pop()
-        candidate = _declarable(cfg, sizes)
+            sizes[info.width_key("expert")] = expert.pop()
+        candidate = info.declarable(cfg, sizes)
         # the stock modules must also hold the same parameters (not so with a bias a method added)
         stock = candidate is not None and _same_parameters(model, candidate)
         if stock:
@@ -187,7 +187,7 @@ def _write_layout(model: nn.Module, family: str, layers: list[dict[str, Any]]) -
                 setattr(cfg, key, value)
     layout: dict[str, Any] = {"version": 1, "stock": stock, "layers": layers}
     if not stock:  # the dense sizes the stock modules start from, before each layer is rebuilt at its shape
-        keys = ("num_attention_heads", "num_key_value_heads", info.dense_width_key, info.expert_width_key)
+        keys = ("num_attention_heads", "num_key_value_heads", info.width_key("mlp"), info.width_key("expert"))
         layout["dense"] = {k: getattr(cfg, k) for k in keys if k is not None and hasattr(cfg, k)}
     cfg.prunebench_layout = layout
 
@@ -197,26 +197,18 @@ def stock_widths(config: Any, structure: Structure) -> dict[str, list[int]]:
     family's config validator accepts (Llama wants hidden_size % heads == 0) and fused expert widths that are
     multiples of FUSED_ALIGN. A method that promises a standard checkpoint (MaskPrune) selects among these."""
     out: dict[str, list[int]] = {}
+    family = structure.family_info()
     for g in structure.groups:
         if g.kind in out:
             continue
         if g.kind == "attn":
             ratio = config.num_attention_heads // config.num_key_value_heads
-            out["attn"] = [w for w in range(1, g.n_units + 1) if _declarable(config, {
+            out["attn"] = [w for w in range(1, g.n_units + 1) if family.declarable(config, {
                 "num_attention_heads": w * g.heads_per_unit,
                 "num_key_value_heads": max(1, w * g.heads_per_unit // ratio)}) is not None]
         elif g.kind == "expert":
             out["expert"] = [w for w in range(1, g.n_units + 1) if w % FUSED_ALIGN == 0 or w == g.n_units]
     return out
-
-
-def _declarable(config: Any, sizes: dict[str, int]) -> Any:
-    """The family's config with `sizes`, or None where its own validator refuses them (Llama wants
-    hidden_size % heads == 0): the validator has the last word on what a stock checkpoint can declare."""
-    try:
-        return type(config).from_dict(config.to_dict() | sizes)
-    except (ValueError, StrictDataclassError):
-        return None
 
 
 def _same_parameters(model: nn.Module, config: Any) -> bool:

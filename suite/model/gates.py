@@ -14,9 +14,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from suite.model.families import family_of
 from suite.model.masks import Masks
 from suite.model.modules import GatedExperts
-from suite.model.structures import Group, Structure, decoder_layers
+from suite.model.structures import Group, Structure
 
 
 class Gates:
@@ -28,16 +29,14 @@ class Gates:
         self.values: dict[str, Tensor | None] = {g.name: None for g in structure.groups}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._swapped: list[tuple[nn.Module, nn.Module]] = []  # (moe block, original experts)
-        layers = decoder_layers(model)
+        family = family_of(model)
+        layers = family.layers(model)
         for group in structure.groups:
-            layer = layers[group.layer]
-            if group.kind == "attn":
-                hook = self._attention_hook(group)
-                self._handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
-            elif group.kind == "mlp":
-                self._handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._channel_hook(group.name)))
+            if group.kind != "expert":  # a gate scales the consumer's input columns of each unit
+                hook = self._attention_hook(group) if group.kind == "attn" else self._channel_hook(group.name)
+                self._handles.append(family.consumer(layers[group.layer], group.kind).register_forward_pre_hook(hook))
         for i in sorted({g.layer for g in structure.groups if g.kind == "expert"}):
-            block = layers[i].mlp
+            block = family.moe(layers[i])
             names = {g.expert: g.name for g in structure.layer_groups(i) if g.kind == "expert"}
             self._swapped.append((block, block.experts))
             block.experts = GatedExperts(block.experts, lambda e, names=names: self.values[names[e]])

@@ -21,25 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, UnsupportedModel
-from suite.model.modeling_prunebench import FAMILY_KEYS
-from suite.model.modules import RepeatedHeadsLinear, expert_weights, expert_widths, is_experts, unwrap
+from suite.model.families import FAMILIES, AttentionProjections, Family, family_of
+from suite.model.modules import RepeatedHeadsLinear, expert_weights, expert_widths, unwrap
 
 Granularity = Literal["kv_group", "query_head"]
 GRANULARITIES: tuple[str, ...] = ("kv_group", "query_head")
-
-
-@dataclass(frozen=True)
-class Family:
-    """What differs between supported families: the config keys that hold the MLP and expert widths."""
-
-    model_type: str
-    dense_width_key: str = "intermediate_size"
-    expert_width_key: str | None = None
-
-
-# qwen2's q/k/v carry biases (removed with their rows); qwen3's q_norm/k_norm act per head on head_dim, shared by
-# all heads (never sliced). The width keys are the ones pruned checkpoints declare per layer (modeling_prunebench).
-FAMILIES: dict[str, Family] = {name: Family(name, dense, expert) for name, (_, dense, expert) in FAMILY_KEYS.items()}
 
 
 @dataclass(frozen=True)
@@ -124,39 +110,25 @@ class Structure:
         return FAMILIES[self.family]
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM of a supported family (`model.model.layers`)."""
-    return model.model.layers
-
-
-def family_of(model: nn.Module) -> Family:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise UnsupportedModel(
-            f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
-        )
-    return FAMILIES[model_type]
-
-
 def _linear_params(lin: nn.Linear, rows: int = 0, cols: int = 0) -> int:
     """Parameters in `rows` output rows (weight + bias) and `cols` input columns of a Linear."""
     per_row = lin.in_features + (1 if lin.bias is not None else 0)
     return rows * per_row + cols * lin.out_features
 
 
-def _attention_group(attn: nn.Module, layer: int, granularity: str) -> Group:
+def _attention_group(attn: nn.Module, proj: AttentionProjections, layer: int, granularity: str) -> Group:
     hd = attn.head_dim
-    if isinstance(attn.k_proj, RepeatedHeadsLinear):
+    if isinstance(proj.k, RepeatedHeadsLinear):
         raise UnsupportedModel(
             f"layer {layer}: re-pruning a checkpoint whose query heads share K/V heads unevenly is not supported"
         )
-    n_heads = attn.q_proj.out_features // hd
-    n_kv = attn.k_proj.out_features // hd
+    n_heads = proj.q.out_features // hd
+    n_kv = proj.k.out_features // hd
     if n_heads % n_kv:
         raise UnsupportedModel(f"layer {layer}: {n_heads} query heads do not split over {n_kv} K/V heads")
     per_kv = n_heads // n_kv
-    q_head = _linear_params(attn.q_proj, rows=hd) + _linear_params(attn.o_proj, cols=hd)
-    kv_head = _linear_params(attn.k_proj, rows=hd) + _linear_params(attn.v_proj, rows=hd)
+    q_head = _linear_params(proj.q, rows=hd) + _linear_params(proj.o, cols=hd)
+    kv_head = _linear_params(proj.k, rows=hd) + _linear_params(proj.v, rows=hd)
     name = f"L{layer:02d}.attn"
     if granularity == "kv_group":
         return Group(name, layer, "attn", n_kv, per_kv * q_head + kv_head, head_dim=hd, heads_per_unit=per_kv)
@@ -174,26 +146,23 @@ def build_structure(model: nn.Module, granularity: str = "kv_group") -> Structur
     check_granularity(granularity)
     family = family_of(model)
     groups: list[Group] = []
-    layers = decoder_layers(model)
+    layers = family.layers(model)
     for i, layer in enumerate(layers):
-        groups.append(_attention_group(layer.self_attn, i, granularity))
-        mlp = layer.mlp
-        experts = getattr(mlp, "experts", None)
-        if experts is not None and is_experts(experts):
-            if getattr(mlp, "shared_expert", None) is not None:
+        groups.append(_attention_group(family.attention(layer), family.attention_projections(layer), i, granularity))
+        moe, mlp = family.moe(layer), family.mlp_projections(layer)
+        if moe is not None:
+            if family.shared_expert(layer) is not None:
                 raise UnsupportedModel(f"layer {i}: MoE layers with a shared expert are not supported")
-            hidden = mlp.gate.weight.shape[1]
-            for e, width in enumerate(expert_widths(experts)):
+            hidden = family.router_width(layer)
+            for e, width in enumerate(expert_widths(moe.experts)):
                 groups.append(Group(f"L{i:02d}.expert{e:03d}", i, "expert", width, 3 * hidden, expert=e))
-        elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        elif mlp is not None:
             per_channel = (
-                _linear_params(mlp.gate_proj, rows=1)
-                + _linear_params(mlp.up_proj, rows=1)
-                + _linear_params(mlp.down_proj, cols=1)
+                _linear_params(mlp.gate, rows=1) + _linear_params(mlp.up, rows=1) + _linear_params(mlp.down, cols=1)
             )
-            groups.append(Group(f"L{i:02d}.mlp", i, "mlp", mlp.down_proj.in_features, per_channel))
+            groups.append(Group(f"L{i:02d}.mlp", i, "mlp", mlp.down.in_features, per_channel))
         else:
-            raise UnsupportedModel(f"layer {i}: unrecognised MLP module {type(mlp).__name__}")
+            raise UnsupportedModel(f"layer {i}: unrecognised MLP module {type(family.mlp(layer)).__name__}")
     return Structure(family.model_type, granularity, len(layers), tuple(groups), param_count(model))
 
 
@@ -209,24 +178,23 @@ def group_parts(model: nn.Module, group: Group) -> Iterator[Part]:
 
     Under `query_head` the shared K/V heads belong to no single unit and are left out (as GISP does for scores).
     """
-    layer = decoder_layers(model)[group.layer]
-    if group.kind == "attn":
-        attn = layer.self_attn
-        consumers = [(attn.q_proj, 0), (attn.o_proj, 1)]
-        if not group.kv_params:  # kv_group: each unit owns its K/V head
-            consumers += [(attn.k_proj, 0), (attn.v_proj, 0)]
-        for lin, dim in consumers:
-            yield Part(lin.weight, (slice(None), slice(None)), dim)
-            if lin.bias is not None and dim == 0:
-                yield Part(lin.bias, (slice(None),), 0)
-    elif group.kind == "mlp":
-        mlp = layer.mlp
-        for lin, dim in ((mlp.gate_proj, 0), (mlp.up_proj, 0), (mlp.down_proj, 1)):
+    family = family_of(model)
+    layer = family.layers(model)[group.layer]
+    if group.kind in ("attn", "mlp"):
+        if group.kind == "attn":
+            proj = family.attention_projections(layer)
+            linears = [(proj.q, 0), (proj.o, 1)]
+            if not group.kv_params:  # kv_group: each unit owns its K/V head
+                linears += [(proj.k, 0), (proj.v, 0)]
+        else:
+            mlp = family.mlp_projections(layer)
+            linears = [(mlp.gate, 0), (mlp.up, 0), (mlp.down, 1)]
+        for lin, dim in linears:
             yield Part(lin.weight, (slice(None), slice(None)), dim)
             if lin.bias is not None and dim == 0:
                 yield Part(lin.bias, (slice(None),), 0)
     else:
-        experts = unwrap(layer.mlp.experts)
+        experts = unwrap(family.moe(layer).experts)
         e = group.expert
         if hasattr(experts, "gate_up_proj"):
             width = group.n_units

@@ -11,10 +11,10 @@ from suite.errors import ConfigError
 from suite.evaluation.evaluate import check_positions, check_tasks
 from suite.hub import hub_unreachable_reason, is_cached, require_hub
 from suite.methods.pruner import get_method
+from suite.model.families import FAMILIES
 from suite.model.load import resolve
 from suite.model.masks import Target
 from suite.model.modeling_prunebench import MODEL_TYPE_PREFIX
-from suite.model.structures import FAMILIES
 from suite.run.claims import lease_seconds, wait_seconds
 from suite.run.config import Experiment
 from suite.run.grid import RunSpec, data_fingerprint, expand
