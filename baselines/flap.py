@@ -3,12 +3,13 @@ arXiv 2312.11983)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 from torch import Tensor, nn
 
 from suite.methods import (
+    Calibration,
     InputStats,
     MethodConfig,
     Pruner,
@@ -63,7 +64,7 @@ class Flap(Pruner):
     needs_calibration = True
 
     def prune(
-        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+        self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
     ) -> PruneResult:
         cfg = self.config
         ids = calibration_ids(self.name, calibration)

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from suite.methods import (
+    Calibration,
     ConfigError,
     Gates,
     Group,
@@ -82,12 +83,12 @@ class Gisp(Pruner):
     quick: ClassVar[dict[str, Any]] = {"iterations": 4}
 
     def prune(
-        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+        self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
     ) -> PruneResult:
         cfg = self.config
         ids, weights = calibration_ids(self.name, calibration), None
         if cfg.objective == "margin":
-            if getattr(calibration, "margin", None) is None:
+            if calibration.margin is None:
                 raise ConfigError("gisp.objective 'margin' needs task items: set calibration.tasks "
                                   "(CLI: --calib 'tasks=[pb_return]')")
             ids, weights = calibration.margin

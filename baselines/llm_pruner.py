@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 from torch import Tensor, nn
 
-from suite.methods import ScorePruner, SelectionConfig, Structure, calibration_ids, gradients, register, taylor_scores
+from suite.methods import (
+    Calibration,
+    ScorePruner,
+    SelectionConfig,
+    Structure,
+    calibration_ids,
+    gradients,
+    register,
+    taylor_scores,
+)
 
 
 class LLMPrunerConfig(SelectionConfig):
@@ -27,7 +36,8 @@ class LLMPruner(ScorePruner):
     Config = LLMPrunerConfig
     needs_calibration = True
 
-    def scores(self, model: nn.Module, structure: Structure, calibration: Any, *, seed: int) -> dict[str, Tensor]:
+    def scores(self, model: nn.Module, structure: Structure, calibration: Calibration | None, *,
+               seed: int) -> dict[str, Tensor]:
         cfg = self.config
         ids = calibration_ids(self.name, calibration)
         return taylor_scores(model, structure, gradients(model, structure, ids, fisher=cfg.taylor == "param_mix",

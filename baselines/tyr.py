@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from suite.methods import (
+    Calibration,
     ConfigError,
     Group,
     Masks,
@@ -193,7 +194,7 @@ class Tyr(Pruner):
                               "not supported")
 
     def prune(
-        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+        self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
     ) -> PruneResult:
         cfg = self.config
         ids = calibration_ids(self.name, calibration)
@@ -204,7 +205,7 @@ class Tyr(Pruner):
         stage_seqs = [min(len(ids), math.ceil(t / ids.shape[1])) for t in cfg.stage_tokens]
         search = Reference(model, ids, cfg)
         fixed = list(range(stage_seqs[-1]))  # the before/after objective: the same sequences for both
-        valid_ids = getattr(calibration, "valid_ids", None)
+        valid_ids = calibration.valid_ids
         held_out = Reference(model, valid_ids, cfg) if valid_ids is not None else None
         dense = {g.name: consumer_weight(model, g).detach().clone() for g in structure.groups}
         goals = removal_goals(structure, target, "per_layer")

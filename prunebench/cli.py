@@ -51,12 +51,20 @@ MODEL_HELP = "zoo:NAME (embedded, offline), a local checkpoint directory, or a h
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove")
-    p.add_argument("--uniform", action="store_true", help="same kept width in every pruned layer")
-    p.add_argument("--skip-layers", type=_layers, default=(), help="comma-separated layers never pruned")
-    p.add_argument("--min-keep", type=int, default=1, help="minimum kept units per group")
-    p.add_argument("--round-to", type=int, default=1, help="kept MLP/expert widths a multiple of N")
-    p.add_argument("--granularity", default="kv_group", help="attention unit: kv_group (default) or query_head")
+    """`--sparsity` and one flag per target constraint, generated from the fields (and descriptions) of Target."""
+    from suite.model.masks import Target, TargetConstraints
+    from suite.model.structures import GRANULARITIES
+
+    p.add_argument("--sparsity", type=float, required=True, help=Target.model_fields["sparsity"].description)
+    for name, field in TargetConstraints.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            p.add_argument(flag, action="store_true", help=field.description)
+        elif field.annotation == tuple[int, ...]:
+            p.add_argument(flag, type=_layers, default=field.default, help=f"{field.description} (comma-separated)")
+        else:
+            p.add_argument(flag, type=field.annotation, default=field.default, help=field.description)
+    p.add_argument("--granularity", default=GRANULARITIES[0], help=f"attention unit: {' or '.join(GRANULARITIES)}")
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
@@ -135,14 +143,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from suite.data.calibration import CalibrationSpec
     from suite.methods.pruner import get_method
     from suite.model.load import load_model
-    from suite.model.masks import Target
+    from suite.model.masks import Target, TargetConstraints
     from suite.model.structures import check_granularity
     from suite.run.config import apply_overrides
     from suite.run.pipeline import prune_model, write_outputs
 
     check_granularity(args.granularity)
-    target = Target.parse(sparsity=args.sparsity, uniform=args.uniform, skip_layers=args.skip_layers,
-                          min_keep=args.min_keep, round_to=args.round_to)
+    target = Target.parse(sparsity=args.sparsity, **{k: getattr(args, k) for k in TargetConstraints.model_fields})
     method = get_method(args.method)
     hyper = apply_overrides(method.Config, {}, args.set, where=f"{args.method}.")
     calib_spec = apply_overrides(CalibrationSpec, {}, args.calib, where="calib.")
@@ -177,12 +184,13 @@ def loading_hint(model_dir: Path) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from suite.evaluation.evaluate import EvalSpec, PplSpec, evaluate
+    from suite.evaluation.evaluate import EvalSpec, evaluate
     from suite.model.load import load_model
+    from suite.run.config import apply_overrides
 
-    tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks is not None else None
-    ppl = tuple(PplSpec.parse(p) for p in args.ppl) if args.ppl else (PplSpec(),)
-    spec = EvalSpec(ppl=ppl, limit=args.limit, dtype=args.dtype, **({"tasks": tasks} if tasks is not None else {}))
+    given = {"ppl": args.ppl, "limit": args.limit,
+             "tasks": [t for t in args.tasks.split(",") if t] if args.tasks is not None else None}
+    spec = apply_overrides(EvalSpec, {k: v for k, v in given.items() if v is not None}, (), "evaluation.")
     if args.json:
         check_file(Path(args.json), "eval")
     model, tokenizer = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)

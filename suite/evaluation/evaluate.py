@@ -11,10 +11,11 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 from torch import Tensor, nn
 
 from suite.data.tasks import EMBEDDED_TASKS, task_dir
@@ -104,18 +105,29 @@ class PplSpec:
         return f"{self.source}:{self.split}@{self.seq_len}" + (f"/{self.windows}" if self.windows else "")
 
 
-@dataclass(frozen=True)
-class EvalSpec:
-    """What an evaluation measures; its fingerprint goes with every number it produces."""
-
-    tasks: tuple[str, ...] = EMBEDDED_TASKS
-    ppl: tuple[PplSpec, ...] = (PplSpec(),)
-    limit: int | None = None
-    batch_size: int = 16
-    dtype: str = "float32"
+def _ppl_spec(value: Any) -> Any:
+    return PplSpec.parse(value) if isinstance(value, str) else value
 
 
-def protocol(spec: EvalSpec, task_info: dict[str, dict[str, Any]], ppl_hashes: dict[str, str]) -> dict[str, Any]:
+PplField = Annotated[PplSpec, BeforeValidator(_ppl_spec), PlainSerializer(str, return_type=str)]
+
+
+class EvalSpec(BaseModel):
+    """What an evaluation measures (an experiment's `evaluation:` section, `prunebench eval`'s flags); its
+    fingerprint, the protocol, goes with every number it produces."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ppl: tuple[PplField, ...] = Field((PplSpec(),), description="SOURCE[:SPLIT]@SEQ_LEN[/WINDOWS], e.g. "
+                                      "embedded:test@256 or wikitext2:test@128")
+    tasks: tuple[str, ...] = Field(EMBEDDED_TASKS, description="lm-eval tasks (the embedded pb_* tasks by default)")
+    limit: int | None = Field(None, ge=1, description="items per task (recorded in the protocol)")
+    batch_size: int = Field(16, ge=1, description="batch size of perplexity windows and task requests")
+    speed: bool = Field(False, description="measure prefill/decode speed of the compact model vs the dense one")
+
+
+def protocol(spec: EvalSpec, task_info: dict[str, dict[str, Any]], ppl_hashes: dict[str, str],
+             dtype: str) -> dict[str, Any]:
     """The protocol fingerprint: everything that makes two numbers comparable (or not)."""
     from importlib.metadata import version
 
@@ -126,7 +138,7 @@ def protocol(spec: EvalSpec, task_info: dict[str, dict[str, Any]], ppl_hashes: d
         "limit": spec.limit,
         "ppl": {str(p): {"data_hash": ppl_hashes.get(str(p)), "mode": p.mode, "bos_per_window": False}
                 for p in spec.ppl},
-        "dtype": spec.dtype,
+        "dtype": dtype,
     }
     body["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return body
@@ -282,7 +294,8 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = 
         result["tasks"], info = run_tasks(model, tokenizer, spec.tasks, spec.limit, spec.batch_size)
         accs = [v["acc"] for v in result["tasks"].values()]
         result["mean_acc"] = sum(accs) / len(accs)
-    result["protocol"] = protocol(spec, info, ppl_hashes)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # what the numbers were computed in
+    result["protocol"] = protocol(spec, info, ppl_hashes, dtype)
     return result
 
 

@@ -10,12 +10,13 @@ measured on the pruned prefix. The plan comes from the same `select` every score
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from suite.data.calibration import Calibration
 from suite.methods.capture import InputStats, remove_units, walk
 from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
 from suite.model.masks import Masks, Target, select
@@ -59,7 +60,7 @@ class LayerwisePruner(Pruner):
     gram: ClassVar[bool] = False  # capture X^T X (reconstruction methods)
 
     def prune(
-        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+        self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
     ) -> PruneResult:
         ids = calibration_ids(self.name, calibration)
         goals = removal_goals(structure, target, self.config.selection)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from suite.data.calibration import Calibration
 from suite.errors import ConfigError, PruneBenchError
 from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
 from suite.model.gates import Gates
@@ -206,7 +207,7 @@ class MaskLearner(Pruner):
         return self.relaxation(self.config, structure, groups, seed)
 
     def prune(
-        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+        self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
     ) -> PruneResult:
         cfg = self.config
         calibration_ids(self.name, calibration)
@@ -308,8 +309,7 @@ class MaskLearner(Pruner):
             "final_lambda2": curves["lambda2"][-1],
             "final_expected_sparsity": curves["expected_sparsity"][-1],
         }
-        masks.meta |= {"calibration": getattr(calibration, "spec", ""), "calibration_hash":
-                       getattr(calibration, "content_hash", "")}
+        masks.meta |= {"calibration": calibration.spec, "calibration_hash": calibration.content_hash}
         return PruneResult(masks, curves=curves, timings={"train_seconds": prune_seconds}, diagnostics=diagnostics)
 
 
@@ -367,10 +367,10 @@ def _polish(masks: Masks, names: set[str], gates: Gates, batches: _Batches, mode
     masks.scale |= {n: masks.keep[n].float() * torch.relu(s.detach()) for n, s in scales.items()}
 
 
-def _split_calibration(calibration: Any, n_valid: int) -> tuple[Tensor, Tensor]:
+def _split_calibration(calibration: Calibration, n_valid: int) -> tuple[Tensor, Tensor]:
     """Train and held-out calibration sequences: the calibration's own valid set, else its last sequences."""
     ids = calibration.input_ids
-    valid = getattr(calibration, "valid_ids", None)
+    valid = calibration.valid_ids
     if valid is not None:
         return ids, valid
     if len(ids) <= n_valid:

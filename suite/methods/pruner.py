@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from suite.data.calibration import Calibration
 from suite.errors import ConfigError, UnknownMethod
 from suite.model.masks import Masks, Normalize, SelectionMode, Target, select
 from suite.model.structures import Structure
@@ -86,7 +87,7 @@ class Pruner(ABC):
 
     @abstractmethod
     def prune(
-        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+        self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
     ) -> PruneResult:
         """Choose the units to remove so that `target` is met."""
 
@@ -96,7 +97,7 @@ class Pruner(ABC):
         del target
 
 
-def calibration_ids(method: str, calibration: Any) -> Tensor:
+def calibration_ids(method: str, calibration: Calibration | None) -> Tensor:
     """The calibration token ids [n, seq_len], or a clear error for a data-driven method run without data."""
     if calibration is None:
         raise ConfigError(f"{method} needs calibration data")
@@ -109,11 +110,12 @@ class ScorePruner(Pruner):
     Config: ClassVar[type[MethodConfig]] = SelectionConfig
 
     @abstractmethod
-    def scores(self, model: nn.Module, structure: Structure, calibration: Any, *, seed: int) -> dict[str, Tensor]:
+    def scores(self, model: nn.Module, structure: Structure, calibration: Calibration | None, *,
+               seed: int) -> dict[str, Tensor]:
         """Per group [n_units], higher = more important."""
 
     def prune(
-        self, model: nn.Module, structure: Structure, calibration: Any, target: Target, *, seed: int = 0
+        self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
     ) -> PruneResult:
         scores = self.scores(model, structure, calibration, seed=seed)
         masks = select(structure, scores, target, mode=self.config.selection, normalize=self.config.normalize,

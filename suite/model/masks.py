@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -59,6 +59,14 @@ class Target(BaseModel):
     def budget(self, structure: Structure) -> int:
         """Prunable parameters to remove."""
         return round(self.sparsity * structure.prunable_params)
+
+
+# The constraints a target adds to its sparsity: an experiment's `target:` section (each grid point adds its sparsity)
+# and the `prune` command's flags. Target's own fields, so the two can never drift apart.
+TargetConstraints = create_model(
+    "TargetConstraints", __config__=ConfigDict(extra="forbid", frozen=True),
+    **{name: (f.annotation, f) for name, f in Target.model_fields.items() if name != "sparsity"},
+)
 
 
 @dataclass

@@ -24,10 +24,10 @@ from pydantic import (
 
 from suite.data.calibration import CalibrationSpec
 from suite.errors import ConfigError, PruneBenchError, did_you_mean
-from suite.evaluation.evaluate import EvalSpec, PplSpec
+from suite.evaluation.evaluate import EvalSpec
 from suite.methods.pruner import get_method
-from suite.model.masks import pydantic_message
-from suite.model.structures import GRANULARITIES
+from suite.model.masks import TargetConstraints, pydantic_message
+from suite.model.structures import Granularity
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -136,21 +136,6 @@ class MethodEntry(Strict):
         return self.label or self.name
 
 
-class TargetConfig(Strict):
-    uniform: bool = False
-    skip_layers: tuple[int, ...] = ()
-    min_keep: int = Field(1, ge=1)
-    round_to: int = Field(1, ge=1)
-
-
-class EvaluationConfig(Strict):
-    ppl: list[str] = Field(default_factory=lambda: ["embedded:test@256"], description="SOURCE[:SPLIT]@SEQ_LEN")
-    tasks: list[str] = Field(default_factory=lambda: ["pb_next_line", "pb_self_attr", "pb_return"])
-    limit: int | None = Field(None, ge=1, description="items per task (recorded in the protocol)")
-    batch_size: int = Field(16, ge=1)
-    speed: bool = Field(False, description="measure prefill/decode speed of the compact model vs the dense one")
-
-
 class SearchDim(Strict):
     """One dimension of an Optuna search space."""
 
@@ -209,10 +194,10 @@ class Experiment(Strict):
     methods: list[MethodEntry] = Field(min_length=1)
     sparsities: list[float] = Field(min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    granularity: str = "kv_group"
-    target: TargetConfig = Field(default_factory=TargetConfig)
+    granularity: Granularity = "kv_group"
+    target: TargetConstraints = Field(default_factory=TargetConstraints)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    evaluation: EvalSpec = Field(default_factory=EvalSpec)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
@@ -225,19 +210,6 @@ class Experiment(Strict):
             if not 0 < v < 1:
                 raise ValueError(f"sparsity {v} is outside (0, 1)")
         return values
-
-    @field_validator("granularity")
-    @classmethod
-    def _granularity(cls, value: str) -> str:
-        if value not in GRANULARITIES:
-            raise ValueError(f"{value!r} is not one of {', '.join(GRANULARITIES)}")
-        return value
-
-    def eval_spec(self) -> EvalSpec:
-        """The evaluation protocol every run of this experiment is measured under."""
-        e = self.evaluation
-        return EvalSpec(tasks=tuple(e.tasks), ppl=tuple(PplSpec.parse(p) for p in e.ppl), limit=e.limit,
-                        batch_size=e.batch_size, dtype=self.dtype)
 
     def search_spaces(self) -> dict[str, dict[str, SearchDim]]:
         """Per tuned label, its search space (declared, or the method's own `search_space`); one error line for a

@@ -100,7 +100,7 @@ def data_fingerprint(exp: Experiment) -> tuple[str, dict[str, Any]]:
     calibration = load_source(exp.calibration.source)
     text = json.dumps(calibration.hashes, sort_keys=True)
     evaluation: dict[str, Any] = {"ppl": {}, "tasks": {}}
-    for p in exp.eval_spec().ppl:
+    for p in exp.evaluation.ppl:
         evaluation["ppl"][str(p)] = load_source(p.source).hashes.get(p.split)
     if exp.evaluation.tasks:
         embedded = task_dir("test")[1]

@@ -26,7 +26,6 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
     the calibration and evaluation texts load, the tasks exist, every method accepts its hyperparameters and target,
     tuned methods have their tuning results, and the tuning section (when given, or for `tune`) names real labels
     and hyperparameters. A sweep that cannot start fails here with one line and leaves the store as it was."""
-    protocol = exp.eval_spec()
     for spec in exp.models:
         where = resolve(spec)
         if isinstance(where, Path):
@@ -36,7 +35,7 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
                 raise ConfigError(f"{spec}: unsupported model family {model_type!r}; supported: "
                                   f"{', '.join(sorted(FAMILIES))}")
             lengths = {"calibration.seq_len": exp.calibration.seq_len} | {f"evaluation.ppl {p}": p.seq_len
-                                                                         for p in protocol.ppl}
+                                                                         for p in exp.evaluation.ppl}
             try:
                 check_positions(SimpleNamespace(**config), lengths)
             except ConfigError as err:

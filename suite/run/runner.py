@@ -68,7 +68,7 @@ class Runner:
         self.progress = progress
         self.writers = tuple(writers)
         self.tracker = Tracker(workdir, exp.tracking.experiment or exp.name, exp.tracking.uri)
-        self.protocol = exp.eval_spec()
+        self.protocol = exp.evaluation
         self.claims: Claims | None = None  # while a sweep (or a Ray task) runs
         self._calibration: dict[str, Calibration] = {}
         self._speed_reference: tuple[str | None, Any] = (None, None)
