@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from reports import heatmaps, leaderboard, plots, tables
 from reports.query import export, load_results, read_masks
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
+from suite.registry import Registry
 
 
 def slug(text: str) -> str:
@@ -87,29 +89,66 @@ class Page:
         return " · ".join(f'<a href="{self.rel(p)}">{p.suffix.lstrip(".")}</a>' for p in paths)
 
 
+# A view is one part of a model's section: (page, that model's runs, model, file stem) -> HTML ('' to show nothing).
+# Views run in registration order; a new one is a function decorated with @view in any imported module.
+View = Callable[["Page", pd.DataFrame, str, str], str]
+VIEWS: Registry[View] = Registry("report view")
+view = VIEWS.register
+
+
 def model_section(page: Page, runs: pd.DataFrame, model: str, prefix: str) -> str:
-    """Table, Pareto/speed/cost plots, curves, heatmaps and cross-method views of one model."""
+    """Every registered view of one model: table, Pareto/speed/cost plots, curves, heatmaps, cross-method views."""
     runs = runs[runs["model"] == model]
     name = f"{prefix}{slug(model)}"
+    parts = [f"<h2>{html.escape(model)}</h2>", *(render(page, runs, model, name) for render in VIEWS.values())]
+    return "\n".join(p for p in parts if p)
+
+
+@view("table")
+def table_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
+    """Method x sparsity, mean +- 95% CI over seeds, in HTML here and as Markdown, LaTeX, HTML and CSV files."""
     summary = tables.summarize(runs, model)
     files = [page.write(f"tables/{name}.md", tables.markdown(summary)),
              page.write(f"tables/{name}.tex", tables.latex(summary)),
              page.write(f"tables/{name}.html", tables.html_table(summary))]
     files.append(export(tables.csv_frame(summary), page.out / "tables" / f"{name}.csv"))
-    ppl = next((c for c in summary.columns if c.startswith("ppl.")), None)
-    figs = page.out / "figures"
-    parts = [f"<h2>{html.escape(model)}</h2>", f"<p>table: {page.links(*files)}</p>", tables.html_table(summary),
-             page.figure(plots.pareto(runs, ppl, figs / f"{name}_pareto", model),
-                         "sparsity vs perplexity and accuracy"),
-             page.figure(plots.scatter_vs_accuracy(runs, tables.SPEED, "measured prefill speedup vs dense",
-                                                   figs / f"{name}_speedup", model), "speedup vs accuracy"),
-             page.figure(plots.scatter_vs_accuracy(runs, "prune_seconds", "prune time (s)", figs / f"{name}_cost",
-                                                   model, log_x=True), "prune cost vs accuracy"),
-             page.figure(plots.curves(runs, figs / f"{name}_curves", model), "mask-learning curves and mismatch")]
+    return f"<p>table: {page.links(*files)}</p>\n{tables.html_table(summary)}"
+
+
+@view("pareto")
+def pareto_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
+    ppl = next((c for c in tables.columns(runs) if c.startswith("ppl.")), None)
+    return page.figure(plots.pareto(runs, ppl, page.out / "figures" / f"{name}_pareto", model),
+                       "sparsity vs perplexity and accuracy")
+
+
+@view("speedup")
+def speedup_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
+    return page.figure(plots.scatter_vs_accuracy(runs, tables.SPEED, "measured prefill speedup vs dense",
+                                                 page.out / "figures" / f"{name}_speedup", model),
+                       "speedup vs accuracy")
+
+
+@view("cost")
+def cost_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
+    return page.figure(plots.scatter_vs_accuracy(runs, "prune_seconds", "prune time (s)",
+                                                 page.out / "figures" / f"{name}_cost", model, log_x=True),
+                       "prune cost vs accuracy")
+
+
+@view("curves")
+def curves_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
+    return page.figure(plots.curves(runs, page.out / "figures" / f"{name}_curves", model),
+                       "mask-learning curves and mismatch")
+
+
+@view("masks")
+def masks_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
+    """What each method removed: a heatmap per run, per-layer sparsity profiles and the methods' overlap."""
     pruned = runs[runs["kind"] == "pruned"]
     masks = {i: read_masks(row) for i, row in pruned.iterrows()}
     heat = page.out / "heatmaps" / name
-    parts.append("<h3>what each method removed</h3>")
+    parts = ["<h3>what each method removed</h3>"]
     for (sparsity, seed), cell in pruned.groupby(["sparsity", "seed"]):
         found = {row["method"]: masks[i] for i, row in cell.iterrows() if masks[i] is not None}
         if not found:

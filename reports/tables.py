@@ -10,13 +10,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from suite.run.record import metric
 from suite.stats import ci95
 
 SPEED = "speed.prefill_speedup"
 RELAXED = "diag_relaxed_sparsity"
 FIXED = ["mean_acc", "retained.mean_acc", "params_compact", RELAXED, SPEED, "prune_seconds"]
-LABELS = {"mean_acc": "mean acc", "retained.mean_acc": "retained %", "params_compact": "params",
-          RELAXED: "relaxed sp.", SPEED: "speedup", "prune_seconds": "prune s"}
 MISS_TOLERANCE = 0.02  # relaxed sparsity further than this from the target: the projection decided the row
 MISS_NOTE = ("† the method's relaxation missed the target by more than 2 points of sparsity (relaxed sp.): the "
              "exact-budget projection decided the rest of the budget, so the row measures the projection as much as "
@@ -40,19 +39,13 @@ def columns(df: pd.DataFrame) -> list[str]:
 
 
 def better(column: str) -> int:
-    """+1 higher is better, -1 lower is better, 0 not ranked."""
-    if column.startswith("ppl.") or column == "prune_seconds":
-        return -1
-    if column in ("params_compact", RELAXED):
-        return 0
-    return 1
+    """+1 higher is better, -1 lower is better, 0 not ranked (the metric's registered direction)."""
+    higher = metric(column).higher_is_better
+    return 0 if higher is None else 1 if higher else -1
 
 
 def label(column: str) -> str:
-    if column in LABELS:
-        return LABELS[column]
-    kind, _, name = column.partition(".")
-    return f"{name} ppl" if kind == "ppl" else name
+    return metric(column).label
 
 
 @dataclass

@@ -11,23 +11,15 @@ from typing import Any
 
 from suite.errors import ConfigError
 from suite.outputs import check_file, write_json
+from suite.registry import Registry
 
-BENCHES: dict[str, Callable[..., dict[str, Any]]] = {}
-
-
-def bench(name: str):
-    def register(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        BENCHES[name] = fn
-        return fn
-
-    return register
+BENCHES: Registry[Callable[..., dict[str, Any]]] = Registry("bench")
+bench = BENCHES.register  # @bench("name") on a function that measures and returns its numbers
 
 
 def run_bench(name: str, out: Path | None, models: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
     """Run a bench; `models` replaces a model-comparing bench's default models; `jobs` > 1 spreads the cells of a
     bench whose cells are independent runs over that many single-threaded processes."""
-    if name not in BENCHES:
-        raise ConfigError(f"unknown bench {name!r}; available: {', '.join(BENCHES)}")
     fn = BENCHES[name]
     kwargs: dict[str, Any] = {"models": models} if models else {}
     if jobs > 1:

@@ -12,8 +12,9 @@ T = TypeVar("T")
 
 
 class Registry(Mapping[str, T], Generic[T]):
-    """name -> T, filled by `add` or the `register(name)` decorator; `discover` (optional) is called once before
-    the first lookup, to import whatever registers entries (method packages, plugins)."""
+    """name -> T, filled by `add` or the `register(name)` decorator, iterated in registration order; `discover`
+    (optional) is called once before the first lookup, to import whatever registers entries (method packages,
+    plugins)."""
 
     def __init__(self, what: str, error: type[PruneBenchError] = ConfigError,
                  discover: Callable[[], None] | None = None) -> None:
@@ -49,11 +50,15 @@ class Registry(Mapping[str, T], Generic[T]):
                              f"(available: {', '.join(sorted(entries))})")
         return entries[name]
 
+    def get(self, name: str, default: T | None = None) -> T | None:  # type: ignore[override]
+        """The entry, or `default` without an error (a lookup that has a fallback)."""
+        return self._ready().get(name, default)
+
     def __contains__(self, name: object) -> bool:
         return name in self._ready()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._ready()))
+        return iter(list(self._ready()))
 
     def __len__(self) -> int:
         return len(self._ready())

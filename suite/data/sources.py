@@ -21,21 +21,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from suite.errors import DataError
+from suite.errors import DataError, did_you_mean
 from suite.hub import hub_unreachable_reason, offline, scoped_env
+from suite.registry import Registry
 
 SPLITS = ("train", "valid", "test")
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
                            "pydoc_data"})  # pydoc_data is one generated 700 kB dict of help text, not code
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".tex"})
-HF_DATASETS = {  # name -> (load_dataset args, kwargs, {our split: their split})
+# name -> (load_dataset args, kwargs, {our split: their split})
+HF_DATASETS: Registry[tuple[tuple[str, ...], dict[str, Any], dict[str, str]]] = Registry("text source", DataError)
+for _name, _entry in {
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}, {"train": "train", "valid": "validation", "test": "test"}),
     "ptb": (("ptb_text_only", "penn_treebank"), {},
             {"train": "train", "valid": "validation", "test": "test"}),
     "c4": (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz",  # Wanda/LLM-Pruner shards
                                             "validation": "en/c4-validation.00000-of-00008.json.gz"}},
            {"train": "train", "valid": "validation", "test": "validation"}),
-}
+}.items():
+    HF_DATASETS.add(_name, _entry)
 
 
 def cache_dir() -> Path:
@@ -152,7 +156,8 @@ def load_source(spec: str) -> TextSource:
     path = Path(spec.removeprefix("file:")).expanduser()
     if path.exists():
         return local_source(path)
-    raise DataError(f"unknown text source {spec!r}: not 'embedded', {', '.join(HF_DATASETS)}, or an existing path")
+    raise DataError(f"unknown text source {spec!r}{did_you_mean(spec, ['embedded', *HF_DATASETS])}: not 'embedded', "
+                    f"{', '.join(HF_DATASETS)}, or an existing path")
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

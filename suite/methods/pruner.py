@@ -153,7 +153,7 @@ def register(name: str) -> Callable[[type[Pruner]], type[Pruner]]:
 
 def methods() -> Mapping[str, type[Pruner]]:
     """Every registered method, by name."""
-    return dict(METHODS.items())
+    return dict(sorted(METHODS.items()))
 
 
 def get_method(name: str) -> type[Pruner]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suite.errors import ConfigError, ModelLoadError
+from suite.errors import ModelLoadError
+from suite.registry import Registry
 
 ZOO_ROOT = Path(__file__).parent.parent / "zoo_models"
 TOKENIZER_DIR = ZOO_ROOT / "tokenizer"
@@ -47,7 +48,8 @@ class ZooSpec:
 _BASE = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, head_dim=32,
              max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
              eos_token_id=2, initializer_range=0.02)
-ZOO: dict[str, ZooSpec] = {
+ZOO: Registry[ZooSpec] = Registry("zoo model")
+for _name, _spec in {
     "tiny-llama": ZooSpec("llama", _BASE | dict(num_key_value_heads=8, intermediate_size=688),
                           notes="Llama, MHA: 8 heads x 32, 4 layers, MLP 688"),
     "tiny-qwen3": ZooSpec("qwen3", _BASE | dict(num_key_value_heads=4, intermediate_size=688),
@@ -56,12 +58,11 @@ ZOO: dict[str, ZooSpec] = {
                                                         moe_intermediate_size=192, intermediate_size=688,
                                                         norm_topk_prob=True, router_aux_loss_coef=0.01),
                               notes="Qwen3-MoE, GQA 8/4, 8 experts x 192 channels, top-2, 4 layers"),
-}
+}.items():
+    ZOO.add(_name, _spec)
 
 
 def spec(name: str) -> ZooSpec:
-    if name not in ZOO:
-        raise ConfigError(f"unknown zoo model {name!r}; available: {', '.join(ZOO)}")
     return ZOO[name]
 
 

@@ -4,9 +4,11 @@ tags, the error line and the artifact layout. The runner writes with these and `
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from suite.errors import PruneBenchError
+from suite.registry import Registry
 
 PREFIX = "prunebench."
 ROLE, IDENTITY, ERROR = PREFIX + "role", PREFIX + "identity", PREFIX + "error"
@@ -19,6 +21,40 @@ NESTED_IN = PREFIX + "nested_in"  # on a nested row (GISP): the parent's pruning
 CODE = PREFIX + "code"
 MODEL_ARTIFACT = "model"  # the compact checkpoint, stored when a method rewrote weights
 METRICS_ARTIFACT = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a recorded metric reads: its label in tables and plots, and its direction (None: shown, never ranked)."""
+
+    label: str  # "{name}" stands for what follows the prefix of a `prefix.*` family (ppl.<spec>, acc.<task>)
+    higher_is_better: bool | None
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def register_metric(name: str, label: str, higher_is_better: bool | None) -> Metric:
+    """`name` is a metric, or `prefix.*` for a family of them."""
+    return METRICS.add(name, Metric(label, higher_is_better))
+
+
+def metric(column: str) -> Metric:
+    """The metadata of `column`: its own, its family's (`ppl.*`), or a plain label ranked higher-is-better."""
+    prefix, _, name = column.partition(".")
+    found = METRICS.get(column) or METRICS.get(f"{prefix}.*")
+    if found is None:
+        return Metric(name or column, True)
+    return Metric(found.label.format(name=name), found.higher_is_better)
+
+
+for _name, _label, _higher in (
+    ("ppl.*", "{name} ppl", False), ("acc.*", "{name}", True), ("acc_norm.*", "{name} (norm)", True),
+    ("mean_acc", "mean acc", True), ("retained.mean_acc", "retained %", True), ("params_compact", "params", None),
+    ("diag_relaxed_sparsity", "relaxed sp.", None), ("speed.prefill_speedup", "speedup", True),
+    ("prune_seconds", "prune s", False),
+):
+    register_metric(_name, _label, _higher)
 
 
 def flat_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
