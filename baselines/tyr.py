@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -56,6 +55,7 @@ from suite.methods import (
     consumer_weight,
     decoder_layers,
     locked,
+    next_token_nll,
     refit_alive,
     register,
     removal_goals,
@@ -156,7 +156,7 @@ class Reference:
             batch = self.ids[chunk]
             logits = model(batch.to(_device(model)), use_cache=False).logits.float().cpu()
             if self.logp is None:
-                total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+                total += float(next_token_nll(logits, batch, reduction="sum"))
                 count += batch[:, 1:].numel()
                 continue
             dense = self.logp[chunk]

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 from torch import Tensor, nn
 
 from suite.data.tasks import EMBEDDED_TASKS, task_dir
 from suite.errors import ConfigError, DataError
+from suite.model.loss import token_nll
 from suite.model.structures import param_count
 
 PPL_MODES = ("chunks", "rolling")
@@ -66,7 +66,7 @@ def perplexity(
     for inputs, targets in pieces:
         for xb, yb in zip(inputs.split(batch_size), targets.split(batch_size), strict=True):
             logits = model(xb.to(device)).logits.float()
-            nll += float(F.cross_entropy(logits.flatten(0, 1), yb.to(device).flatten(), reduction="sum"))
+            nll += float(token_nll(logits, yb.to(device), reduction="sum"))
             count += yb.numel()
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "seq_len": seq_len, "mode": mode}
 

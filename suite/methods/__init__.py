@@ -36,6 +36,7 @@ from suite.methods.pruner import (
 from suite.model.compact import stock_widths
 from suite.model.families import decoder_layers
 from suite.model.gates import Gates
+from suite.model.loss import next_token_nll
 from suite.model.masks import Masks, Target, select
 from suite.model.structures import Group, Structure, unit_sum
 
@@ -68,6 +69,7 @@ __all__ = [
     "gradients",
     "locked",
     "methods",
+    "next_token_nll",
     "rank_masks",
     "refit_alive",
     "register",

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from suite.model.families import Family, decoder_layers, family_of
+from suite.model.loss import next_token_nll
 from suite.model.modules import GatedExperts, expert_weights
 from suite.model.structures import Group, Structure, group_parts, unit_sum
 
@@ -235,7 +235,7 @@ def gradients(model: nn.Module, structure: Structure, ids: Tensor, *, fisher: bo
         for batch, w in zip(ids.split(step), weights.split(step), strict=True):
             batch = batch.to(device)
             logits = model(batch, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            nll = next_token_nll(logits, batch, reduction="none")
             (nll * w.to(device).flatten()).sum().backward()
             for p in params:
                 g = p.grad.float()

@@ -37,6 +37,7 @@ from suite.data.calibration import Calibration
 from suite.errors import ConfigError, PruneBenchError
 from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
 from suite.model.gates import Gates
+from suite.model.loss import next_token_nll
 from suite.model.masks import Masks, Target, select
 from suite.model.structures import Group, Structure
 
@@ -333,7 +334,7 @@ class _Batches:
                 dense_logits = model(batch).logits.float()
         gates.set_all(values)
         logits = model(batch).logits.float()
-        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        lm = next_token_nll(logits, batch)
         if dense_logits is not None:
             kd = F.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True,
                           reduction="batchmean") / logits.shape[1]
@@ -384,7 +385,7 @@ def lm_loss(model: nn.Module, ids: Tensor, device: torch.device, batch_size: int
     for batch in ids.split(batch_size):
         batch = batch.to(device)
         logits = model(batch).logits.float()
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        total += float(next_token_nll(logits, batch, reduction="sum"))
         count += batch[:, 1:].numel()
     return total / count
 
