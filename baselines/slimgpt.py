@@ -12,6 +12,7 @@ from suite.methods import (
     InputStats,
     LayerwiseConfig,
     LayerwisePruner,
+    closest_count,
     consumer_weight,
     refit_alive,
     register,
@@ -43,7 +44,7 @@ class SlimGPT(LayerwisePruner):
         b0 = weight.detach().to(h).T.clone()  # [C, out]
         if group.kv_params:  # shared K/V heads: one head at a time, the count whose removal comes closest to goal
             path = removal_path(h, b0, group, list(range(group.n_units)), cfg.rounds)
-            count = min(path, key=lambda c: (abs(group.removed_params(path[c].alive) - goal), c))
+            count = closest_count(goal, path, lambda c: group.removed_params(path[c].alive))
         else:
             count = goal // group.unit_params
             path = removal_path(h, b0, group, [count], cfg.rounds)

@@ -52,6 +52,7 @@ from suite.methods import (
     Target,
     cache_dir,
     calibration_ids,
+    closest_count,
     consumer_weight,
     decoder_layers,
     locked,
@@ -319,7 +320,7 @@ class Tyr(Pruner):
         n = group.n_units
         most = n - max(1, target.min_keep)
         if group.kv_params:
-            centre = min(range(most + 1), key=lambda c: (abs(group.removed_params(_alive(order, c)) - goal), c))
+            centre = closest_count(goal, range(most + 1), lambda c: group.removed_params(_alive(order, c)))
         else:
             centre = min(most, max(0, round(goal / group.unit_params)))
         delta = max(1, round(step * n))

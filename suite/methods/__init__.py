@@ -19,7 +19,7 @@ from suite.methods.capture import (
     unit_columns,
     walk,
 )
-from suite.methods.layerwise import LayerwiseConfig, LayerwisePruner, closest_removal, removal_goals
+from suite.methods.layerwise import LayerwiseConfig, LayerwisePruner, closest_count, closest_removal, removal_goals
 from suite.methods.mask_learning import MaskLearner, MaskLearningConfig, Relaxation, rank_masks, sparsity_weights
 from suite.methods.obs import refit_alive, removal_order, removal_path
 from suite.methods.pruner import (
@@ -62,6 +62,7 @@ __all__ = [
     "add_output_bias",
     "cache_dir",
     "calibration_ids",
+    "closest_count",
     "closest_removal",
     "consumer_weight",
     "decoder_layers",

@@ -10,6 +10,7 @@ measured on the pruned prefix. The plan comes from the same `select` every score
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable, Iterable
 from typing import ClassVar, Literal
 
 import torch
@@ -30,20 +31,22 @@ def removal_goals(structure: Structure, target: Target, mode: str) -> dict[str, 
     return {g.name: g.removed_params(keep[g.name]) for g in structure.groups}
 
 
+def closest_count(goal: float, counts: Iterable[int], removed: Callable[[int], int]) -> int:
+    """The number of units to remove whose removed parameters, `removed(count)`, come closest to a parameter `goal`
+    (the smaller count on a tie). Under `query_head` granularity a shared K/V head is freed only with its last query
+    head, so what a count removes depends on which heads go: every local method asks this one question."""
+    return min(counts, key=lambda c: (abs(removed(c) - goal), c))
+
+
 def closest_removal(group: Group, order: Tensor, goal: int) -> Tensor:
-    """Keep vector after removing the first m units of `order` (least important first), m chosen so the removed
-    parameters come closest to `goal`. Under `query_head` granularity a shared K/V head is freed only with its last
-    query head, so the count depends on which heads go; elsewhere it is goal / unit_params."""
-    best_m, best_gap = 0, goal
-    keep = torch.ones(group.n_units, dtype=torch.bool)
-    for m in range(1, group.n_units):
-        keep[order[m - 1]] = False
-        gap = abs(group.removed_params(keep) - goal)
-        if gap < best_gap:
-            best_m, best_gap = m, gap
-    keep = torch.ones(group.n_units, dtype=torch.bool)
-    keep[order[:best_m]] = False
-    return keep
+    """Keep vector after removing the first m units of `order` (least important first), m the `closest_count`."""
+
+    def keep_after(m: int) -> Tensor:
+        keep = torch.ones(group.n_units, dtype=torch.bool)
+        keep[order[:m]] = False
+        return keep
+
+    return keep_after(closest_count(goal, range(group.n_units), lambda m: group.removed_params(keep_after(m))))
 
 
 class LayerwiseConfig(MethodConfig):
