@@ -55,6 +55,7 @@ from suite.methods import (
     closest_count,
     consumer_weight,
     decoder_layers,
+    eval_mode,
     locked,
     next_token_nll,
     refit_alive,
@@ -201,55 +202,53 @@ class Tyr(Pruner):
         ids = calibration_ids(self.name, calibration)
         self.check_target(target)
         started = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        stage_seqs = [min(len(ids), math.ceil(t / ids.shape[1])) for t in cfg.stage_tokens]
-        search = Reference(model, ids, cfg)
-        fixed = list(range(stage_seqs[-1]))  # the before/after objective: the same sequences for both
-        valid_ids = calibration.valid_ids
-        held_out = Reference(model, valid_ids, cfg) if valid_ids is not None else None
-        dense = {g.name: consumer_weight(model, g).detach().clone() for g in structure.groups}
-        goals = removal_goals(structure, target, "per_layer")
-        budget = sum(goals.values())
-        tolerance = max(g.unit_params + g.kv_params for g in structure.groups) / 2
-        rng = random.Random(seed)
-        draws = random.Random(f"{seed}:stages")  # the sequences each selection stage scores on
-        curves: dict[str, list[float]] = {"fitness": [], "round": []}
-        diagnostics: dict[str, Any] = {"cached_layers": 0, "built_modules": 0, "refit_levels": 0,
-                                       "supernet_seconds": 0.0}
-        step = cfg.step
-        state: dict[str, int] = {}
-        for r in range(cfg.rounds):
-            t0 = time.perf_counter()
-            ladders = self._supernet(model, structure, ids, target, goals, step, dense, diagnostics)
-            diagnostics["supernet_seconds"] += time.perf_counter() - t0
-            state = {n: lad.centre for n, lad in ladders.items()}
-            apply = _applier(model, ladders)
+        with eval_mode(model):
+            stage_seqs = [min(len(ids), math.ceil(t / ids.shape[1])) for t in cfg.stage_tokens]
+            search = Reference(model, ids, cfg)
+            fixed = list(range(stage_seqs[-1]))  # the before/after objective: the same sequences for both
+            valid_ids = calibration.valid_ids
+            held_out = Reference(model, valid_ids, cfg) if valid_ids is not None else None
+            dense = {g.name: consumer_weight(model, g).detach().clone() for g in structure.groups}
+            goals = removal_goals(structure, target, "per_layer")
+            budget = sum(goals.values())
+            tolerance = max(g.unit_params + g.kv_params for g in structure.groups) / 2
+            rng = random.Random(seed)
+            draws = random.Random(f"{seed}:stages")  # the sequences each selection stage scores on
+            curves: dict[str, list[float]] = {"fitness": [], "round": []}
+            diagnostics: dict[str, Any] = {"cached_layers": 0, "built_modules": 0, "refit_levels": 0,
+                                           "supernet_seconds": 0.0}
+            step = cfg.step
+            state: dict[str, int] = {}
+            for r in range(cfg.rounds):
+                t0 = time.perf_counter()
+                ladders = self._supernet(model, structure, ids, target, goals, step, dense, diagnostics)
+                diagnostics["supernet_seconds"] += time.perf_counter() - t0
+                state = {n: lad.centre for n, lad in ladders.items()}
+                apply = _applier(model, ladders)
+                apply(state)
+                if r == 0:
+                    diagnostics["fitness_uniform"] = search.score(model, fixed)
+                    if held_out is not None:
+                        diagnostics["fitness_uniform_held_out"] = held_out.score(model, list(range(len(valid_ids))))
+                for _ in range(cfg.generations):
+                    state, best = self._generation(model, ladders, state, apply, search, stage_seqs, budget, tolerance,
+                                                   rng, draws)
+                    curves["fitness"].append(best)
+                    curves["round"].append(r)
+                    if self.step_callback is not None:
+                        self.step_callback(len(curves["fitness"]) - 1, curves)
+                goals = {n: lad.removed[state[n]] for n, lad in ladders.items()}
+                step /= 2
+                if r < cfg.rounds - 1:
+                    _restore(model, structure, dense)
             apply(state)
-            if r == 0:
-                diagnostics["fitness_uniform"] = search.score(model, fixed)
-                if held_out is not None:
-                    diagnostics["fitness_uniform_held_out"] = held_out.score(model, list(range(len(valid_ids))))
-            for _ in range(cfg.generations):
-                state, best = self._generation(model, ladders, state, apply, search, stage_seqs, budget, tolerance,
-                                               rng, draws)
-                curves["fitness"].append(best)
-                curves["round"].append(r)
-                if self.step_callback is not None:
-                    self.step_callback(len(curves["fitness"]) - 1, curves)
-            goals = {n: lad.removed[state[n]] for n, lad in ladders.items()}
-            step /= 2
-            if r < cfg.rounds - 1:
-                _restore(model, structure, dense)
-        apply(state)
-        diagnostics["fitness_searched"] = search.score(model, fixed)
-        if held_out is not None:
-            diagnostics["fitness_searched_held_out"] = held_out.score(model, list(range(len(valid_ids))))
-        keep = {}
-        for g in structure.groups:
-            lad = ladders.get(g.name)
-            keep[g.name] = lad.load(state[g.name])[0] if lad else torch.ones(g.n_units, dtype=torch.bool)
-        model.train(was_training)
+            diagnostics["fitness_searched"] = search.score(model, fixed)
+            if held_out is not None:
+                diagnostics["fitness_searched_held_out"] = held_out.score(model, list(range(len(valid_ids))))
+            keep = {}
+            for g in structure.groups:
+                lad = ladders.get(g.name)
+                keep[g.name] = lad.load(state[g.name])[0] if lad else torch.ones(g.n_units, dtype=torch.bool)
         diagnostics["seconds"] = time.perf_counter() - started
         return PruneResult(Masks(keep, fingerprint=structure.fingerprint), curves=curves, diagnostics=diagnostics,
                            timings={"supernet_seconds": diagnostics["supernet_seconds"]})

@@ -49,31 +49,29 @@ def is_cached(repo_id: str, filename: str, repo_type: str = "model") -> bool:
 
 
 @contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """These environment variables set for the block only, each put back (or removed) after it: libraries such as
+    huggingface_hub and datasets read their flags at call time."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def offline() -> Iterator[None]:
     """Serve from the local cache only: no request at all (transformers still probes optional files otherwise)."""
     import huggingface_hub.constants as constants
 
-    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
+    saved_flag, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
     try:
-        yield
+        with environ(HF_HUB_OFFLINE="1"):
+            yield
     finally:
         constants.HF_HUB_OFFLINE = saved_flag
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
-
-
-@contextlib.contextmanager
-def scoped_env(name: str, value: str) -> Iterator[None]:
-    """`name=value` in the environment for the block only (libraries read these flags at call time)."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from suite.atomic import replacing_file, write_text
 from suite.data.sources import cache_dir, embedded_corpus, token_stream, tokenizer_hash
 from suite.model.structures import param_count
 from suite.model.zoo import SPECIAL, TOKENIZER_DIR, VOCAB, ZooSpec, model_dir, spec
@@ -47,7 +47,7 @@ def train_tokenizer() -> None:
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                  unk_token="<unk>", model_max_length=1024)
     hf.save_pretrained(TOKENIZER_DIR)
-    (TOKENIZER_DIR / "TRAINING.md").write_text(
+    write_text(TOKENIZER_DIR / "TRAINING.md",
         f"# zoo tokenizer\n\nByte-level BPE, vocabulary {VOCAB}, specials {SPECIAL}, trained with `tokenizers` on the "
         f"embedded corpus train split (hash {corpus.hashes['train']}, {len(corpus.documents('train'))} files of "
         f"Python {platform.python_version()}'s standard library). Command: `prunebench zoo train NAME` trains it "
@@ -133,11 +133,9 @@ def train(name: str, progress: bool = True) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{s.batch * s.seq_len * step / wall:.0f}")
         if step % 200 == 0 or step == s.steps:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_name(f".{state_path.name}.{os.getpid()}.tmp")  # two trainers never share it
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                        "step": step, "wall": wall, "losses": losses}, tmp)
-            tmp.replace(state_path)
+            with replacing_file(state_path) as tmp:  # per-process temp name: two trainers never share it
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                            "step": step, "wall": wall, "losses": losses}, tmp)
     bar.close()
     model.eval()
     model.config.output_router_logits = False
@@ -166,9 +164,9 @@ def train(name: str, progress: bool = True) -> dict[str, Any]:
 
 
 def _write_record(out: Path, rec: dict[str, Any], s: ZooSpec) -> None:
-    (out / "record.json").write_text(json.dumps(rec, indent=1, sort_keys=True))
+    write_text(out / "record.json", json.dumps(rec, indent=1, sort_keys=True))
     tasks = "".join(f"| {t} | {v:.4f} |\n" for t, v in sorted(rec.get("tasks", {}).items()))
-    (out / "TRAINING.md").write_text(
+    write_text(out / "TRAINING.md",
         f"# {rec['name']}\n\n{s.notes}. {rec['params']:,} parameters.\n\n"
         f"Command: `prunebench zoo train {rec['name']}` (resumable; state under $PRUNEBENCH_CACHE/zoo-train).\n\n"
         f"| fact | value |\n|---|---|\n"

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from suite.atomic import replacing_file
 from suite.errors import DataError, did_you_mean
-from suite.hub import hub_unreachable_reason, offline, scoped_env
+from suite.hub import environ, hub_unreachable_reason, offline
 from suite.registry import Registry
 
 SPLITS = ("train", "valid", "test")
@@ -136,7 +137,7 @@ def hf_source(name: str) -> TextSource:
         if reason is None:
             loaded = datasets.load_dataset(*args, **kwargs)
         else:
-            with offline(), scoped_env("HF_DATASETS_OFFLINE", "1"):
+            with offline(), environ(HF_DATASETS_OFFLINE="1"):
                 loaded = datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # datasets raises many unrelated types for "not cached" / "not reachable"
         why = reason or str(err).splitlines()[0]
@@ -179,8 +180,6 @@ def token_stream(source: TextSource, split: str, tokenizer: Any) -> Tensor:
         if eos is not None:
             ids.append(eos)
     array = np.asarray(ids, dtype=np.int32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    with replacing_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
     return torch.from_numpy(array.astype(np.int64))

@@ -256,10 +256,10 @@ def _quiet_lm_eval():
 def _quiet_datasets():
     import datasets
 
-    from suite.hub import scoped_env
+    from suite.hub import environ
 
     datasets.disable_progress_bars()
-    with scoped_env("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0")):
+    with environ(HF_DATASETS_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "0")):
         yield
 
 

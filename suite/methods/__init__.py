@@ -38,6 +38,7 @@ from suite.model.families import decoder_layers
 from suite.model.gates import Gates
 from suite.model.loss import next_token_nll
 from suite.model.masks import Masks, Target, select
+from suite.model.modules import eval_mode
 from suite.model.structures import Group, Structure, unit_sum
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "closest_removal",
     "consumer_weight",
     "decoder_layers",
+    "eval_mode",
     "get_method",
     "gradients",
     "locked",

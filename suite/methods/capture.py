@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from suite.model.families import Family, decoder_layers, family_of
 from suite.model.loss import next_token_nll
-from suite.model.modules import GatedExperts, expert_weights
+from suite.model.modules import GatedExperts, eval_mode, expert_weights
 from suite.model.structures import Group, Structure, group_parts, unit_sum
 
 
@@ -169,9 +169,7 @@ def walk(model: nn.Module, structure: Structure, ids: Tensor, *, gram: bool = Fa
 
     The caller may edit layer l's weights before asking for the next layer; with `sequential` the edits shape the
     inputs of every later layer."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         inputs = _layer_inputs(model, ids, batch_size)
         for index, layer in enumerate(decoder_layers(model)):
             groups = structure.layer_groups(index)
@@ -181,8 +179,6 @@ def walk(model: nn.Module, structure: Structure, ids: Tensor, *, gram: bool = Fa
                 outputs = _run(layer, inputs)
             yield index, stats
             inputs = _run(layer, inputs) if sequential else outputs
-    finally:
-        model.train(was_training)
 
 
 @dataclass
@@ -228,25 +224,23 @@ def gradients(model: nn.Module, structure: Structure, ids: Tensor, *, fisher: bo
     grad = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
     fish = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params} if fisher else None
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     try:
-        step = 1 if fisher else batch_size
-        for batch, w in zip(ids.split(step), weights.split(step), strict=True):
-            batch = batch.to(device)
-            logits = model(batch, use_cache=False).logits.float()
-            nll = next_token_nll(logits, batch, reduction="none")
-            (nll * w.to(device).flatten()).sum().backward()
-            for p in params:
-                g = p.grad.float()
-                grad[id(p)] += g
-                if fish is not None:  # g = g_n / n here (one sequence), so g_n^2 / n = n g^2
-                    fish[id(p)] += n * g * g
-                p.grad = None
+        with eval_mode(model):
+            step = 1 if fisher else batch_size
+            for batch, w in zip(ids.split(step), weights.split(step), strict=True):
+                batch = batch.to(device)
+                logits = model(batch, use_cache=False).logits.float()
+                nll = next_token_nll(logits, batch, reduction="none")
+                (nll * w.to(device).flatten()).sum().backward()
+                for p in params:
+                    g = p.grad.float()
+                    grad[id(p)] += g
+                    if fish is not None:  # g = g_n / n here (one sequence), so g_n^2 / n = n g^2
+                        fish[id(p)] += n * g * g
+                    p.grad = None
     finally:
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])
-        model.train(was_training)
     return Gradients(grad, fish)
 
 

@@ -39,6 +39,7 @@ from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_
 from suite.model.gates import Gates
 from suite.model.loss import next_token_nll
 from suite.model.masks import Masks, Target, select
+from suite.model.modules import eval_mode
 from suite.model.structures import Group, Structure
 
 log = logging.getLogger(__name__)
@@ -222,80 +223,79 @@ class MaskLearner(Pruner):
         lagrangian = Lagrangian().to(device)
         opt = torch.optim.Adam(relax.param_groups(), lr=cfg.gate_lr())
         lag_opt = torch.optim.Adam(lagrangian.parameters(), lr=cfg.multiplier_lr(), maximize=True)
-        was_training = model.training
-        model.eval()  # no dropout: the gates are what is learned
-        model.requires_grad_(cfg.train_weights)
-        weight_opt = torch.optim.AdamW(model.parameters(), lr=cfg.weights_lr) if cfg.train_weights else None
-        curves: dict[str, list[float]] = {k: [] for k in ("loss", "lm_loss", "expected_sparsity", "hard_sparsity",
-                                                           "target", "lambda1", "lambda2")}
-        batches = _Batches(train_ids, cfg, seed, device)
-        keep_history: list[bytes] = []  # the discrete keep-set after every step, for convergence
-        stopped_at = cfg.steps
-        resets, last_sign = 0, 0.0
-        start = time.perf_counter()
-        from tqdm import tqdm
+        with eval_mode(model):  # no dropout: the gates are what is learned
+            model.requires_grad_(cfg.train_weights)
+            weight_opt = torch.optim.AdamW(model.parameters(), lr=cfg.weights_lr) if cfg.train_weights else None
+            curves: dict[str, list[float]] = {k: [] for k in ("loss", "lm_loss", "expected_sparsity", "hard_sparsity",
+                                                               "target", "lambda1", "lambda2")}
+            batches = _Batches(train_ids, cfg, seed, device)
+            keep_history: list[bytes] = []  # the discrete keep-set after every step, for convergence
+            stopped_at = cfg.steps
+            resets, last_sign = 0, 0.0
+            start = time.perf_counter()
+            from tqdm import tqdm
 
-        bar = tqdm(range(cfg.steps), desc=f"{self.name}", leave=False, disable=None)
-        with Gates(model, structure) as gates:
-            for step in bar:
-                t_now = target_at(step, cfg.steps, target.sparsity, cfg.target_warmup)
-                for _ in range(cfg.grad_accum):
-                    lm = batches.loss(model, gates, relax.train_gates(step))
-                    keep = relax.keep_probability(step)
-                    kept = sum((weights[n].to(keep[n]) * keep[n].double()).sum() for n in keep)
-                    expected = 1.0 - kept / total_weight
-                    gap = expected - t_now
-                    loss = lm + lagrangian(gap.float())
-                    if not torch.isfinite(loss):
-                        raise NumericalError(f"{self.name}: loss became {loss.item()} at step {step} "
-                                             f"(lr {cfg.gate_lr():.3g}, lambda lr {cfg.multiplier_lr():.3g}); "
-                                             "lower the learning rates")
-                    (loss / cfg.grad_accum).backward()
-                for o in (opt, lag_opt, weight_opt):
-                    if o is not None:
-                        o.step()
-                        o.zero_grad(set_to_none=True)
-                sign = math.copysign(1.0, gap.item()) if gap.item() else 0.0
-                if cfg.overshoot != "none" and sign * last_sign < 0:  # the gap changed sign: the multipliers overshot
-                    with torch.no_grad():
-                        for value in lagrangian.parameters():
-                            value.mul_(0.0 if cfg.overshoot == "reset" else 0.5)
-                    lag_opt.state.clear()
-                    resets += 1
-                last_sign = sign or last_sign
-                schedule = relax.anneal(step)  # the values this step used, before a schedule adapts to it
-                relax.after_step(gap.item())
-                hard = relax.discrete_keep()
-                hard_sparsity = effective_sparsity(structure, hard)
-                relax.observe(step, hard_sparsity - t_now)
-                record = {"loss": loss.item(), "lm_loss": lm.item(), "expected_sparsity": expected.item(),
-                          "hard_sparsity": hard_sparsity, "target": t_now,
-                          "lambda1": lagrangian.lambda1.item(), "lambda2": lagrangian.lambda2.item()}
-                for key, value in record.items():
-                    curves[key].append(value)
-                for key, value in schedule.items():
-                    curves.setdefault(key, []).append(value)
-                if self.step_callback is not None:
-                    self.step_callback(step, curves)
-                keep_history.append(b"".join(hard[n].numpy().tobytes() for n in sorted(hard)))
-                bar.set_postfix(loss=f"{float(lm.detach()):.3f}", sp=f"{hard_sparsity:.3f}")
-                stable = len(keep_history) - convergence_step(keep_history)
-                if cfg.early_stop and stable > cfg.early_stop and abs(hard_sparsity - target.sparsity) < 5e-3:
-                    stopped_at = step + 1
-                    break
-            prune_seconds = time.perf_counter() - start
-            relaxed = hard  # the keep-set the relaxation committed to after its last step
-            masks, diagnostics = relax.final(target)
-            share = projection_share(structure, relaxed, masks)
-            diagnostics |= _mismatch(model, gates, relax, masks, valid_ids, device)
-            polish_steps = round(cfg.polish * cfg.steps) if share > 0 else 0
-            if polish_steps:
-                _polish(masks, set(relaxed), gates, batches, model, polish_steps, cfg.gate_lr())
-                gates.apply_masks(masks)
-                diagnostics["valid_loss_polished"] = lm_loss(model, valid_ids, device)
-                gates.set_all(dict.fromkeys(gates.values))
-        model.requires_grad_(False)
-        model.train(was_training)
+            bar = tqdm(range(cfg.steps), desc=f"{self.name}", leave=False, disable=None)
+            with Gates(model, structure) as gates:
+                for step in bar:
+                    t_now = target_at(step, cfg.steps, target.sparsity, cfg.target_warmup)
+                    for _ in range(cfg.grad_accum):
+                        lm = batches.loss(model, gates, relax.train_gates(step))
+                        keep = relax.keep_probability(step)
+                        kept = sum((weights[n].to(keep[n]) * keep[n].double()).sum() for n in keep)
+                        expected = 1.0 - kept / total_weight
+                        gap = expected - t_now
+                        loss = lm + lagrangian(gap.float())
+                        if not torch.isfinite(loss):
+                            raise NumericalError(f"{self.name}: loss became {loss.item()} at step {step} "
+                                                 f"(lr {cfg.gate_lr():.3g}, lambda lr {cfg.multiplier_lr():.3g}); "
+                                                 "lower the learning rates")
+                        (loss / cfg.grad_accum).backward()
+                    for o in (opt, lag_opt, weight_opt):
+                        if o is not None:
+                            o.step()
+                            o.zero_grad(set_to_none=True)
+                    sign = math.copysign(1.0, gap.item()) if gap.item() else 0.0
+                    # the gap changed sign: the multipliers overshot
+                    if cfg.overshoot != "none" and sign * last_sign < 0:
+                        with torch.no_grad():
+                            for value in lagrangian.parameters():
+                                value.mul_(0.0 if cfg.overshoot == "reset" else 0.5)
+                        lag_opt.state.clear()
+                        resets += 1
+                    last_sign = sign or last_sign
+                    schedule = relax.anneal(step)  # the values this step used, before a schedule adapts to it
+                    relax.after_step(gap.item())
+                    hard = relax.discrete_keep()
+                    hard_sparsity = effective_sparsity(structure, hard)
+                    relax.observe(step, hard_sparsity - t_now)
+                    record = {"loss": loss.item(), "lm_loss": lm.item(), "expected_sparsity": expected.item(),
+                              "hard_sparsity": hard_sparsity, "target": t_now,
+                              "lambda1": lagrangian.lambda1.item(), "lambda2": lagrangian.lambda2.item()}
+                    for key, value in record.items():
+                        curves[key].append(value)
+                    for key, value in schedule.items():
+                        curves.setdefault(key, []).append(value)
+                    if self.step_callback is not None:
+                        self.step_callback(step, curves)
+                    keep_history.append(b"".join(hard[n].numpy().tobytes() for n in sorted(hard)))
+                    bar.set_postfix(loss=f"{float(lm.detach()):.3f}", sp=f"{hard_sparsity:.3f}")
+                    stable = len(keep_history) - convergence_step(keep_history)
+                    if cfg.early_stop and stable > cfg.early_stop and abs(hard_sparsity - target.sparsity) < 5e-3:
+                        stopped_at = step + 1
+                        break
+                prune_seconds = time.perf_counter() - start
+                relaxed = hard  # the keep-set the relaxation committed to after its last step
+                masks, diagnostics = relax.final(target)
+                share = projection_share(structure, relaxed, masks)
+                diagnostics |= _mismatch(model, gates, relax, masks, valid_ids, device)
+                polish_steps = round(cfg.polish * cfg.steps) if share > 0 else 0
+                if polish_steps:
+                    _polish(masks, set(relaxed), gates, batches, model, polish_steps, cfg.gate_lr())
+                    gates.apply_masks(masks)
+                    diagnostics["valid_loss_polished"] = lm_loss(model, valid_ids, device)
+                    gates.set_all(dict.fromkeys(gates.values))
+            model.requires_grad_(False)
         diagnostics |= {
             "relaxed_sparsity": hard_sparsity,
             "projection_share": share,

@@ -15,7 +15,8 @@ file shipped inside pruned checkpoints; this module adds what only pruning needs
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from torch import Tensor, nn
 
@@ -76,3 +77,14 @@ class GatedExperts(nn.Module):
             lambda e, x: expert_mlp(x, *expert_weights(self.inner, e), self.inner.act_fn, self.channel_gate(e),
                                      None if self.observe is None else lambda h: self.observe(e, h)),
         )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) for the block, its train/eval mode put back after it, error or not."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
