@@ -23,6 +23,7 @@ from torch import Tensor
 
 from suite.atomic import replacing_file
 from suite.errors import DataError, did_you_mean
+from suite.hashing import digest
 from suite.hub import environ, hub_unreachable_reason, offline
 from suite.registry import Registry
 
@@ -50,7 +51,7 @@ def cache_dir() -> Path:
 
 def split_of(relative_path: str) -> str:
     """Deterministic ~90/5/5 split by a hash of the file's relative path (stable across machines)."""
-    bucket = int(hashlib.sha256(relative_path.encode()).hexdigest()[:8], 16) % 100
+    bucket = int(digest(relative_path, length=8), 16) % 100
     return "train" if bucket < 90 else "valid" if bucket < 95 else "test"
 
 
@@ -162,7 +163,7 @@ def load_source(spec: str) -> TextSource:
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    return digest(tokenizer.backend_tokenizer.to_str())
 
 
 def token_stream(source: TextSource, split: str, tokenizer: Any) -> Tensor:

@@ -14,7 +14,6 @@ calibrate on task data (GISP's margin objective), never from the test items.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import random
 import re
@@ -28,6 +27,7 @@ from torch import Tensor
 from suite.atomic import locked, replacing_dir
 from suite.data.sources import Document, TextSource, cache_dir, embedded_corpus
 from suite.errors import DataError
+from suite.hashing import digest
 
 TASK_VERSION = 1
 N_ITEMS = 500
@@ -175,7 +175,7 @@ def task_dir(split: str = "test") -> tuple[Path, dict[str, str]]:
                 name = task + suffix
                 lines = "".join(json.dumps(item, sort_keys=True) + "\n" for item in generate(task, source, split))
                 (tmp / f"{name}.jsonl").write_text(lines)
-                hashes[name] = hashlib.sha256(lines.encode()).hexdigest()[:16]
+                hashes[name] = digest(lines)
                 data = (root / f"{name}.jsonl").resolve()
                 (tmp / f"{name}.yaml").write_text(_YAML.format(task=name, data=data, version=TASK_VERSION))
             (tmp / "manifest.json").write_text(json.dumps(hashes, indent=1, sort_keys=True))

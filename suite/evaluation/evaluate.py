@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import math
 import os
 import statistics
@@ -19,6 +17,7 @@ from torch import Tensor, nn
 
 from suite.data.tasks import EMBEDDED_TASKS, task_dir
 from suite.errors import ConfigError, DataError
+from suite.hashing import json_digest
 from suite.model.loss import token_nll
 from suite.model.structures import param_count
 
@@ -140,7 +139,7 @@ def protocol(spec: EvalSpec, task_info: dict[str, dict[str, Any]], ppl_hashes: d
                 for p in spec.ppl},
         "dtype": dtype,
     }
-    body["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    body["hash"] = json_digest(body, length=16)
     return body
 
 

@@ -119,7 +119,7 @@ def family_of(model: nn.Module) -> Family:
     """The adapter of a loaded model of a supported family (refused, listing the supported ones, otherwise)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
-        raise UnsupportedModel(f"unsupported model family {model_type!r}; supported: {', '.join(FAMILIES)}")
+        raise UnsupportedModel(f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
 
 

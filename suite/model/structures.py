@@ -11,7 +11,6 @@ shared by several units and is freed only when all of them go, which `Group.remo
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, UnsupportedModel
+from suite.hashing import digest
 from suite.model.families import FAMILIES, AttentionProjections, Family, family_of
 from suite.model.modules import RepeatedHeadsLinear, expert_weights, expert_widths, unwrap
 
@@ -95,7 +95,7 @@ class Structure:
         """Identity of the anatomy: masks made for one structure are refused on another."""
         rows = [[g.name, g.n_units, g.unit_params, g.kv_params, g.heads_per_kv] for g in self.groups]
         blob = json.dumps([self.family, self.granularity, self.total_params, rows])
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return digest(blob)
 
     def group(self, name: str) -> Group:
         for g in self.groups:

@@ -19,7 +19,7 @@ from suite.atomic import within
 from suite.data.sources import load_source
 from suite.data.tasks import task_dir
 from suite.errors import ConfigError
-from suite.hashing import json_digest
+from suite.hashing import digest, json_digest
 from suite.methods.pruner import get_method
 from suite.model.load import resolve
 from suite.run.config import Experiment
@@ -88,7 +88,7 @@ def method_fingerprint(name: str) -> str:
     root = Path(suite.__file__).resolve().parent.parent
     if source is None or Path(source).resolve().is_relative_to(root):
         return base
-    return f"{base}+{hashlib.sha256(Path(source).read_bytes()).hexdigest()[:12]}"
+    return f"{base}+{digest(Path(source).read_bytes(), length=12)}"
 
 
 def data_fingerprint(exp: Experiment) -> tuple[str, dict[str, Any]]:
@@ -105,7 +105,7 @@ def data_fingerprint(exp: Experiment) -> tuple[str, dict[str, Any]]:
     if exp.evaluation.tasks:
         embedded = task_dir("test")[1]
         evaluation["tasks"] = {t: embedded.get(t, f"lm-eval {lm_eval.__version__}") for t in exp.evaluation.tasks}
-    return hashlib.sha256(text.encode()).hexdigest()[:16], evaluation
+    return digest(text), evaluation
 
 
 def model_fingerprint(spec: str) -> str:

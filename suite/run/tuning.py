@@ -10,7 +10,6 @@ where `prunebench run` finds them for methods marked `tuned: true`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from suite import atomic
+from suite.hashing import digest
 from suite.run.config import Experiment, SearchDim
 from suite.run.grid import tuned_path
 from suite.run.preflight import preflight
@@ -74,7 +74,7 @@ def invocation_seed(seed: int) -> int:
     invocation, or a second worker on the same study, proposes different parameters instead of repeating the
     first's (Optuna's samplers only see finished trials). Recorded on every trial it proposes."""
     text = f"{seed}:{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+    return int(digest(text, length=8), 16)
 
 
 def _stale(tracker: Tracker, study_name: str, study: Any, trial: Any) -> None:
