@@ -12,6 +12,7 @@ from typing import Any
 from suite.errors import ConfigError
 from suite.outputs import check_file, write_json
 from suite.registry import Registry
+from suite.run.record import retained
 
 BENCHES: Registry[Callable[..., dict[str, Any]]] = Registry("bench")
 bench = BENCHES.register  # @bench("name") on a function that measures and returns its numbers
@@ -69,16 +70,15 @@ def speed_bench(models: list[str] | None = None) -> dict[str, Any]:
 def prune_and_evaluate(model_spec: str, method: str, overrides: dict[str, Any], sparsity: float, seed: int,
                        calibration: Any, eval_spec: Any) -> dict[str, Any]:
     """Fresh model -> prune -> compact -> evaluate; one row of a bench table."""
-    from suite.evaluation.evaluate import evaluate
     from suite.methods.pruner import get_method
     from suite.model.load import load_model
     from suite.model.masks import Target
-    from suite.run.pipeline import prune_model
+    from suite.run.pipeline import evaluate_pruned, prune_model
 
     model, tokenizer = load_model(model_spec)
     pruner = get_method(method)(get_method(method).Config(**overrides))
     outcome = prune_model(model, pruner, Target(sparsity=sparsity), seed=seed, calibration=calibration)
-    result = evaluate(model, tokenizer, eval_spec)
+    _, result = evaluate_pruned(model, tokenizer, eval_spec, dense={})  # retained %: against the bench's dense
     ppl = next(iter(result["ppl"].values()))["ppl"]
     return {"model": model_spec, "method": method, "sparsity": sparsity, "seed": seed, "test_ppl": ppl,
             "mean_acc": result["mean_acc"], "tasks": {t: v["acc"] for t, v in result["tasks"].items()},
@@ -153,7 +153,7 @@ def _aggregate(rows: list[dict[str, Any]], keys: Sequence[str], dense: dict[str,
             agg[metric] = sum(values) / len(values) if values else None
             agg[f"{metric}_ci95"] = ci95(values)
         agg["relaxed_miss_max"] = max(abs(r["relaxed_sparsity"] - r["sparsity"]) for r in runs)
-        agg["retained_acc"] = agg["mean_acc"] / dense[agg["model"]]["mean_acc"]
+        agg |= retained({"mean_acc": agg["mean_acc"]}, dense[agg["model"]])
         out.append(agg)
     return out
 
@@ -191,7 +191,7 @@ def ddp_vs_hc(models: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
         ppl, acc = _pm(a["test_ppl"], a["test_ppl_ci95"], ".2f"), _pm(a["mean_acc"], a["mean_acc_ci95"], ".4f")
         print(f"{a['model'].removeprefix('zoo:'):<11} {a['sparsity']:>4} {a['steps']:>5} {a['method']:<14} "
               f"{ppl:>15} {acc:>16} "
-              f"{a['retained_acc']:>6.1%} {a['mismatch']:>8.4f} {a['convergence_step']:>5.0f} "
+              f"{a['retained.mean_acc']:>5.1f}% {a['mismatch']:>8.4f} {a['convergence_step']:>5.0f} "
               f"{a['relaxed_sparsity']:>10.4f} {a['projection_share']:>5.3f} {a['wall_seconds']:>5.0f}")
     return {"calibration": "embedded train 64 x 128 (+8 held out), seed 0", "eval": "embedded test ppl@256, all "
             "items of 3 tasks", "batch_size": 8, "dense": dense, "table": table, "rows": rows}
@@ -349,15 +349,15 @@ def baselines_bench(models: list[str] | None = None) -> dict[str, Any]:
                     row = prune_and_evaluate(model_spec, method, {}, sparsity, 0, calibration, spec)
                 row.pop("curves")
                 row |= {"prune_seconds": row["metrics"]["prune_seconds"], "peak_mb": mem.peak / 2**20,
-                        "ppl_ratio": row["test_ppl"] / dense[model_spec]["test_ppl"],
-                        "retained_acc": row["mean_acc"] / dense[model_spec]["mean_acc"]}
+                        "ppl_ratio": row["test_ppl"] / dense[model_spec]["test_ppl"]}
+                row |= retained({"mean_acc": row["mean_acc"]}, dense[model_spec])
                 rows.append(row)
     print(f"{'model':<16} {'sp':>4} {'method':<11} {'test ppl':>9} {'x dense':>8} {'mean acc':>8} {'kept acc':>8} "
           f"{'prune s':>8} {'peak MB':>8}")
     for r in rows:
         print(f"{r['model'].removeprefix('zoo:'):<16} {r['sparsity']:>4} {r['method']:<11} {r['test_ppl']:>9.3f} "
-              f"{r['ppl_ratio']:>8.3f} {r['mean_acc']:>8.4f} {r['retained_acc']:>8.1%} {r['prune_seconds']:>8.2f} "
-              f"{r['peak_mb']:>8.1f}")
+              f"{r['ppl_ratio']:>8.3f} {r['mean_acc']:>8.4f} {r['retained.mean_acc']:>7.1f}% "
+              f"{r['prune_seconds']:>8.2f} {r['peak_mb']:>8.1f}")
     depth = []
     for method in (*LOCAL_METHODS, "llm_pruner"):
         for layers in (2, 8, 16):
