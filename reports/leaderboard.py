@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from reports.tables import RELAXED, missed_budget
+from suite.run.record import metric
 
 CELL = ["model", "sparsity", "seed"]
 BOOTSTRAP = 10_000
@@ -27,7 +28,8 @@ def ranking(pruned: pd.DataFrame) -> pd.DataFrame:
     missed = missed_budget(pruned).groupby(pruned["method"]).sum()
     out = pd.DataFrame({"retained_acc_%": g.mean(), "std": g.std(ddof=1), "runs": g.count(),
                         "missed_budget": missed.reindex(g.mean().index, fill_value=0).astype(int)})
-    out = out.sort_values("retained_acc_%", ascending=False).reset_index()
+    best_first = not metric("retained.mean_acc").higher_is_better  # the metric's registered direction
+    out = out.sort_values("retained_acc_%", ascending=best_first).reset_index()
     out.insert(0, "rank", range(1, len(out) + 1))
     return out
 

@@ -501,7 +501,7 @@ def test_a_worker_paused_past_its_lease_records_nothing_when_it_resumes(tmp_path
 
     from mlflow.tracking import MlflowClient
 
-    cfg = _config(tmp_path, model_dir, methods=[{"name": "ddp", "params": {"steps": 600, "batch_size": 2,
+    cfg = _config(tmp_path, model_dir, methods=[{"name": "ddp", "params": {"steps": 300, "batch_size": 2,
                                                                           "valid_batches": 1}}])
     workdir = tmp_path / "runs"
     env = os.environ | {"PRUNEBENCH_LEASE_S": "2"}
