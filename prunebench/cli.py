@@ -394,24 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "ddp-vs-hc and ddp-ablation (default 1: one process)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("validate", help="check an experiment config with run's own preflight, writing nothing")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    p.add_argument("--workdir", default="runs", help="where run would look for tuning results (default ./runs)")
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("run", help="run an experiment grid; finished runs are skipped")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    p.add_argument("--workdir", default="runs", help="tracking store, artifacts and caches (default ./runs)")
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("tune", help="Optuna study per (tuned method, model); resumes and adds trials")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    p.add_argument("--workdir", default="runs", help="tracking store, optuna.db and tuning results (default ./runs)")
-    p.set_defaults(func=cmd_tune)
+    for verb, func, text, workdir in (
+        ("validate", cmd_validate, "check an experiment config with run's own preflight, writing nothing",
+         "where run would look for tuning results"),
+        ("run", cmd_run, "run an experiment grid; finished runs are skipped", "tracking store, artifacts and caches"),
+        ("tune", cmd_tune, "Optuna study per (tuned method, model); resumes and adds trials",
+         "tracking store, optuna.db and tuning results"),
+    ):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("config")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+        p.add_argument("--workdir", default="runs", help=f"{workdir} (default ./runs)")
+        if verb == "run":
+            p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("report", help="tables, heatmaps, plots and a leaderboard from the tracking store")
     p.add_argument("--experiment", action="append", required=True, help="experiment name (repeat to combine)")
