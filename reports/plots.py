@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from reports.query import read_json
+from suite.run.record import metric
 
 
 def figure(ncols: int = 1, width: float = 4.6, height: float = 3.4) -> tuple[Any, Any]:
@@ -59,7 +60,7 @@ def pareto(runs: pd.DataFrame, ppl_column: str | None, stem: Path, title: str) -
             ax.errorbar(agg["sparsity"], agg["mean"], yerr=agg["std"].fillna(0), marker="o", capsize=3, label=method)
         if len(dense) and dense[column].notna().any():
             ax.axhline(dense[column].mean(), color="black", ls="--", lw=1, label="dense")
-        ax.set(xlabel="sparsity (prunable params removed)", ylabel=column.replace("ppl.", "ppl "))
+        ax.set(xlabel="sparsity (prunable params removed)", ylabel=metric(column).label)
         if column.startswith("ppl."):
             ax.set_yscale("log")
     axes[-1].legend(fontsize=7)
@@ -78,7 +79,7 @@ def scatter_vs_accuracy(runs: pd.DataFrame, x: str, xlabel: str, stem: Path, tit
     for method, rows in pruned.groupby("method"):
         if rows[x].notna().any():
             ax.scatter(rows[x], rows["mean_acc"], s=30 + 200 * rows["sparsity"], alpha=0.75, label=str(method))
-    ax.set(xlabel=xlabel, ylabel="mean accuracy")
+    ax.set(xlabel=xlabel, ylabel=metric("mean_acc").label)
     if log_x:
         ax.set_xscale("log")
     ax.legend(fontsize=7)

@@ -310,7 +310,7 @@ class MaskLearner(Pruner):
             "final_lambda2": curves["lambda2"][-1],
             "final_expected_sparsity": curves["expected_sparsity"][-1],
         }
-        masks.meta |= {"calibration": calibration.spec, "calibration_hash": calibration.content_hash}
+        masks.describe(calibration=calibration.spec, calibration_hash=calibration.content_hash)
         return PruneResult(masks, curves=curves, timings={"train_seconds": prune_seconds}, diagnostics=diagnostics)
 
 

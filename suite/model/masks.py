@@ -76,7 +76,13 @@ class Masks:
     keep: dict[str, Tensor]
     scale: dict[str, Tensor] = field(default_factory=dict)
     fingerprint: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # written in masks.safetensors' header; see `describe`
+
+    def describe(self, **facts: Any) -> None:
+        """Record facts about these masks in their header, the one way `meta` is written: what made them (method,
+        seed, target, calibration, the parent of a nested subset; the pipeline) and the parameters each group
+        holds and gives up (compaction), so a report can read them without the model."""
+        self.meta |= facts
 
     @classmethod
     def dense(cls, structure: Structure) -> Masks:

@@ -70,6 +70,11 @@ class Claims:
         self._beat = threading.Thread(target=self._heartbeat, name="prunebench-claims", daemon=True)
         self._beat.start()
 
+    @property
+    def worker(self) -> str:
+        """This process as `host:pid`: who holds a claim, and which worker a run's tag says executed it."""
+        return f"{self.me['host']}:{self.me['pid']}"
+
     def __enter__(self) -> Claims:
         return self
 

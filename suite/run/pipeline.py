@@ -89,8 +89,8 @@ def prune_model(
 
 
 def stamp(masks: Masks, method: str, seed: int, target: dict[str, Any], **extra: Any) -> None:
-    """What made these masks, in their own header (`masks.meta`): the one place it is written."""
-    masks.meta |= {"method": method, "seed": seed, "target": target, **extra}
+    """What made these masks (method, seed, target, and the parent of a nested subset), in their own header."""
+    masks.describe(method=method, seed=seed, target=target, **extra)
 
 
 def apply_masks(model: nn.Module, masks: Masks, granularity: Granularity, seed: int = 0) -> dict[str, Any]:
@@ -103,8 +103,8 @@ def compact_and_measure(model: nn.Module, structure: Structure, masks: Masks, se
     """Compact `model` to `masks` after checking compact == gated on a probe batch; the size metrics."""
     masks.check(structure)
     # per-group parameter counts travel with the masks, so reports can weight what was removed without a model
-    masks.meta |= {"group_params": {g.name: g.params for g in structure.groups},
-                   "group_removed": {g.name: g.removed_params(masks.keep[g.name]) for g in structure.groups}}
+    masks.describe(group_params={g.name: g.params for g in structure.groups},
+                   group_removed={g.name: g.removed_params(masks.keep[g.name]) for g in structure.groups})
     added = param_count(model) - structure.total_params  # e.g. FLAP's compensation biases
     probe = torch.randint(model.config.vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -99,7 +97,7 @@ class Runner:
         executor = executor_for(self.exp.executor)
         for model in dict.fromkeys(s.model for s in self.specs):
             fingerprint = model_fingerprint(model)
-            point = Point(fingerprint, self._dense(model, fingerprint), started)
+            point = Point(fingerprint, self._dense_metrics(model, fingerprint), started)
             pending = [s for s in self.specs if s.model == model]
             waiting = Waiting(self._claims)
             held = self._collect(executor.map(self, pending, point), rows, bar)
@@ -174,7 +172,7 @@ class Runner:
 
     # -- the dense reference
 
-    def _dense(self, model: str, fingerprint: str) -> dict[str, float]:
+    def _dense_metrics(self, model: str, fingerprint: str) -> dict[str, float]:
         """Dense metrics for this protocol: measured once (by one worker), then found by identity."""
         identity = dense_identity(self.exp, model, fingerprint, self.specs[0].evaluation_data)
         waiting = Waiting(self._claims)
@@ -205,7 +203,7 @@ class Runner:
             self.tracker.finish(run_id, "FAILED")
             raise
 
-    def _dense_model(self, model: str) -> Any:
+    def _speed_model(self, model: str) -> Any:
         """The dense model for speed ratios (when measured), loaded once per model."""
         if not self.exp.evaluation.speed:
             return None
@@ -226,8 +224,8 @@ class Runner:
         this worker no longer holds the point, and is called before every write of its result."""
         pruning = spec.pruning_identity(point.fingerprint)
         tags = {KIND: "pruned", PREFIX + "model": spec.model, PREFIX + "method": spec.method,
-                PREFIX + "label": spec.label, PREFIX + "model_fingerprint": point.fingerprint, WORKER: worker(),
-                PRUNING: pruning, CODE: spec.code}
+                PREFIX + "label": spec.label, PREFIX + "model_fingerprint": point.fingerprint,
+                WORKER: self._claims.worker, PRUNING: pruning, CODE: spec.code}
         source = self.tracker.find_tagged(PRUNING, pruning)
         run_id = self.tracker.start(spec.name, identity, tags)
         try:
@@ -311,7 +309,7 @@ class Runner:
                 fence: Callable[[], None]) -> None:
         """Evaluate the compact model (the pipeline) and log params, metrics, curves and artifacts."""
         measured, evaluation = evaluate_pruned(model, tokenizer, self.protocol, point.dense,
-                                               self._dense_model(spec.model))
+                                               self._speed_model(spec.model))
         fence()
         numbers = outcome.metrics.items()
         metrics = {k: v for k, v in numbers if isinstance(v, int | float) and not isinstance(v, bool)} | measured
@@ -366,8 +364,3 @@ class Waiting:
             raise PruneBenchError(f"gave up after {self.deadline:g} s (PRUNEBENCH_WAIT_S) waiting for {shown}: its "
                                   "holder is alive but has not finished; look at that worker, or run again later")
         time.sleep(POLL_SECONDS)
-
-
-def worker() -> str:
-    """Which process executed a run (host:pid), so a shared sweep shows how its workers split it."""
-    return f"{socket.gethostname()}:{os.getpid()}"
