@@ -6,7 +6,7 @@ deterministic test-time mask. Mask-only by default so that the comparison with D
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -108,3 +108,7 @@ class HardConcrete(MaskLearner):
 
     Config = HardConcreteConfig
     relaxation = HardConcreteRelaxation
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {  # where the gates start, then the engine's knobs
+        "log_alpha_init": {"type": "float", "low": 0.5, "high": 5.0},
+        **MaskLearner.search_space,
+    }

@@ -26,7 +26,7 @@ target ramps up over the first 30% of the steps by default.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -159,6 +159,10 @@ class MaskPrune(MaskLearner):
 
     Config = MaskPruneConfig
     relaxation = MaskPruneRelaxation
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {  # the shared widths' travel, then the engine's knobs
+        "width_travel": {"type": "float", "low": 1.0, "high": 30.0, "log": True},
+        **MaskLearner.search_space,
+    }
 
     def make_relaxation(self, model: nn.Module, structure: Structure, groups: list[Group],
                         seed: int) -> MaskPruneRelaxation:

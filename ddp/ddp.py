@@ -125,10 +125,9 @@ class DDP(MaskLearner):
 
     Config = DDPConfig
     relaxation = DDPRelaxation
-    search_space: ClassVar[dict[str, dict[str, Any]]] = {  # the anneal schedule; lr = lambda_lr = travel / steps
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {  # the anneal schedule, then the engine's knobs
         "schedule": {"type": "categorical", "choices": ["linear", "geometric", "cosine", "adaptive"]},
         "mu_start": {"type": "float", "low": 0.5, "high": 5.0, "log": True},
         "mu_end": {"type": "float", "low": 10.0, "high": 500.0, "log": True},
-        "target_warmup": {"type": "float", "low": 0.0, "high": 0.5},
-        "travel": {"type": "float", "low": 5.0, "high": 50.0, "log": True},
+        **MaskLearner.search_space,
     }

@@ -141,6 +141,27 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
     assert "malformed YAML at line" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["hard_concrete", "maskprune"])
+def test_every_mask_learner_tunes_with_its_own_default_space_and_feeds_run(tmp_path, model_dir, method):
+    """`tuned: true` works for every mask learner without a user-written search space: each declares one, with the
+    engine's knobs (travel, target_warmup) in the same ranges as DDP's, and gets `tuning.n_trials` trials."""
+    import json
+
+    from suite.methods import get_method
+
+    methods = [{"name": "random"}, {"name": method, "params": {"steps": 4, "batch_size": 2, "valid_batches": 1}}]
+    overrides = ["tuning.n_trials=2", "tuning.report_every=2", f"tuning.methods=[{method}]"]
+    cfg = _config(tmp_path, model_dir, methods=methods)
+    workdir = tmp_path / "runs"
+    assert main(["tune", str(cfg), "--workdir", str(workdir), *(x for o in overrides for x in ("--set", o))]) == 0
+    best = json.loads(next((workdir / "tuned").rglob("*.json")).read_text())
+    assert set(best["best_params"]) == set(get_method(method).search_space) >= {"travel", "target_warmup"}
+    assert best["n_trials"] == 2
+    tuned = next(s for s in expand(load_experiment(cfg, ["methods.1.tuned=true", *overrides]), workdir)
+                 if s.method == method)
+    assert all(tuned.hyperparameters[k] == v for k, v in best["best_params"].items())
+
+
 def test_tune_resumes_one_study_and_feeds_run(tmp_path, model_dir):
     import json
 

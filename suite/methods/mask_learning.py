@@ -202,6 +202,12 @@ class MaskLearner(Pruner):
     Config = MaskLearningConfig
     needs_calibration = True
     quick: ClassVar[dict[str, Any]] = {"steps": 12, "batch_size": 4, "valid_batches": 1}
+    # the engine's own knobs, which every mask learner's default Optuna space includes with the same ranges, so
+    # `tuned: true` gives each learner the same kind of search (lr = lambda_lr = travel / steps)
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "target_warmup": {"type": "float", "low": 0.0, "high": 0.5},
+        "travel": {"type": "float", "low": 5.0, "high": 50.0, "log": True},
+    }
     relaxation: type[Relaxation]
 
     def make_relaxation(self, model: nn.Module, structure: Structure, groups: list[Group], seed: int) -> Relaxation:

@@ -159,7 +159,8 @@ class TuningConfig(Strict):
     n_trials: int = Field(10, ge=1, description="trials per (method, model): equal for every tuned method")
     sparsity: float | None = Field(None, gt=0, lt=1, description="sparsity tuned at (default: the first one)")
     search_space: dict[str, dict[str, SearchDim]] = Field(
-        default_factory=dict, description="per method label: parameter -> dimension (default: DDP's anneal)")
+        default_factory=dict, description="per method label: parameter -> dimension (default: the method's own "
+        "space; every mask learner declares one)")
     seed: int = 0
     report_every: int = Field(10, ge=1, description="steps between intermediate losses (MedianPruner)")
     storage: str | None = Field(None, description="Optuna RDB URL the tuning workers share, e.g. "
