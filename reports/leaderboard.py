@@ -101,12 +101,31 @@ def wilcoxon_p(diff: np.ndarray) -> float:
 
 
 def significance(pruned: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Every pair of methods: paired accuracy differences, their bootstrap and Wilcoxon p-values, and the Wilcoxon
+    p-values corrected for the number of pairs tested (Holm): with 11 methods, 55 tests at alpha 0.05 would give
+    about three false wins by chance uncorrected."""
     rows = []
     for a, b in combinations(order, 2):
         diff = paired_samples(pruned, a, b)
         rows.append({"a": a, "b": b, "pairs": len(diff), "mean_diff_acc": float(diff.mean()) if len(diff) else np.nan,
                      "p_bootstrap": bootstrap_p(diff), "p_wilcoxon": wilcoxon_p(diff)})
-    return pd.DataFrame(rows, columns=["a", "b", "pairs", "mean_diff_acc", "p_bootstrap", "p_wilcoxon"])
+    out = pd.DataFrame(rows, columns=["a", "b", "pairs", "mean_diff_acc", "p_bootstrap", "p_wilcoxon"])
+    out["p_wilcoxon_holm"] = holm(out["p_wilcoxon"].to_numpy(dtype=float))
+    return out
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (NaN: not tested, left out of the family): the k-th
+    smallest of m is multiplied by m - k + 1, made monotone from the smallest up, and capped at 1."""
+    out = np.full(len(p), np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p[i]))
+        out[i] = running
+    return out
 
 
 def plot_win_rate(matrix: pd.DataFrame, stem: Path) -> Path:

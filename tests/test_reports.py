@@ -80,7 +80,8 @@ def test_report_has_every_part(report, store):
     assert (heat / "profiles_sp0.3_seed0.png").is_file() and (heat / "jaccard_sp0.3_seed0.png").is_file()
     board = pd.read_csv(report / "tables" / "leaderboard.csv")
     assert sorted(board["method"]) == ["ddp", "random"] and list(board["rank"]) == [1, 2]
-    assert set(pd.read_csv(report / "tables" / "significance.csv").columns) >= {"p_bootstrap", "p_wilcoxon"}
+    assert set(pd.read_csv(report / "tables" / "significance.csv").columns) >= {"p_bootstrap", "p_wilcoxon",
+                                                                              "p_wilcoxon_holm"}
     assert json.loads((report / "report.json").read_text())["seconds"] < 60
 
 
@@ -247,6 +248,33 @@ def test_win_rate_ranking_and_paired_tests():
     assert sig["p_bootstrap"] < 0.01 and sig["p_wilcoxon"] < 0.01
     same = leaderboard.significance(_frame([0.7, 0.6, 0.65], [0.7, 0.6, 0.65]), ["a", "b"]).iloc[0]
     assert same["p_wilcoxon"] == 1.0 and same["p_bootstrap"] == 1.0
+
+
+def test_holm_matches_the_step_down_procedure_it_adjusts_for():
+    """The adjusted p-values agree with Holm's procedure run from its definition: at every alpha, a hypothesis has
+    adjusted p <= alpha exactly when the step-down test (p_(k) against alpha / (m - k + 1), stopping at the first
+    failure) rejects it; untested pairs (NaN) stay NaN and are not counted in m."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        p = rng.uniform(0, 0.2, size=rng.integers(1, 12))
+        if trial % 3 == 0:
+            p[rng.integers(len(p))] = np.nan
+        if trial % 4 == 0 and len(p) > 2:
+            p[1] = p[0]  # ties
+        adjusted = leaderboard.holm(p)
+        assert np.array_equal(np.isnan(adjusted), np.isnan(p))
+        tested = [i for i in range(len(p)) if not np.isnan(p[i])]
+        m = len(tested)
+        for alpha in (0.01, 0.05, 0.1, 0.5):
+            rejected = set()
+            for k, i in enumerate(sorted(tested, key=lambda i: p[i]), start=1):
+                if p[i] > alpha / (m - k + 1):
+                    break
+                rejected.add(i)
+            # a tie at the threshold may go either way in the step-down order; compare away from it
+            assert {i for i in tested if adjusted[i] <= alpha} == rejected or any(
+                abs(p[i] * (m - k) - alpha) < 1e-12 for i in tested for k in range(m))
+    assert leaderboard.holm(np.array([0.01, 0.04, 0.03])).tolist() == pytest.approx([0.03, 0.06, 0.06])
 
 
 def test_ci95_is_the_t_interval():
