@@ -76,7 +76,8 @@ def prune_and_evaluate(model_spec: str, method: str, overrides: dict[str, Any], 
     from suite.run.pipeline import evaluate_pruned, prune_model
 
     model, tokenizer = load_model(model_spec)
-    pruner = get_method(method)(get_method(method).Config(**overrides))
+    cls = get_method(method)
+    pruner = cls(cls.Config(**overrides))
     outcome = prune_model(model, pruner, Target(sparsity=sparsity), seed=seed, calibration=calibration)
     _, result = evaluate_pruned(model, tokenizer, eval_spec, dense={})  # retained %: against the bench's dense
     ppl = next(iter(result["ppl"].values()))["ppl"]

@@ -235,7 +235,8 @@ class Runner:
                 self.tracker.log(run_id, tags={PRUNED_BY: source.info.run_id})
             else:
                 model, tokenizer = load_model(spec.model, spec.dtype)
-                pruner = get_method(spec.method)(get_method(spec.method).Config(**spec.hyperparameters))
+                method = get_method(spec.method)
+                pruner = method(method.Config(**spec.hyperparameters))
                 calibration = self._calibration_for(spec.model, tokenizer)  # data-free methods ignore it
                 outcome = prune_model(model, pruner, Target(**spec.target), seed=spec.seed,
                                       granularity=spec.granularity, calibration=calibration)
