@@ -227,6 +227,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     specs = preflight(exp, Path(args.workdir))
     print(f"{args.config}: ok ({exp.name}: {len(exp.models)} models x {len(exp.methods)} methods x "
           f"{len(exp.sparsities)} sparsities x {len(exp.seeds)} seeds = {len(specs)} runs)")
+    swept = [m for m in exp.methods if m.sweep]
+    if swept:
+        print(f"params grids: {len(swept)} variants")
+        for m in swept:
+            print(f"  {m.key}: " + ", ".join(f"{k}={v}" for k, v in m.sweep.items()))
     return 0
 
 
@@ -255,9 +260,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.config, args.set)
     quiet_transformers()
-    for s in tune(exp, Path(args.workdir)):
+    summaries = tune(exp, Path(args.workdir))
+    for s in summaries:
         print(f"{s['study']}: best valid loss {s['best_value']:.4f} after {s['n_trials']} trials "
               f"({s['complete']} complete, {s['pruned']} pruned) with {s['best_params']}")
+    print(f"trial budget (tuning.n_trials = {exp.tuning.n_trials} for every tuned method):")
+    for s in summaries:
+        print(f"  {s['label']} on {s['model']}: {s['ran']} trials this run; study total {s['n_trials']} "
+              f"({s['complete']} complete, {s['pruned']} stopped early by the MedianPruner, {s['failed']} failed)")
     return 0
 
 

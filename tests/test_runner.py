@@ -142,9 +142,10 @@ def test_malformed_yaml_names_the_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["hard_concrete", "maskprune"])
-def test_every_mask_learner_tunes_with_its_own_default_space_and_feeds_run(tmp_path, model_dir, method):
+def test_every_mask_learner_tunes_with_its_own_default_space_and_feeds_run(tmp_path, model_dir, method, capsys):
     """`tuned: true` works for every mask learner without a user-written search space: each declares one, with the
-    engine's knobs (travel, target_warmup) in the same ranges as DDP's, and gets `tuning.n_trials` trials."""
+    engine's knobs (travel, target_warmup) in the same ranges as DDP's, and gets `tuning.n_trials` trials, which
+    `tune` reports. Trial runs and grid runs carry the same MLflow params."""
     import json
 
     from suite.methods import get_method
@@ -153,13 +154,22 @@ def test_every_mask_learner_tunes_with_its_own_default_space_and_feeds_run(tmp_p
     overrides = ["tuning.n_trials=2", "tuning.report_every=2", f"tuning.methods=[{method}]"]
     cfg = _config(tmp_path, model_dir, methods=methods)
     workdir = tmp_path / "runs"
-    assert main(["tune", str(cfg), "--workdir", str(workdir), *(x for o in overrides for x in ("--set", o))]) == 0
+    sets = [x for o in overrides for x in ("--set", o)]
+    assert main(["tune", str(cfg), "--workdir", str(workdir), *sets]) == 0
+    assert f"  {method} on {model_dir}: 2 trials this run; study total 2" in capsys.readouterr().out
     best = json.loads(next((workdir / "tuned").rglob("*.json")).read_text())
     assert set(best["best_params"]) == set(get_method(method).search_space) >= {"travel", "target_warmup"}
-    assert best["n_trials"] == 2
+    assert best["n_trials"] == best["ran"] == 2
     tuned = next(s for s in expand(load_experiment(cfg, ["methods.1.tuned=true", *overrides]), workdir)
                  if s.method == method)
     assert all(tuned.hyperparameters[k] == v for k, v in best["best_params"].items())
+    assert main(["run", str(cfg), "--workdir", str(workdir), "--set", "methods.1.tuned=true", *sets]) == 0
+    runs = _runs(workdir)
+    trial = next(r for r in runs if r.data.tags.get("prunebench.kind") == "trial")
+    pruned = next(r for r in runs
+                  if r.data.tags.get("prunebench.kind") == "pruned" and r.data.params["method"] == method)
+    assert set(trial.data.params) - {"trial"} == set(pruned.data.params) - {"calibration.hash"}
+    assert any(k.startswith("hp.") for k in trial.data.params)
 
 
 def test_tune_resumes_one_study_and_feeds_run(tmp_path, model_dir):

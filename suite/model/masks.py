@@ -34,6 +34,8 @@ def pydantic_message(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if msg.startswith("params."):  # a method's own config error, already keyed below this location
         return f"{loc}.{msg}"
+    if msg.startswith(f"{loc}."):  # a validator that names the full key path itself
+        return msg
     return f"{loc}: {msg}"
 
 

@@ -6,6 +6,7 @@ validation, on every command, so an override is checked exactly like the file.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -118,6 +119,8 @@ class MethodEntry(Strict):
     label: PathSafe | None = Field(None, description="unique name in tables (default: the method name)")
     params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters, checked by the method")
     tuned: bool = Field(False, description="use the best parameters of `prunebench tune` for this method")
+    sweep: dict[str, Any] = Field(default_factory=dict, description="set by a params grid: the knobs this variant "
+                                  "fixes (its label is `base[knob=value,...]`); recorded as the run's hp.* columns")
 
     @model_validator(mode="after")
     def _check_params(self) -> MethodEntry:
@@ -134,6 +137,77 @@ class MethodEntry(Strict):
     @property
     def key(self) -> str:
         return self.label or self.name
+
+
+GRID = "grid"
+
+
+def _is_grid(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {GRID}
+
+
+def _shown(value: Any) -> str:
+    """A grid value as it appears in a derived label: YAML's own spelling, without spaces."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip().replace(" ", "")
+
+
+def expand_grids(methods: Any) -> Any:
+    """Method entries whose params hold `{grid: [...]}` values -> one entry per point of the cartesian product of
+    those values, labelled `base[knob=value,...]` (knobs sorted) and recording its knobs in `sweep`. Every variant
+    is checked against the method's config here, so a bad value is refused with its key path
+    (`methods.0.params.mu_end.grid.1: ...`) before anything is written."""
+    if not isinstance(methods, list):
+        return methods
+    out = []
+    for i, entry in enumerate(methods):
+        params = entry.get("params") if isinstance(entry, dict) else None
+        grids = {k: v for k, v in (params or {}).items() if _is_grid(v)} if isinstance(params, dict) else {}
+        if not grids:
+            out.append(entry)
+            continue
+        fixed = {k: v for k, v in params.items() if k not in grids}
+        cls = _grid_method(entry, i)
+        knobs = sorted(grids)
+        for knob in knobs:
+            values = grids[knob][GRID]
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"methods.{i}.params.{knob}.grid: expected a non-empty list of values, got {values!r}")
+            if len({_shown(v) for v in values}) < len(values):
+                raise ValueError(f"methods.{i}.params.{knob}.grid: repeated values {values}")
+        base = entry.get("label") or entry["name"]
+        for combo in itertools.product(*(grids[k][GRID] for k in knobs)):
+            sweep = dict(zip(knobs, combo, strict=True))
+            label = f"{base}[{','.join(f'{k}={_shown(v)}' for k, v in sweep.items())}]"
+            try:
+                cls.Config.model_validate(fixed | sweep)
+            except ValidationError as err:
+                raise ValueError(_variant_error(err, i, entry["name"], label, grids, sweep)) from None
+            out.append(entry | {"label": label, "params": fixed | sweep, "sweep": sweep})
+    return out
+
+
+def _variant_error(err: ValidationError, index: int, method: str, label: str, grids: dict[str, Any],
+                   sweep: dict[str, Any]) -> str:
+    """The key path of what the method refused: a grid value (`methods.0.params.mu_end.grid.1`), a fixed param, or
+    the variant as a whole (knobs valid one by one that clash together)."""
+    first = err.errors()[0]
+    knob = first["loc"][0] if first["loc"] else None
+    msg = first["msg"].removeprefix("Value error, ")
+    if knob in sweep:
+        j = next(j for j, v in enumerate(grids[knob][GRID]) if _shown(v) == _shown(sweep[knob]))
+        return f"methods.{index}.params.{knob}.grid.{j}: {sweep[knob]!r} is refused by {method}: {msg}"
+    if knob is not None:
+        return f"methods.{index}.params.{pydantic_message(err)}"
+    return f"methods.{index}.params: the variant {label} is refused by {method}: {msg}"
+
+
+def _grid_method(entry: dict[str, Any], index: int) -> Any:
+    if "name" not in entry:
+        raise ValueError(f"methods.{index}.name: missing (a params grid needs its method)")
+    try:
+        return get_method(entry["name"])
+    except PruneBenchError as err:
+        raise ValueError(f"methods.{index}.name: {err}") from None
 
 
 class SearchDim(Strict):
@@ -203,6 +277,8 @@ class Experiment(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    _grids = field_validator("methods", mode="before")(expand_grids)
 
     @field_validator("sparsities")
     @classmethod

@@ -45,6 +45,7 @@ class RunSpec:
     calibration_data: str = ""  # content hash of the calibration source's splits
     evaluation_data: dict[str, Any] = field(default_factory=dict)  # content hashes of perplexity texts and task items
     code: str = ""  # code_fingerprint(): a fix to a pruner or the suite makes every identity new
+    sweep: dict[str, Any] = field(default_factory=dict)  # a params grid's knobs and this point's values
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, fingerprint: str) -> str:
@@ -155,6 +156,6 @@ def expand(exp: Experiment, workdir: Path, require_tuned: bool = True,
                         granularity=exp.granularity, calibration=exp.calibration.model_dump(mode="json"),
                         evaluation=exp.evaluation.model_dump(mode="json"), dtype=exp.dtype,
                         calibration_data=calibration_data, evaluation_data=evaluation_data,
-                        code=method_fingerprint(entry.name),
+                        code=method_fingerprint(entry.name), sweep=dict(entry.sweep),
                     ))
     return specs

@@ -4,6 +4,7 @@ tags, the error line and the artifact layout. The runner writes with these and `
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ PRUNING = PREFIX + "pruning_identity"
 PRUNED_BY = PREFIX + "pruned_by"  # on a run that re-evaluated another run's pruning: that run's id
 NESTED_IN = PREFIX + "nested_in"  # on a nested row (GISP): the parent's pruning identity
 CODE = PREFIX + "code"
+SWEEP = PREFIX + "sweep"  # JSON {knob: value} of a params-grid variant; its values are also its hp.* params
 MODEL_ARTIFACT = "model"  # the compact checkpoint, stored when a method rewrote weights
 METRICS_ARTIFACT = "metrics.json"
 
@@ -84,11 +86,31 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if not isinstance(err, PruneBenchError) else text
 
 
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'prefix.a.b': 1}."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out |= flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        return out
+    return {prefix: value}
+
+
+def run_params(*, model: str, method: str, label: str, sparsity: float, seed: int, granularity: str, dtype: str,
+               hyperparameters: dict[str, Any], target: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
+    """The MLflow params of a pruning, the same for a grid run and a tuning trial (`hp.*` = the method's resolved
+    config), so both line up in one compare view."""
+    return ({"model": model, "method": method, "label": label, "sparsity": sparsity, "seed": seed,
+             "granularity": granularity, "dtype": dtype}
+            | flatten("hp", hyperparameters) | flatten("target", target) | flatten("calibration", calibration))
+
+
 def table_row(spec: Any, run: Any) -> dict[str, Any]:
     """A grid point's row in the table `run` prints (spec: a RunSpec; run: its MLflow run)."""
     m = run.data.metrics
     ppl = next((v for k, v in sorted(m.items()) if k.startswith("ppl.")), float("nan"))
-    return {"model": spec.model, "method": spec.label, "sparsity": spec.sparsity, "seed": spec.seed,
+    swept = {f"hp.{k}": v for k, v in spec.sweep.items()}
+    return {"model": spec.model, "method": spec.label, **swept, "sparsity": spec.sparsity, "seed": spec.seed,
             "status": run.info.status, "ppl": ppl, "mean_acc": m.get("mean_acc", float("nan")),
             "retained_acc_%": m.get("retained.mean_acc", float("nan")),
             "params": int(m.get("params_compact", 0)), "prune_s": m.get("prune_seconds", float("nan")),
@@ -101,6 +123,10 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no runs)"
     df = pd.DataFrame(rows)
+    swept = [c for c in df.columns if c.startswith("hp.")]
+    df[swept] = df[swept].astype(object).where(df[swept].notna(), "-")  # methods without that knob
+    rest = [c for c in df.columns if c not in swept]
+    df = df[[*rest[:2], *swept, *rest[2:]]]  # model, method, the swept knobs, then the numbers
     if not df["error"].astype(bool).any():
         df = df.drop(columns="error")
     return df.to_string(index=False, float_format=lambda v: f"{v:.4g}")

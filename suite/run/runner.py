@@ -39,13 +39,15 @@ from suite.run.record import (
     PREFIX,
     PRUNED_BY,
     PRUNING,
+    SWEEP,
     WORKER,
     error_line,
     flat_metrics,
     protocol_tags,
+    run_params,
     table_row,
 )
-from suite.run.tracking import Tracker, flatten
+from suite.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0  # how often a worker looks again at grid points another worker holds
@@ -314,12 +316,12 @@ class Runner:
         fence()
         numbers = outcome.metrics.items()
         metrics = {k: v for k, v in numbers if isinstance(v, int | float) and not isinstance(v, bool)} | measured
-        params = {"model": spec.model, "method": spec.method, "label": spec.label, "sparsity": spec.sparsity,
-                  "seed": spec.seed, "granularity": spec.granularity, "dtype": spec.dtype}
-        params |= flatten("hp", spec.hyperparameters) | flatten("target", spec.target)
-        params |= flatten("calibration", spec.calibration)
+        params = run_params(model=spec.model, method=spec.method, label=spec.label, sparsity=spec.sparsity,
+                            seed=spec.seed, granularity=spec.granularity, dtype=spec.dtype,
+                            hyperparameters=spec.hyperparameters, target=spec.target, calibration=spec.calibration)
         params["calibration.hash"] = outcome.metrics["calibration_hash"]
-        self.tracker.log(run_id, params=params, metrics=metrics, tags=protocol_tags(evaluation["protocol"]))
+        tags = protocol_tags(evaluation["protocol"]) | ({SWEEP: json.dumps(spec.sweep)} if spec.sweep else {})
+        self.tracker.log(run_id, params=params, metrics=metrics, tags=tags)
         self.tracker.log_curves(run_id, outcome.result.curves)
         self._artifacts(run_id, spec, model, outcome, evaluation)
 

@@ -34,16 +34,6 @@ def metric_key(name: str) -> str:
     return _BAD_KEY.sub("_", name)
 
 
-def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'prefix.a.b': 1}."""
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out |= flatten(f"{prefix}.{k}" if prefix else str(k), v)
-        return out
-    return {prefix: value}
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(suite.__file__).parent, capture_output=True,

@@ -25,7 +25,7 @@ from suite.hashing import digest
 from suite.run.config import Experiment, SearchDim
 from suite.run.grid import tuned_path
 from suite.run.preflight import preflight
-from suite.run.record import KIND
+from suite.run.record import KIND, run_params
 from suite.run.tracking import Tracker
 
 
@@ -120,16 +120,22 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=exp.tuning.report_every),
             )
             _, tokenizer = load_model(model_spec, exp.dtype)
+            target = Target(**exp.target.model_dump(), sparsity=sparsity)
             calibration = exp.calibration.build(tokenizer)
 
             def objective(trial: Any, entry=entry, space=space, model_spec=model_spec, study_name=study_name,
-                          calibration=calibration, label=label, method=method, sampler_seed=sampler_seed) -> float:
+                          calibration=calibration, label=label, method=method, sampler_seed=sampler_seed,
+                          target=target) -> float:
                 params = entry.params | suggest(trial, space)
                 trial.set_user_attr("sampler_seed", sampler_seed)  # which invocation's sampler proposed it
                 run_id = tracker.start(f"tune/{label}/{model_spec.removeprefix('zoo:')}/trial{trial.number}",
                                        _trial_identity(study_name, trial.number), {KIND: "trial"})
-                tracker.log(run_id, params={"method": entry.name, "label": label, "model": model_spec,
-                                            "sparsity": sparsity, "trial": trial.number} | params)
+                config = method.Config(**params)
+                tracker.log(run_id, params=run_params(
+                    model=model_spec, method=entry.name, label=label, sparsity=sparsity, seed=exp.tuning.seed,
+                    granularity=exp.granularity, dtype=exp.dtype, hyperparameters=config.model_dump(mode="json"),
+                    target=target.model_dump(mode="json"), calibration=exp.calibration.model_dump(mode="json"),
+                ) | {"trial": trial.number})
 
                 def report(step: int, curves: dict[str, list[float]]) -> None:
                     if (step + 1) % exp.tuning.report_every == 0:
@@ -139,8 +145,7 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
 
                 try:
                     model, _ = load_model(model_spec, exp.dtype)
-                    target = Target(**exp.target.model_dump(), sparsity=sparsity)
-                    pruner = method(method.Config(**params))
+                    pruner = method(config)
                     pruner.step_callback = report
                     prune_model(model, pruner, target, seed=exp.tuning.seed, granularity=exp.granularity,
                                 calibration=calibration)
@@ -155,15 +160,18 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                 tracker.finish(run_id)
                 return value
 
+            before = len(study.trials)
             study.optimize(objective, n_trials=exp.tuning.n_trials, catch=(ValueError, RuntimeError),
                            show_progress_bar=progress)
             best = study.best_trial
             out = tuned_path(workdir, exp.name, label, model_spec)
             out.parent.mkdir(parents=True, exist_ok=True)
-            summary = {"study": study_name, "best_params": best.params, "best_value": best.value,
-                       "n_trials": len(study.trials), "sparsity": sparsity,
-                       "complete": sum(t.state.name == "COMPLETE" for t in study.trials),
-                       "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
+            states = [t.state.name for t in study.trials]
+            summary = {"study": study_name, "label": label, "model": model_spec, "best_params": best.params,
+                       "best_value": best.value, "n_trials": len(study.trials), "sparsity": sparsity,
+                       "requested": exp.tuning.n_trials, "ran": len(study.trials) - before,
+                       "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
+                       "failed": states.count("FAIL")}
             atomic.write_text(out, json.dumps(summary, indent=1, sort_keys=True))
             logging.getLogger(__name__).info("%s: best %.4f with %s", study_name, best.value, best.params)
             summaries.append(summary)

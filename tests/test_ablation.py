@@ -1,0 +1,101 @@
+"""Ablation studies: params grids expand to labelled variants with their own identities, a bad value is refused
+before anything is written, and the swept knobs become hp.* columns of every table."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from prunebench.cli import main
+from suite.run.config import load_experiment
+from suite.run.grid import expand
+from suite.testing import tiny_text_model
+
+GRID = {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1,
+                                  "forward_map": {"grid": ["relu", "identity", "clamp"]},
+                                  "mu_end": {"grid": [20, 100]}}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_text_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _config(tmp_path, model_dir, methods, **extra):
+    cfg = {
+        "name": "ablation", "models": [str(model_dir)], "methods": methods, "sparsities": [0.3], "seeds": [0, 1],
+        "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
+        "evaluation": {"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 12},
+    } | extra
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_grid_expands_to_labelled_variants_with_their_own_identities(tmp_path, model_dir, capsys):
+    path = _config(tmp_path, model_dir, [{"name": "random"}, GRID])
+    exp = load_experiment(path)
+    labels = [m.key for m in exp.methods]
+    assert labels == ["random", *(f"ddp[forward_map={f},mu_end={m}]" for f in ("relu", "identity", "clamp")
+                                  for m in (20, 100))]
+    variant = exp.methods[3]
+    assert variant.sweep == {"forward_map": "identity", "mu_end": 20}
+    assert variant.params == {"steps": 4, "batch_size": 2, "valid_batches": 1, "forward_map": "identity",
+                              "mu_end": 20}
+    specs = expand(exp, tmp_path)
+    assert len(specs) == 7 * 2  # (1 + 3 x 2 variants) x 2 seeds
+    assert len({s.identity("fp") for s in specs}) == len(specs)
+    assert {s.hyperparameters["mu_end"] for s in specs if s.method == "ddp"} == {20.0, 100.0}
+    assert main(["validate", str(path), "--workdir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "= 14 runs" in out and "params grids: 6 variants" in out
+    assert "ddp[forward_map=clamp,mu_end=100]: forward_map=clamp, mu_end=100" in out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods.0.params.mu_end.grid.1=-5", "methods.0.params.mu_end.grid.1: -5 is refused by ddp: Input should be "
+                                          "greater than 0"),
+    ("methods.0.params.forward_map.grid=[relu,tanh]", "methods.0.params.forward_map.grid.1: 'tanh' is refused"),
+    ("methods.0.params.mu_end.grid=[]", "methods.0.params.mu_end.grid: expected a non-empty list"),
+    ("methods.0.params.mu_end.grid=[20,20]", "methods.0.params.mu_end.grid: repeated values"),
+    ("methods.0.params.steps=0", "methods.0.params.steps: Input should be greater than or equal to 1"),
+])
+def test_a_bad_grid_value_is_refused_with_its_key_path_before_any_store_write(tmp_path, model_dir, capsys,
+                                                                             override, message):
+    path = _config(tmp_path, model_dir, [GRID])
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not workdir.exists()
+
+
+def test_knobs_valid_one_by_one_that_clash_together_are_refused_as_that_variant(tmp_path, model_dir, capsys):
+    tyr = {"name": "tyr", "params": {"stage_tokens": {"grid": [[512, 2048], [256, 512, 2048]]},
+                                     "stage_keep": {"grid": [[2, 1], [4, 2, 1]]}}}
+    path = _config(tmp_path, model_dir, [tyr])
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: methods.0.params: the variant tyr[stage_keep=[2,1],stage_tokens=[256,512,2048]] is "
+                   "refused by tyr: stage_tokens and stage_keep need one entry per selection stage")
+
+
+def test_swept_knobs_are_hp_columns_of_the_run_table_and_results_csv(tmp_path, model_dir, capsys):
+    methods = [{"name": "random"}, {"name": "ddp", "params": {"steps": 3, "batch_size": 2, "valid_batches": 1,
+                                                              "forward_map": {"grid": ["relu", "clamp"]}}}]
+    path = _config(tmp_path, model_dir, methods, seeds=[0])
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir)]) == 0
+    header, *rows = capsys.readouterr().out.strip().splitlines()[-4:]
+    assert header.split()[:3] == ["model", "method", "hp.forward_map"]
+    assert [r.split()[1:3] for r in rows] == [["random", "-"], ["ddp[forward_map=relu]", "relu"],
+                                             ["ddp[forward_map=clamp]", "clamp"]]
+    assert main(["report", "--experiment", "ablation", "--workdir", str(workdir), "--out", str(tmp_path / "r")]) == 0
+    import pandas as pd
+
+    results = pd.read_csv(tmp_path / "r" / "results.csv")
+    pruned = results[results["kind"] == "pruned"].set_index("method")
+    assert pruned.loc["ddp[forward_map=clamp]", "hp.forward_map"] == "clamp"
+    assert pruned.loc["ddp[forward_map=relu]", "sweep"] == '{"forward_map": "relu"}'
+    assert pruned.loc["random", "sweep"] != pruned.loc["random", "sweep"]  # not swept: empty
