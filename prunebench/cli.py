@@ -307,8 +307,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     index = build_report(Path(args.workdir), args.experiment, Path(args.out), uri=args.tracking_uri,
                          allow_mixed=args.allow_mixed, log_to_store=args.log_to_store, protocol=args.protocol,
-                         latest=args.latest)
+                         latest=args.latest, ablation_mode=args.ablation)
     print(f"report: {index} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from reports.board import Store, build_leaderboard
+
+    workdirs = [Path(w) for w in args.workdir or ["runs"]]
+    stores = [Store(w) for w in workdirs] if not args.tracking_uri or args.workdir else []
+    stores += [Store(workdirs[0], uri) for uri in args.tracking_uri or []]
+    start = time.perf_counter()
+    index = build_leaderboard(stores, args.experiment, Path(args.out))
+    print(f"leaderboard: {index} ({time.perf_counter() - start:.1f}s)")
     return 0
 
 
@@ -431,7 +443,20 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--latest", action="store_true", help="only the runs of the most recent evaluation protocol")
     p.add_argument("--log-to-store", action="store_true",
                    help="also log the report on each experiment's parent run (default: the store is only read)")
+    p.add_argument("--ablation", choices=("marginal", "held"), default="marginal",
+                   help="params grids: show each knob with the other knobs pooled (marginal) or one row per value "
+                   "of them (held)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("leaderboard", help="one leaderboard from any number of experiments and stores: a board per "
+                       "protocol and calibration set, duplicates once, only shared cells ranked; HTML, json, csv")
+    p.add_argument("--experiment", action="append", required=True, help="experiment name (repeat to combine)")
+    p.add_argument("--workdir", action="append", help="a workdir whose store is read (repeat for several; default "
+                   "./runs)")
+    p.add_argument("--tracking-uri", action="append", help="an MLflow store URI to read as well (repeat for several)")
+    p.add_argument("--out", required=True, help="new or empty folder (or an earlier leaderboard) for index.html, "
+                   "leaderboard.json, leaderboard.csv and cells.csv; never a workdir")
+    p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("ui", help="the MLflow UI for a workdir's (or any) tracking store, on 127.0.0.1")
     _add_store_args(p)

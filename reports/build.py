@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports import heatmaps, leaderboard, plots, tables
+from reports import ablation, heatmaps, leaderboard, plots, tables
 from reports.query import export, load_results, read_masks
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
@@ -67,6 +67,7 @@ class Page:
 
     out: Path
     sections: list[str] = field(default_factory=list)
+    ablation: str = "marginal"  # the ablation view's other knobs: "marginal" (pooled) or "held" (one row per value)
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.out).as_posix()
@@ -142,6 +143,35 @@ def curves_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
                        "mask-learning curves and mismatch")
 
 
+@view("ablation")
+def ablation_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
+    """Per params grid: each metric against each knob (tables and a plot), and every two-knob interaction."""
+    parts = []
+    columns = ablation.metrics(runs)
+    for base, (knobs, block) in ablation.swept(runs).items():
+        other = {"marginal": "the other knobs pooled (<code>--ablation held</code>: one row per value of each)",
+                 "held": "one row per value of the other knobs (<code>--ablation marginal</code>: pooled)"}
+        parts.append(f"<h3>ablation: {html.escape(base)} over {html.escape(', '.join(knobs))}</h3>"
+                     f"<p>mean ± 95% CI over the runs of each cell (n), {other[page.ablation]}; † a run of the cell "
+                     f"missed its budget: {html.escape(tables.MISS_NOTE.removeprefix('† '))}</p>")
+        for knob in knobs:
+            table = ablation.knob_table(block, knobs, knob, columns, page.ablation)
+            stem = f"{name}_ablation_{slug(base)}_{slug(knob)}"
+            shown = ablation.display(table, columns)
+            files = [export(table, page.out / "tables" / f"{stem}.csv"),
+                     page.write(f"tables/{stem}.md", tables.frame_markdown(shown))]
+            png = ablation.plot_knob(table, knob, columns, page.out / "figures" / stem,
+                                     f"{model}: {base} against {knob}")
+            parts += [f"<h4>{html.escape(knob)}</h4><p>files: {page.links(*files)}</p>",
+                      shown.to_html(index=False), page.figure(png, f"{base}: each metric against {knob}")]
+        for a, b in ablation.pairs(knobs):
+            for column in columns[:2]:
+                for sparsity, table in ablation.interaction(block, a, b, column).items():
+                    parts += [f"<h4>{html.escape(a)} x {html.escape(b)}: {html.escape(tables.label(column))}, "
+                              f"sparsity {sparsity:g}</h4>", table.to_html()]
+    return "\n".join(parts)
+
+
 @view("masks")
 def masks_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
     """What each method removed: a heatmap per run, per-layer sparsity profiles and the methods' overlap."""
@@ -178,24 +208,43 @@ def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
     order = list(rank["method"])
     win = leaderboard.win_rate(pruned, order)
     sig = leaderboard.significance(pruned, order)
+    grid = leaderboard.matrix(sig, order)
     files = [export(rank, page.out / "tables" / f"{prefix}leaderboard.csv"),
-             page.write(f"tables/{prefix}leaderboard.md", tables.frame_markdown(rank) + missed_markdown(pruned)),
+             page.write(f"tables/{prefix}leaderboard.md", tables.frame_markdown(board_display(rank))
+                        + missed_markdown(pruned)),
              page.write(f"tables/{prefix}leaderboard.tex", leaderboard_latex(rank)),
              export(win.reset_index(names="method"), page.out / "tables" / f"{prefix}win_rate.csv"),
-             export(sig, page.out / "tables" / f"{prefix}significance.csv")]
+             export(sig, page.out / "tables" / f"{prefix}significance.csv"),
+             export(grid.reset_index(), page.out / "tables" / f"{prefix}significance_matrix.csv")]
     missed = leaderboard.missed_runs(pruned)
     if len(missed):
         files.append(export(missed, page.out / "tables" / f"{prefix}missed_budget.csv"))
     png = leaderboard.plot_win_rate(win, page.out / "figures" / f"{prefix}win_rate")
     missed_html = ["<h3>runs whose relaxation missed its budget</h3>", f"<p>{html.escape(tables.MISS_NOTE)}</p>",
-                   missed.to_html(index=False, float_format=lambda v: f"{v:.4f}")] if len(missed) else []
+                   missed.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–")] if len(missed) else []
     return "\n".join([
-        "<h2>leaderboard</h2>", "<p>methods ranked by mean retained accuracy (% of dense mean task accuracy) over "
-        f"every model, sparsity and seed; files: {page.links(*files)}</p>",
-        rank.to_html(index=False, float_format=lambda v: f"{v:.2f}"), *missed_html,
+        "<h2>leaderboard</h2>", f"<p>{html.escape(BOARD_NOTE)} Files: {page.links(*files)}</p>",
+        board_display(rank).to_html(index=False), *missed_html,
         page.figure(png, "win rate: share of shared (model, sparsity, seed) cells where the row beats the column"),
-        "<h3>paired significance over tasks x seeds x cells</h3>",
-        sig.to_html(index=False, float_format=lambda v: f"{v:.4g}")])
+        f"<h3>paired tests: effect and Holm-corrected p</h3><p>{html.escape(MATRIX_NOTE)}</p>", grid.to_html(),
+        leaderboard.significance_display(sig).to_html(index=False)])
+
+
+BOARD_NOTE = ("Methods ranked by retained accuracy (mean task accuracy as % of the dense model's), averaged over the "
+              "(model, sparsity) cells every ranked method covers, each cell weighing the same; ± is a 95% interval "
+              "(over seeds where a cell has several, else from the items: lm-eval's stderr); methods whose intervals "
+              "overlap share a rank band (1–3). A method missing a cell is listed unranked with its coverage.")
+MATRIX_NOTE = ("Row minus column, in accuracy points, over the (model, sparsity, seed, task) pairs both ran; p: the "
+               "two-sided Wilcoxon signed-rank test, Holm-corrected over all pairs tested (* below 0.05). The table "
+               "below also gives the paired bootstrap p, at its resolution (< 1/B for B draws).")
+
+
+def board_display(rank: pd.DataFrame) -> pd.DataFrame:
+    """A ranking as read: 'mean ± ci' in one column, '–' where there is no number."""
+    out = rank[["rank", "method"]].copy()
+    out["retained acc %"] = [("–" if m != m else f"{m:.2f}" + (f" ± {c:.2f}" if c == c else ""))
+                             for m, c in zip(rank["retained_acc_%"], rank["ci95"], strict=True)]
+    return out.join(rank[["cells", "runs", "missed_budget"]])
 
 
 def missed_markdown(pruned: pd.DataFrame) -> str:
@@ -205,12 +254,11 @@ def missed_markdown(pruned: pd.DataFrame) -> str:
 
 
 def leaderboard_latex(rank: pd.DataFrame) -> str:
-    lines = [r"\begin{tabular}{rlrrrr}", r"\toprule",
-             r"rank & method & retained acc (\%) & std & runs & missed budget \\", r"\midrule"]
-    for _, r in rank.iterrows():
-        std = "-" if r["std"] != r["std"] else f"{r['std']:.2f}"
-        lines.append(f"{r['rank']} & {tables.tex_escape(str(r['method']))} & {r['retained_acc_%']:.2f} & {std} & "
-                     f"{r['runs']} & {r['missed_budget']} \\\\")
+    shown = board_display(rank)
+    lines = [r"\begin{tabular}{llrrrr}", r"\toprule",
+             r"rank & method & retained acc (\%) & cells & runs & missed budget \\", r"\midrule"]
+    for _, r in shown.iterrows():
+        lines.append(" & ".join(tables.tex_escape(str(r[c])) for c in shown.columns) + r" \\")
     return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
@@ -218,6 +266,33 @@ STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#2
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border-bottom:1px solid #ccc;padding:3px 8px;
 text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}
 .warn{background:#fee;border:1px solid #c00;padding:.6em}"""
+
+
+def protocol_words(runs: pd.DataFrame) -> str:
+    """The evaluation protocol and calibration of these runs, in words (HTML)."""
+    try:
+        body = json.loads(runs["protocol_body"].iloc[0])
+    except (TypeError, ValueError, IndexError):
+        return ""
+    parts = []
+    if body.get("tasks"):
+        tasks = ", ".join(f"{t} (v{i.get('version')})" for t, i in body["tasks"].items())
+        limit = body.get("limit")
+        each = (f"the first {limit} items of each (one item moves a task's accuracy by {100 / limit:.2g} points)"
+                if limit else "every item")
+        parts.append(f"tasks {tasks}: {', '.join(body.get('metric', []))} on {each}")
+    for name, p in body.get("ppl", {}).items():
+        parts.append(f"perplexity on {name} (source:split@tokens per window/windows, {p.get('mode')})")
+    parts.append(f"weights in {body.get('dtype')}; lm-eval {body.get('lm_eval')}")
+    pruned = runs[runs["kind"] == "pruned"]
+    if "calibration" in pruned and len(pruned):
+        for text in sorted(pruned["calibration"].dropna().unique()):
+            c = json.loads(text) if text else {}
+            if c:
+                parts.append(f"calibration {c.get('source')}:{c.get('split')}, {c.get('n')} sequences x "
+                             f"{c.get('seq_len')} tokens (+{c.get('valid_n')} held out), seed {c.get('seed')}")
+    return ("<p class=\"protocol\"><b>protocol</b> " + html.escape(runs["protocol"].iloc[0]) + ": "
+            + html.escape("; ".join(parts)) + ".</p>")
 
 
 def pick_protocol(df: pd.DataFrame, protocol: str | None, latest: bool) -> pd.DataFrame:
@@ -238,7 +313,7 @@ def pick_protocol(df: pd.DataFrame, protocol: str | None, latest: bool) -> pd.Da
 
 def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | None = None,
                  allow_mixed: bool = False, log_to_store: bool = False, protocol: str | None = None,
-                 latest: bool = False) -> Path:
+                 latest: bool = False, ablation_mode: str = "marginal") -> Path:
     """Write the report under `out` and return its index.html. The store is only read, unless `log_to_store`
     (then the report is also logged on each experiment's parent run)."""
     start = time.perf_counter()
@@ -249,7 +324,8 @@ def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | No
     df = pick_protocol(df, protocol, latest)
     groups = guard(df, allow_mixed)
     with output_dir(out, "report") as tmp:  # a failed or killed build leaves the previous report whole
-        page = Page(tmp)
+        page = Page(tmp, ablation=ablation_mode)
+        plots.palette(sorted(df["method"].unique()))
         export(df, tmp / "results.csv")
         export(df, tmp / "results.parquet")
         mixed = len(groups) > 1
@@ -259,6 +335,7 @@ def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | No
                 page.sections.append(f'<h1 class="warn">protocol {i + 1} of {len(groups)} '
                                      f"({html.escape(runs['protocol'].iloc[0])}): not comparable with the other "
                                      "sections (--allow-mixed)</h1>")
+            page.sections.append(protocol_words(runs))
             page.sections.append(leaderboard_section(page, runs, prefix))
             page.sections += [model_section(page, runs, model, prefix) for model in sorted(runs["model"].unique())]
         note = ('<p class="warn">MIXED PROTOCOLS: sections below were measured under different protocols and are '

@@ -96,15 +96,15 @@ def layer_sparsity(keep: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> d
 
 def plot_profiles(profiles: Mapping[str, Mapping[int, float]], stem: Path, title: str) -> Path:
     """Per-layer sparsity of every method on one plot: where does each method cut?"""
-    from reports.plots import figure, save
-
-    fig, (ax,) = figure()
     from matplotlib.ticker import MaxNLocator
 
-    styles = ["-", "--", ":", "-."]
+    from reports.plots import DASHES, figure, method_style, save
+
+    fig, (ax,) = figure()
     for i, (method, profile) in enumerate(profiles.items()):  # line styles keep coinciding profiles visible
         layers = sorted(profile)
-        ax.plot(layers, [profile[layer] for layer in layers], marker="os^vD"[i % 5], ls=styles[i % 4], label=method)
+        ax.plot(layers, [profile[layer] for layer in layers], label=method,
+                **method_style(method) | {"ls": DASHES[i % len(DASHES)]})
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="layer", ylabel="fraction of layer's prunable params removed", ylim=(0, 1))
     ax.legend(fontsize=7)

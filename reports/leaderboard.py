@@ -14,24 +14,91 @@ import pandas as pd
 
 from reports.tables import RELAXED, missed_budget
 from suite.run.record import metric
+from suite.stats import ci95
 
 CELL = ["model", "sparsity", "seed"]
 BOOTSTRAP = 10_000
 
 
+SCORE = "retained.mean_acc"  # what a board ranks: mean task accuracy as % of the dense model's, per cell
+CELL_KEYS = ["model", "sparsity"]
+Z95 = 1.959963984540054
+
+
+def cell_scores(pruned: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, sparsity, method): the runs (n), mean retained accuracy and its 95% half-width, and where that
+    width comes from: the t-interval over seeds when there are several, else the items (lm-eval's stderr of the
+    mean accuracy, scaled to retained %), else none ('–'). Also how many runs missed their budget."""
+    cols = [*CELL_KEYS, "method", "n", "retained_acc_%", "ci95", "ci_from", "missed_budget"]
+    if SCORE not in pruned or pruned[SCORE].isna().all():
+        return pd.DataFrame(columns=cols)
+    pruned = pruned[pruned[SCORE].notna()].assign(_missed=missed_budget(pruned))
+    rows = []
+    for (model, sparsity, method), runs in pruned.groupby([*CELL_KEYS, "method"], sort=True):
+        values = runs[SCORE]
+        half, source = ci95(values), "seeds"
+        if half != half and "mean_acc_stderr" in runs and runs["mean_acc"].iloc[0]:
+            half = Z95 * float(runs["mean_acc_stderr"].iloc[0] / runs["mean_acc"].iloc[0] * values.iloc[0])
+            source = "items" if half == half else "–"
+        rows.append({"model": model, "sparsity": sparsity, "method": method, "n": len(values),
+                     "retained_acc_%": float(values.mean()), "ci95": half, "ci_from": source if half == half else "–",
+                     "missed_budget": int(runs["_missed"].sum())})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def rank_bands(means: pd.Series, halves: pd.Series, higher_is_better: bool = True) -> pd.Series:
+    """A rank band per method: from 1 + the number of methods surely better (their interval wholly above) to the
+    number not surely worse. Overlapping intervals share ranks, exact ties too; a method without an interval is
+    its point. '3' when the band is one rank, '2–4' otherwise."""
+    sign = 1 if higher_is_better else -1
+    mean, half = sign * means.to_numpy(dtype=float), np.nan_to_num(halves.to_numpy(dtype=float))
+    low, high = mean - half, mean + half
+    out = []
+    for i in range(len(mean)):
+        best = 1 + int((low > high[i]).sum())
+        worst = int((high >= low[i]).sum())
+        out.append(str(best) if best == worst else f"{best}–{worst}")
+    return pd.Series(out, index=means.index)
+
+
 def ranking(pruned: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean retained accuracy (% of dense) over every run, its spread, the number of runs, and how many
-    of them are projection results (a mask learner whose relaxation missed its budget; `missed_runs` names them)."""
-    if "retained.mean_acc" not in pruned or pruned["retained.mean_acc"].isna().all():
-        return pd.DataFrame(columns=["rank", "method", "retained_acc_%", "std", "runs", "missed_budget"])
-    g = pruned.groupby("method")["retained.mean_acc"]
-    missed = missed_budget(pruned).groupby(pruned["method"]).sum()
-    out = pd.DataFrame({"retained_acc_%": g.mean(), "std": g.std(ddof=1), "runs": g.count(),
-                        "missed_budget": missed.reindex(g.mean().index, fill_value=0).astype(int)})
-    best_first = not metric("retained.mean_acc").higher_is_better  # the metric's registered direction
-    out = out.sort_values("retained_acc_%", ascending=best_first).reset_index()
-    out.insert(0, "rank", range(1, len(out) + 1))
-    return out
+    """Methods ranked on the cells (model, sparsity) they all cover: each method's score is the mean over those
+    cells of its cell mean (every cell weighs the same, whatever its number of seeds), with a 95% half-width
+    combined from the cells'; overlapping intervals share a rank band. A method that misses a cell of the board is
+    not averaged over the others: it is listed after the ranked ones with its coverage and no rank (its cells are
+    in `cell_scores`)."""
+    cols = ["rank", "method", "retained_acc_%", "ci95", "cells", "runs", "missed_budget"]
+    scores = cell_scores(pruned)
+    if scores.empty:
+        return pd.DataFrame(columns=cols)
+    cells = scores.groupby(CELL_KEYS).ngroups
+    per = scores.groupby("method")
+    covered = per.size()
+    full = scores[scores["method"].isin(covered[covered == cells].index)]
+    rows = []
+    for method, block in full.groupby("method"):
+        k = len(block)
+        rows.append({"method": method, "retained_acc_%": block["retained_acc_%"].mean(),
+                     "ci95": float(np.sqrt((block["ci95"] ** 2).sum(skipna=False)) / k), "cells": f"{k}/{cells}",
+                     "runs": int(block["n"].sum()), "missed_budget": int(block["missed_budget"].sum())})
+    ranked = pd.DataFrame(rows, columns=cols[1:])
+    higher = metric(SCORE).higher_is_better is not False
+    ranked = ranked.sort_values(["retained_acc_%", "method"], ascending=[not higher, True], ignore_index=True)
+    ranked.insert(0, "rank", rank_bands(ranked["retained_acc_%"], ranked["ci95"], higher))
+    partial = [{"rank": "–", "method": m, "retained_acc_%": np.nan, "ci95": np.nan,
+                "cells": f"{covered[m]}/{cells}", "runs": int(per.get_group(m)["n"].sum()),
+                "missed_budget": int(per.get_group(m)["missed_budget"].sum())}
+               for m in sorted(covered[covered < cells].index)]
+    return pd.concat([ranked, pd.DataFrame(partial, columns=cols)], ignore_index=True) if partial else ranked
+
+
+def coverage(pruned: pd.DataFrame) -> pd.DataFrame:
+    """Method x cell: the number of runs (seeds), 0 where the method never ran there."""
+    if pruned.empty:
+        return pd.DataFrame()
+    table = pruned.pivot_table(index="method", columns=CELL_KEYS, values="seed", aggfunc="count", fill_value=0)
+    table.columns = [f"{m} @ {s:g}" for m, s in table.columns]
+    return table.astype(int)
 
 
 def missed_runs(pruned: pd.DataFrame) -> pd.DataFrame:
@@ -125,6 +192,39 @@ def holm(p: np.ndarray) -> np.ndarray:
     for k, i in enumerate(order):
         running = max(running, min(1.0, (m - k) * p[i]))
         out[i] = running
+    return out
+
+
+def p_text(p: float, draws: int | None = None) -> str:
+    """A p-value at its resolution: a bootstrap of B draws cannot tell p below 1/B, so its 0 reads '< 1/B'."""
+    if p != p:
+        return "–"
+    if draws and p < 1 / draws:
+        return f"< {1 / draws:.0e}"
+    return f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
+
+
+def significance_display(sig: pd.DataFrame) -> pd.DataFrame:
+    """The pairwise tests as read: the effect in accuracy points, p-values at their resolution, '–' untested."""
+    out = sig[["a", "b", "pairs"]].copy()
+    out["effect (acc points, a - b)"] = [f"{100 * d:+.2f}" if d == d else "–" for d in sig["mean_diff_acc"]]
+    out["p bootstrap"] = [p_text(p, BOOTSTRAP) for p in sig["p_bootstrap"]]
+    out["p Wilcoxon"] = [p_text(p) for p in sig["p_wilcoxon"]]
+    out["p Wilcoxon, Holm"] = [p_text(p) for p in sig["p_wilcoxon_holm"]]
+    return out
+
+
+def matrix(sig: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Method x method: the row's mean accuracy minus the column's, in points over their matched pairs, and the
+    Holm-corrected Wilcoxon p; '*' where that p is below 0.05."""
+    out = pd.DataFrame("–", index=pd.Index(order, name="row − column"), columns=order)
+    for _, r in sig.iterrows():
+        if r["mean_diff_acc"] != r["mean_diff_acc"]:
+            continue
+        star = "*" if r["p_wilcoxon_holm"] < 0.05 else ""
+        p = p_text(r["p_wilcoxon_holm"])
+        out.loc[r["a"], r["b"]] = f"{100 * r['mean_diff_acc']:+.1f} (p {p}){star}"
+        out.loc[r["b"], r["a"]] = f"{-100 * r['mean_diff_acc']:+.1f} (p {p}){star}"
     return out
 
 

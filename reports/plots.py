@@ -13,6 +13,31 @@ import pandas as pd
 from reports.query import read_json
 from suite.run.record import metric
 
+# Okabe & Ito's colourblind-safe palette; past eight methods the marker (and in line plots the dash) tells them apart
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442")
+MARKERS = "os^DvP*X"
+DASHES = ("-", "--", ":", "-.")
+_COLOURS: dict[str, int] = {}
+
+
+def palette(methods: list[str]) -> None:
+    """Fix each method's colour and marker for the figures that follow (a report calls it once with all of its
+    methods, sorted), so one method looks the same in every figure."""
+    _COLOURS.clear()
+    _COLOURS.update({m: i for i, m in enumerate(dict.fromkeys(methods))})
+
+
+def style(i: int) -> tuple[str, str]:
+    """The i-th (colour, marker)."""
+    return OKABE_ITO[i % len(OKABE_ITO)], MARKERS[(i + i // len(OKABE_ITO)) % len(MARKERS)]
+
+
+def method_style(method: str) -> dict[str, str]:
+    """Matplotlib keywords (color, marker, ls) of a method: fixed by `palette`, else the next free ones."""
+    i = _COLOURS.setdefault(method, len(_COLOURS))
+    colour, marker = style(i)
+    return {"color": colour, "marker": marker, "ls": DASHES[(i // len(OKABE_ITO)) % len(DASHES)]}
+
 
 def figure(ncols: int = 1, width: float = 4.6, height: float = 3.4) -> tuple[Any, Any]:
     import matplotlib
@@ -22,6 +47,19 @@ def figure(ncols: int = 1, width: float = 4.6, height: float = 3.4) -> tuple[Any
 
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
     return fig, axes[0]
+
+
+def log_axis(ax: Any, which: str = "y") -> None:
+    """A log scale with plain numbers at its ticks (20, 50, 100), not 10^1.3."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.set_yscale("log") if which == "y" else ax.set_xscale("log")
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    plain = ScalarFormatter()
+    plain.set_scientific(False)
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter("")
 
 
 def save(fig: Any, stem: Path) -> Path:
@@ -57,12 +95,13 @@ def pareto(runs: pd.DataFrame, ppl_column: str | None, stem: Path, title: str) -
     dense = runs[runs["kind"] == "dense"]
     for ax, column in zip(axes, panels, strict=True):
         for method, agg in _by_method(runs, column).items():
-            ax.errorbar(agg["sparsity"], agg["mean"], yerr=agg["std"].fillna(0), marker="o", capsize=3, label=method)
+            ax.errorbar(agg["sparsity"], agg["mean"], yerr=agg["std"].fillna(0), capsize=3, label=method,
+                        **method_style(method))
         if len(dense) and dense[column].notna().any():
             ax.axhline(dense[column].mean(), color="black", ls="--", lw=1, label="dense")
         ax.set(xlabel="sparsity (prunable params removed)", ylabel=metric(column).label)
         if column.startswith("ppl."):
-            ax.set_yscale("log")
+            log_axis(ax)
     axes[-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return save(fig, stem)
@@ -78,10 +117,12 @@ def scatter_vs_accuracy(runs: pd.DataFrame, x: str, xlabel: str, stem: Path, tit
     fig, (ax,) = figure()
     for method, rows in pruned.groupby("method"):
         if rows[x].notna().any():
-            ax.scatter(rows[x], rows["mean_acc"], s=30 + 200 * rows["sparsity"], alpha=0.75, label=str(method))
+            look = method_style(str(method))
+            ax.scatter(rows[x], rows["mean_acc"], s=30 + 200 * rows["sparsity"], alpha=0.75, label=str(method),
+                       color=look["color"], marker=look["marker"])
     ax.set(xlabel=xlabel, ylabel=metric("mean_acc").label)
     if log_x:
-        ax.set_xscale("log")
+        log_axis(ax, "x")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     return save(fig, stem)

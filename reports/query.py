@@ -16,12 +16,12 @@ import pandas as pd
 
 from suite.errors import ConfigError, DataError
 from suite.model.masks import Masks
-from suite.run.record import ERROR, KIND, NONFINITE, PREFIX, SWEEP
+from suite.run.record import ERROR, IDENTITY, KIND, NONFINITE, PREFIX, SWEEP
 from suite.run.tracking import Tracker
 
 ID_COLUMNS = ["experiment", "run_id", "kind", "status", "model", "method", "method_name", "sparsity", "seed",
               "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity", "start_time", "nonfinite",
-              "sweep"]
+              "sweep", "identity", "calibration"]
 LOCAL = ["artifacts"]  # where this machine finds a run's files: used by the report, never exported
 
 
@@ -48,7 +48,9 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
                 "artifacts": str(tracker.artifact_dir(run.info.artifact_uri) or ""),
                 "code": tags.get(PREFIX + "code", tags.get(PREFIX + "suite_version", "")),
                 "calibration_hash": params.get("calibration.hash", ""),
-                "sweep": tags.get(SWEEP, ""),
+                "sweep": tags.get(SWEEP, ""), "identity": tags.get(IDENTITY, ""),
+                "calibration": json.dumps({k.removeprefix("calibration."): _value(v) for k, v in sorted(params.items())
+                                           if k.startswith("calibration.") and k != "calibration.hash"}),
             } | {k: _value(v) for k, v in params.items() if k.startswith("hp.")}
             metrics = dict(run.data.metrics)
             nonfinite = json.loads(tags.get(NONFINITE, "{}"))

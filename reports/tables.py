@@ -77,11 +77,19 @@ class Summary:
         return out
 
 
+def stderr_column(column: str) -> str:
+    """Where lm-eval's item-level stderr of an accuracy column is recorded (acc.X -> acc_stderr.X)."""
+    return "mean_acc_stderr" if column == "mean_acc" else column.replace("acc.", "acc_stderr.", 1)
+
+
 def summarize(df: pd.DataFrame, model: str) -> Summary:
     runs = df[df["model"] == model]
     cols = columns(runs)
     grouped = runs.groupby(["method", "sparsity"], sort=False)[cols]
     parts = {"mean": grouped.mean(), "ci": grouped.agg(ci95), "n": grouped.count()}
+    errors = {c: stderr_column(c) for c in cols if c.startswith(("acc.", "mean_acc")) and stderr_column(c) in runs}
+    se = runs.groupby(["method", "sparsity"], sort=False)[list(errors.values())].mean()
+    parts["se"] = se.rename(columns={v: k for k, v in errors.items()}).reindex(columns=cols)
     frame = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
     order = sorted(frame.index, key=lambda k: (k[0] != "dense", k[1], k[0]))
     missed = runs[missed_budget(runs)]
@@ -90,9 +98,11 @@ def summarize(df: pd.DataFrame, model: str) -> Summary:
                    frozenset(zip(flagged["method"], flagged["sparsity"], strict=True)))
 
 
-def _cell(column: str, mean: float, ci: float) -> str:
+def _cell(column: str, mean: float, ci: float, se: float = float("nan")) -> str:
+    """The mean, ± the 95% CI over seeds (where there are several), and for an accuracy lm-eval's item-level
+    stderr (se, mean over seeds): with 100 items a task's accuracy is good to about ±5 points."""
     if mean != mean:
-        return "-"
+        return "–"
     if column == "params_compact":
         return f"{mean / 1e6:.2f}M"
     if column == RELAXED:
@@ -103,7 +113,8 @@ def _cell(column: str, mean: float, ci: float) -> str:
         text, half = f"{mean:.2f}" if mean < 100 else f"{mean:.1f}", f"{ci:.2f}"
     else:
         text, half = f"{mean:.2f}", f"{ci:.2f}"
-    return text if ci != ci else f"{text} ± {half}"
+    text = text if ci != ci else f"{text} ± {half}"
+    return f"{text} (se {100 * se:.1f})" if se == se else text
 
 
 def cells(summary: Summary) -> tuple[list[str], list[list[str]], set[tuple[int, str]]]:
@@ -115,7 +126,7 @@ def cells(summary: Summary) -> tuple[list[str], list[list[str]], set[tuple[int, 
         marks = "".join(mark for mark, rows in flags if (method, sparsity) in rows)
         name = f"{method} {marks}" if marks else str(method)
         body.append([name, f"{sparsity:.2f}"] +
-                    [_cell(c, row[(c, "mean")], row[(c, "ci")]) for c in summary.columns])
+                    [_cell(c, row[(c, "mean")], row[(c, "ci")], row[(c, "se")]) for c in summary.columns])
     return header, body, summary.best()
 
 
@@ -176,6 +187,8 @@ def csv_frame(summary: Summary) -> pd.DataFrame:
         flat[c] = summary.frame[(c, "mean")]
         flat[f"{c}.ci95"] = summary.frame[(c, "ci")]
         flat[f"{c}.n"] = summary.frame[(c, "n")]
+        if summary.frame[(c, "se")].notna().any():
+            flat[f"{c}.stderr"] = summary.frame[(c, "se")]
     return flat.reset_index()
 
 

@@ -81,21 +81,45 @@ def test_knobs_valid_one_by_one_that_clash_together_are_refused_as_that_variant(
                    "refused by tyr: stage_tokens and stage_keep need one entry per selection stage")
 
 
-def test_swept_knobs_are_hp_columns_of_the_run_table_and_results_csv(tmp_path, model_dir, capsys):
-    methods = [{"name": "random"}, {"name": "ddp", "params": {"steps": 3, "batch_size": 2, "valid_batches": 1,
-                                                              "forward_map": {"grid": ["relu", "clamp"]}}}]
-    path = _config(tmp_path, model_dir, methods, seeds=[0])
-    workdir = tmp_path / "runs"
-    assert main(["run", str(path), "--workdir", str(workdir)]) == 0
-    header, *rows = capsys.readouterr().out.strip().splitlines()[-4:]
-    assert header.split()[:3] == ["model", "method", "hp.forward_map"]
-    assert [r.split()[1:3] for r in rows] == [["random", "-"], ["ddp[forward_map=relu]", "relu"],
-                                             ["ddp[forward_map=clamp]", "clamp"]]
-    assert main(["report", "--experiment", "ablation", "--workdir", str(workdir), "--out", str(tmp_path / "r")]) == 0
+def test_swept_knobs_are_hp_columns_and_the_report_shows_each_knob_and_their_interaction(tmp_path, model_dir,
+                                                                                          capsys):
     import pandas as pd
 
-    results = pd.read_csv(tmp_path / "r" / "results.csv")
-    pruned = results[results["kind"] == "pruned"].set_index("method")
-    assert pruned.loc["ddp[forward_map=clamp]", "hp.forward_map"] == "clamp"
-    assert pruned.loc["ddp[forward_map=relu]", "sweep"] == '{"forward_map": "relu"}'
-    assert pruned.loc["random", "sweep"] != pruned.loc["random", "sweep"]  # not swept: empty
+    methods = [{"name": "random"}, {"name": "ddp", "params": {
+        "steps": 3, "batch_size": 2, "valid_batches": 1, "forward_map": {"grid": ["relu", "clamp"]},
+        "mu_end": {"grid": [20, 100]}}}]
+    path = _config(tmp_path, model_dir, methods)
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir)]) == 0
+    header, *rows = capsys.readouterr().out.strip().splitlines()[-11:]
+    assert header.split()[:4] == ["model", "method", "hp.forward_map", "hp.mu_end"]
+    assert rows[0].split()[1:4] == ["random", "-", "-"]
+    assert rows[-1].split()[1:4] == ["ddp[forward_map=clamp,mu_end=100]", "clamp", "100"]
+    reports = {}
+    for mode in ("marginal", "held"):
+        out = tmp_path / f"r_{mode}"
+        assert main(["report", "--experiment", "ablation", "--workdir", str(workdir), "--out", str(out),
+                     "--ablation", mode]) == 0
+        reports[mode] = out
+    results = pd.read_csv(reports["held"] / "results.csv")
+    pruned = results[results["kind"] == "pruned"]
+    variant = pruned[pruned["method"] == "ddp[forward_map=clamp,mu_end=20]"]
+    assert len(variant) == 2 and set(variant["hp.forward_map"]) == {"clamp"} and set(variant["hp.mu_end"]) == {20}
+    assert set(variant["sweep"]) == {'{"forward_map": "clamp", "mu_end": 20}'}
+    assert pruned.loc[pruned["method"] == "random", "sweep"].isna().all()  # not swept
+    # marginal: each knob value pools the other knob's 2 values x 2 seeds; held: 2 seeds per cell
+    marginal = pd.read_csv(next(reports["marginal"].glob("tables/*_ablation_ddp_forward_map.csv")))
+    assert list(marginal["knob.forward_map"]) == ["relu", "clamp"] and set(marginal["mean_acc.n"]) == {4}
+    assert "knob.mu_end" not in marginal
+    held = pd.read_csv(next(reports["held"].glob("tables/*_ablation_ddp_mu_end.csv")))
+    assert len(held) == 4 and set(held["mean_acc.n"]) == {2} and list(held["knob.mu_end"]) == [20, 100, 20, 100]
+    runs = pruned[pruned["method"].str.startswith("ddp[")]
+    per_value = runs.groupby("hp.mu_end")["mean_acc"].mean()
+    assert marginal["mean_acc"].notna().all()
+    mu = pd.read_csv(next(reports["marginal"].glob("tables/*_ablation_ddp_mu_end.csv"))).set_index("knob.mu_end")
+    assert abs(mu.loc[20, "mean_acc"] - per_value[20]) < 1e-12
+    # three DDP steps never reach a 0.3 target: every cell says its runs missed the budget
+    assert set(mu["missed_budget"]) == {4}
+    page = (reports["marginal"] / "index.html").read_text()
+    assert "ablation: ddp over forward_map, mu_end" in page and "forward_map x mu_end" in page
+    assert " †" in page and len(list(reports["marginal"].glob("figures/*_ablation_ddp_*.png"))) == 2

@@ -22,6 +22,9 @@ from suite.model.loss import token_nll
 from suite.model.structures import param_count
 
 PPL_MODES = ("chunks", "rolling")
+# lm-eval's item-level stderr: accuracies (a mean over items) get its closed form, sqrt(p(1-p)/(n-1)); this many
+# bootstrap draws only for a task whose metric has none (median, F1)
+STDERR_BOOTSTRAP = 100
 
 
 @torch.no_grad()
@@ -202,16 +205,21 @@ def run_tasks(
     try:
         with context, _quiet_datasets(), _quiet_lm_eval(), _no_environment_report():
             out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+                                          log_samples=False, bootstrap_iters=STDERR_BOOTSTRAP, verbosity="ERROR")
     except (ConnectionError, OSError) as err:
         raise DataError(f"cannot load data for tasks {standard}: {reason or str(err).splitlines()[0]}") from None
     scores, info = {}, {}
     for task in tasks:
         r = out["results"][task]
         scores[task] = {"acc": r["acc,none"], "acc_norm": r.get("acc_norm,none", r["acc,none"]),
-                        "n": int(out["n-samples"][task]["effective"])}
+                        "n": int(out["n-samples"][task]["effective"]), "acc_stderr": _number(r.get("acc_stderr,none"))}
         info[task] = {"version": out["versions"].get(task), "data_hash": hashes.get(task, "hub")}
     return scores, info
+
+
+def _number(value: Any) -> float:
+    """lm-eval's stderr, or NaN where it has none ("N/A": a single item)."""
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 @contextlib.contextmanager

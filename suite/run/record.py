@@ -4,6 +4,7 @@ tags, the error line and the artifact layout. The runner writes with these and `
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,8 @@ for _name, _label, _higher in (
     ("ppl.*", "{name} ppl", False), ("acc.*", "{name}", True), ("acc_norm.*", "{name} (norm)", True),
     ("mean_acc", "mean acc", True), ("retained.mean_acc", "retained %", True), ("params_compact", "params", None),
     ("diag_relaxed_sparsity", "relaxed sp.", None), ("speed.prefill_speedup", "speedup", True),
-    ("prune_seconds", "prune s", False),
+    ("prune_seconds", "prune s", False), ("acc_stderr.*", "{name} stderr", None),
+    ("mean_acc_stderr", "mean acc stderr", None),
 ):
     register_metric(_name, _label, _higher)
 
@@ -65,8 +67,13 @@ def flat_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
     for task, r in result["tasks"].items():
         out[f"{prefix}acc.{task}"] = r["acc"]
         out[f"{prefix}acc_norm.{task}"] = r["acc_norm"]
+        if r.get("acc_stderr") == r.get("acc_stderr"):  # lm-eval's item-level stderr, where it gave one
+            out[f"{prefix}acc_stderr.{task}"] = r["acc_stderr"]
     if "mean_acc" in result:
         out[f"{prefix}mean_acc"] = result["mean_acc"]
+        errors = [r.get("acc_stderr", math.nan) for r in result["tasks"].values()]
+        if errors and all(e == e for e in errors):  # independent tasks: the mean's stderr
+            out[f"{prefix}mean_acc_stderr"] = math.sqrt(sum(e * e for e in errors)) / len(errors)
     return out
 
 

@@ -1,0 +1,193 @@
+"""`prunebench leaderboard`: one leaderboard from any number of experiments in any number of stores.
+
+What makes it sound, where merging results naively would not be:
+
+- one board per evaluation protocol and calibration set: numbers measured under different protocols or from
+  different calibration data are never ranked together, and each board says how it differs from the first;
+- a run found twice (the same identity: the same model, method, hyperparameters, target, seed, data, protocol and
+  code, recorded by two experiments or copied into two stores) counts once;
+- methods are ranked only on the (model, sparsity) cells they all cover; coverage is shown, never averaged over;
+- every cell has its number of runs and a 95% interval, and methods whose intervals overlap share a rank band.
+
+Output: a static, self-contained index.html (DataTables embedded by itables, so it sorts and filters from file://
+with no server or network), leaderboard.json and leaderboard.csv (rankings) and cells.csv for a website.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reports import leaderboard
+from reports.build import BOARD_NOTE, STYLE, board_display, protocol_difference, protocol_words
+from reports.query import LOCAL, load_results
+from suite.errors import ConfigError
+from suite.outputs import check_dir, output_dir
+
+
+@dataclass(frozen=True)
+class Store:
+    """A tracking store to read: a workdir's own, or a URI (with a workdir for its local artifacts)."""
+
+    workdir: Path
+    uri: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.uri or str(self.workdir)
+
+
+def gather(stores: list[Store], experiments: list[str]) -> tuple[pd.DataFrame, int]:
+    """Every finished run of `experiments` in any of `stores`, a run found more than once kept once (the latest
+    record); returns the runs and how many duplicates were dropped. An experiment in none of the stores is refused."""
+    frames, found = [], set()
+    for store in stores:
+        for name in experiments:
+            try:
+                df = load_results(store.workdir, [name], store.uri)
+            except ConfigError:
+                continue  # not in this store
+            if len(df):
+                frames.append(df.assign(store=store.name))
+                found.add(name)
+    missing = [n for n in experiments if n not in found]
+    if missing:
+        raise ConfigError(f"no finished runs of experiment(s) {', '.join(missing)} in "
+                          f"{', '.join(s.name for s in stores)}")
+    df = pd.concat(frames, ignore_index=True).sort_values("start_time", kind="stable")
+    keyed = df["identity"].astype(bool)
+    unique = pd.concat([df[keyed].drop_duplicates("identity", keep="last"), df[~keyed]])
+    return unique.sort_values(["model", "kind", "method", "sparsity", "seed"], ignore_index=True), len(df) - len(unique)
+
+
+@dataclass
+class Board:
+    """The runs of one protocol and one calibration set, with the dense references of that protocol."""
+
+    protocol: str
+    calibration_hash: str
+    runs: pd.DataFrame
+
+    @property
+    def pruned(self) -> pd.DataFrame:
+        return self.runs[self.runs["kind"] == "pruned"]
+
+
+def boards(df: pd.DataFrame) -> list[Board]:
+    """One board per (protocol, calibration set), largest first."""
+    pruned, dense = df[df["kind"] == "pruned"], df[df["kind"] == "dense"]
+    out = [Board(protocol, calibration, pd.concat([dense[dense["protocol"] == protocol], runs]))
+           for (protocol, calibration), runs in pruned.groupby(["protocol", "calibration_hash"], sort=True)]
+    return sorted(out, key=lambda b: -len(b.pruned))
+
+
+def difference(board: Board, first: Board) -> str:
+    """How a board differs from the first one, in words."""
+    parts = []
+    if board.protocol != first.protocol:
+        parts.append("protocol " + protocol_difference(board.runs.iloc[0], first.runs.iloc[0]).split(": ", 1)[-1])
+    if board.calibration_hash != first.calibration_hash:
+        mine, theirs = (json.loads(b.pruned["calibration"].iloc[0] or "{}") for b in (board, first))
+        changed = [f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                   if mine.get(k) != theirs.get(k)]
+        parts.append("calibration " + (", ".join(changed) if changed else
+                                       f"text {first.calibration_hash[:12]} -> {board.calibration_hash[:12]}"))
+    return "; ".join(parts)
+
+
+def cells_display(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per cell and method: 'mean ± ci', n, where the interval comes from, the rank band within the cell."""
+    out = []
+    for _, block in scores.groupby(leaderboard.CELL_KEYS, sort=True):
+        block = block.sort_values("retained_acc_%", ascending=False)
+        bands = leaderboard.rank_bands(block["retained_acc_%"], block["ci95"])
+        out.append(block.assign(rank=bands))
+    if not out:
+        return scores
+    frame = pd.concat(out, ignore_index=True)
+    frame["retained acc %"] = [f"{m:.2f}" + (f" ± {c:.2f}" if c == c else "")
+                               for m, c in zip(frame["retained_acc_%"], frame["ci95"], strict=True)]
+    return frame[["model", "sparsity", "rank", "method", "retained acc %", "n", "ci_from", "missed_budget"]]
+
+
+def interactive(df: pd.DataFrame, caption: str) -> str:
+    """A sortable, filterable table (DataTables through itables, offline: the page loads it once)."""
+    from itables import to_html_datatable
+
+    return to_html_datatable(df, caption=caption, connected=False, display_logo_when_loading=False,
+                             text_in_header_can_be_selected=False, column_filters="footer", paging=False,
+                             layout={"topStart": None, "topEnd": "search", "bottomStart": None, "bottomEnd": None},
+                             classes="display compact", showIndex=False, allow_html=False)
+
+
+def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) -> Path:
+    """Write the leaderboard under `out` (all or nothing) and return its index.html."""
+    from itables import options
+    from itables.javascript import generate_init_offline_itables_html
+
+    start = time.perf_counter()
+    check_dir(out, "leaderboard")
+    df, duplicates = gather(stores, experiments)
+    found = boards(df)
+    if not found:
+        raise ConfigError(f"no pruned runs in experiment(s) {', '.join(experiments)}")
+    sections, records, rankings, cell_rows = [], [], [], []
+    for i, board in enumerate(found, start=1):
+        rank = leaderboard.ranking(board.pruned)
+        scores = leaderboard.cell_scores(board.pruned)
+        cells = cells_display(scores)
+        order = [m for m in rank["method"] if m in set(rank.loc[rank["rank"] != "–", "method"])]
+        grid = leaderboard.matrix(leaderboard.significance(board.pruned, order), order) if len(order) > 1 else None
+        cover = leaderboard.coverage(board.pruned)
+        differs = difference(board, found[0]) if i > 1 else ""
+        title = f"board {i}: protocol {board.protocol}, calibration {board.calibration_hash[:12]}"
+        sections += [f"<h2>{html.escape(title)}</h2>",
+                     f'<p class="warn">differs from board 1 in: {html.escape(differs)}</p>' if differs else "",
+                     protocol_words(board.runs),
+                     f"<p>{len(board.pruned)} runs from {html.escape(', '.join(records_of(board)))}. "
+                     f"{html.escape(BOARD_NOTE)} {HOW_TO}</p>",
+                     "<h3>ranking</h3>", interactive(board_display(rank), f"board {i}: ranking"),
+                     "<h3>every cell</h3>", interactive(cells, f"board {i}: (model, sparsity) cells"),
+                     "<h3>coverage: runs per method and cell (0: never ran there)</h3>", cover.to_html(),
+                     *(["<h3>paired tests: row − column, accuracy points (Holm-corrected Wilcoxon p)</h3>",
+                        grid.to_html()] if grid is not None else [])]
+        rankings.append(rank.assign(board=i, protocol=board.protocol, calibration_hash=board.calibration_hash))
+        cell_rows.append(cells.assign(board=i, protocol=board.protocol, calibration_hash=board.calibration_hash))
+        records.append({"board": i, "protocol": board.protocol, "calibration_hash": board.calibration_hash,
+                        "differs_from_board_1": differs, "experiments": records_of(board),
+                        "ranking": _records(rank), "cells": _records(cells), "coverage": _records(cover.reset_index())})
+    summary = {"experiments": experiments, "stores": [s.name for s in stores],
+               "runs": int((df["kind"] == "pruned").sum()), "duplicates_counted_once": duplicates, "boards": records}
+    with output_dir(out, "leaderboard") as tmp:
+        pd.concat(rankings).to_csv(tmp / "leaderboard.csv", index=False)
+        pd.concat(cell_rows).to_csv(tmp / "cells.csv", index=False)
+        (tmp / "leaderboard.json").write_text(json.dumps(summary, indent=1, default=str))
+        head = (f"{summary['runs']} pruned runs of {html.escape(', '.join(experiments))} from "
+                f"{html.escape(', '.join(s.name for s in stores))}; {duplicates} found twice, counted once; "
+                f"{len(found)} board(s). Data: <a href=\"leaderboard.json\">json</a> · "
+                f"<a href=\"leaderboard.csv\">csv</a> · <a href=\"cells.csv\">cells csv</a>")
+        (tmp / "index.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+<title>prunebench leaderboard</title><style>{STYLE}</style></head><body>
+{generate_init_offline_itables_html(options.dt_bundle)}
+<h1>prunebench leaderboard</h1><p>{head}</p>
+{"".join(sections)}
+<p>built in {time.perf_counter() - start:.1f} s</p></body></html>
+""")
+    return out / "index.html"
+
+
+HOW_TO = "Sort by a header; filter with the search box or the boxes below a table."
+
+
+def records_of(board: Board) -> list[str]:
+    return sorted(board.pruned["experiment"].unique())
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return json.loads(df.drop(columns=[c for c in LOCAL if c in df.columns]).to_json(orient="records"))
