@@ -45,7 +45,8 @@ class Store:
 
 def gather(stores: list[Store], experiments: list[str]) -> tuple[pd.DataFrame, int]:
     """Every finished run of `experiments` in any of `stores`, a run found more than once kept once (the latest
-    record); returns the runs and how many duplicates were dropped. An experiment in none of the stores is refused."""
+    record; the dense references too); returns the runs and how many pruned runs were found more than once. An
+    experiment in none of the stores is refused."""
     frames, found = [], set()
     for store in stores:
         for name in experiments:
@@ -63,7 +64,8 @@ def gather(stores: list[Store], experiments: list[str]) -> tuple[pd.DataFrame, i
     df = pd.concat(frames, ignore_index=True).sort_values("start_time", kind="stable")
     keyed = df["identity"].astype(bool)
     unique = pd.concat([df[keyed].drop_duplicates("identity", keep="last"), df[~keyed]])
-    return unique.sort_values(["model", "kind", "method", "sparsity", "seed"], ignore_index=True), len(df) - len(unique)
+    dropped = int((df["kind"] == "pruned").sum() - (unique["kind"] == "pruned").sum())
+    return unique.sort_values(["model", "kind", "method", "sparsity", "seed"], ignore_index=True), dropped
 
 
 @dataclass
