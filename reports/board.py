@@ -154,6 +154,8 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) ->
                      protocol_words(board.runs),
                      f"<p>{len(board.pruned)} runs from {html.escape(', '.join(records_of(board)))}. "
                      f"{html.escape(BOARD_NOTE)} {HOW_TO}</p>",
+                     "<h3>best method per model and sparsity</h3>",
+                     leaderboard.best_per_cell(board.pruned).to_html(index=False),
                      "<h3>ranking</h3>", interactive(board_display(rank), f"board {i}: ranking"),
                      "<h3>every cell</h3>", interactive(cells, f"board {i}: (model, sparsity) cells"),
                      "<h3>coverage: runs per method and cell (0: never ran there)</h3>", cover.to_html(),

@@ -239,6 +239,18 @@ MATRIX_NOTE = ("Row minus column, in accuracy points, over the (model, sparsity,
                "below also gives the paired bootstrap p, at its resolution (< 1/B for B draws).")
 
 
+def summary_block(page: Page, runs: pd.DataFrame, prefix: str) -> str:
+    """First in the report: the best method per model and sparsity, with its 95% interval, and who ties with it."""
+    best = leaderboard.best_per_cell(runs[runs["kind"] == "pruned"])
+    if best.empty:
+        return ""
+    files = [export(best, page.out / "tables" / f"{prefix}summary.csv"),
+             page.write(f"tables/{prefix}summary.md", tables.frame_markdown(best))]
+    return ("<h2>summary: best method per model and sparsity</h2><p>retained accuracy (% of dense mean task "
+            "accuracy), mean ± 95% interval (n runs); methods whose interval overlaps the best's rank 1 with it. "
+            f"Files: {page.links(*files)}</p>" + best.to_html(index=False))
+
+
 def board_display(rank: pd.DataFrame) -> pd.DataFrame:
     """A ranking as read: 'mean ± ci' in one column, '–' where there is no number."""
     out = rank[["rank", "method"]].copy()
@@ -336,6 +348,7 @@ def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | No
                                      f"({html.escape(runs['protocol'].iloc[0])}): not comparable with the other "
                                      "sections (--allow-mixed)</h1>")
             page.sections.append(protocol_words(runs))
+            page.sections.append(summary_block(page, runs, prefix))
             page.sections.append(leaderboard_section(page, runs, prefix))
             page.sections += [model_section(page, runs, model, prefix) for model in sorted(runs["model"].unique())]
         note = ('<p class="warn">MIXED PROTOCOLS: sections below were measured under different protocols and are '

@@ -92,6 +92,24 @@ def ranking(pruned: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([ranked, pd.DataFrame(partial, columns=cols)], ignore_index=True) if partial else ranked
 
 
+def best_per_cell(pruned: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, sparsity): the method with the best mean retained accuracy, with its interval and n, and the
+    methods whose rank band also includes 1 (not distinguishable from it at 95%)."""
+    cols = ["model", "sparsity", "best", "retained acc %", "n", "also rank 1 within the intervals"]
+    scores = cell_scores(pruned)
+    rows = []
+    for (model, sparsity), block in scores.groupby(CELL_KEYS, sort=True):
+        block = block.sort_values(["retained_acc_%", "method"], ascending=[False, True])
+        bands = rank_bands(block["retained_acc_%"], block["ci95"])
+        top = block.iloc[0]
+        tied = [m for m, b in zip(block["method"].iloc[1:], bands.iloc[1:], strict=True) if b.split("–")[0] == "1"]
+        half = f" ± {top['ci95']:.2f}" if top["ci95"] == top["ci95"] else ""
+        rows.append({"model": model, "sparsity": sparsity, "best": top["method"],
+                     "retained acc %": f"{top['retained_acc_%']:.2f}{half}", "n": int(top["n"]),
+                     "also rank 1 within the intervals": ", ".join(tied) or "–"})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def coverage(pruned: pd.DataFrame) -> pd.DataFrame:
     """Method x cell: the number of runs (seeds), 0 where the method never ran there."""
     if pruned.empty:

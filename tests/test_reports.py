@@ -60,7 +60,7 @@ def test_report_has_every_part(report, store):
     index = (report / "index.html").read_text()
     for rel in re.findall(r'(?:src|href)="([^"]+)"', index):
         assert (report / rel).is_file(), rel
-    model = next(p.stem for p in (report / "tables").glob("*.md") if "leaderboard" not in p.stem)
+    model = next(p.stem for p in (report / "tables").glob("*.md") if p.stem not in ("leaderboard", "summary"))
     md = (report / "tables" / f"{model}.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("|")]
     assert len(rows) == 2 + 1 + 2 * 2  # header, rule, dense, 2 methods x 2 sparsities
@@ -79,7 +79,14 @@ def test_report_has_every_part(report, store):
         assert (heat / f"{method}_sp0.5_seed1.png").is_file()
     assert (heat / "profiles_sp0.3_seed0.png").is_file() and (heat / "jaccard_sp0.3_seed0.png").is_file()
     board = pd.read_csv(report / "tables" / "leaderboard.csv")
-    assert sorted(board["method"]) == ["ddp", "random"] and list(board["rank"]) == [1, 2]
+    # two seeds per cell: t-intervals wide enough to overlap, so both share the band 1–2
+    assert sorted(board["method"]) == ["ddp", "random"] and list(board["rank"]) == ["1–2", "1–2"]
+    assert list(board["cells"]) == ["2/2", "2/2"] and list(board["runs"]) == [4, 4]
+    summary = pd.read_csv(report / "tables" / "summary.csv")
+    assert list(summary["sparsity"]) == [0.3, 0.5] and set(summary["n"]) == {2}
+    index = (report / "index.html").read_text()
+    assert index.index("summary: best method") < index.index("<h2>leaderboard")
+    assert 'class="protocol"' in index and "the first 12 items of each" in index and "NaN" not in index
     assert set(pd.read_csv(report / "tables" / "significance.csv").columns) >= {"p_bootstrap", "p_wilcoxon",
                                                                               "p_wilcoxon_holm"}
     assert json.loads((report / "report.json").read_text())["seconds"] < 60
@@ -101,7 +108,7 @@ def test_a_run_that_missed_its_budget_is_marked_in_the_table_and_the_leaderboard
     df = load_results(store / "runs", ["unit"])
     ddp = df[df["method"] == "ddp"]
     assert (ddp["diag_relaxed_sparsity"] == 0.0).all() and (ddp["diag_projection_share"] > 0.9).all()
-    name = next(p.stem for p in (report / "tables").glob("*.md") if "leaderboard" not in p.stem)
+    name = next(p.stem for p in (report / "tables").glob("*.md") if p.stem not in ("leaderboard", "summary"))
     table = (report / "tables" / f"{name}.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ddp")]
     assert len(rows) == 2 and all(r.startswith("| ddp † |") for r in rows)
@@ -240,7 +247,7 @@ def _frame(acc_a, acc_b):
 def test_win_rate_ranking_and_paired_tests():
     df = _frame([0.70, 0.72, 0.71, 0.69, 0.73, 0.70], [0.60, 0.61, 0.62, 0.60, 0.59, 0.61])
     rank = leaderboard.ranking(df)
-    assert list(rank["method"]) == ["a", "b"]
+    assert list(rank["method"]) == ["a", "b"] and list(rank["rank"]) == ["1", "2"]  # intervals apart
     win = leaderboard.win_rate(df, ["a", "b"])
     assert win.loc["a", "b"] == 1.0 and win.loc["b", "a"] == 0.0
     sig = leaderboard.significance(df, ["a", "b"]).iloc[0]
@@ -248,6 +255,39 @@ def test_win_rate_ranking_and_paired_tests():
     assert sig["p_bootstrap"] < 0.01 and sig["p_wilcoxon"] < 0.01
     same = leaderboard.significance(_frame([0.7, 0.6, 0.65], [0.7, 0.6, 0.65]), ["a", "b"]).iloc[0]
     assert same["p_wilcoxon"] == 1.0 and same["p_bootstrap"] == 1.0
+
+
+def test_rank_bands_share_ranks_where_intervals_overlap_and_p_values_keep_their_resolution():
+    means, halves = pd.Series([90.0, 85.0, 80.0]), pd.Series([1.0, 1.0, 6.0])
+    assert leaderboard.rank_bands(means, halves).tolist() == ["1", "2–3", "2–3"]
+    assert leaderboard.rank_bands(means, halves, higher_is_better=False).tolist() == ["3", "1–2", "1–2"]
+    ties = leaderboard.rank_bands(pd.Series([5.0, 5.0, 4.0]), pd.Series([np.nan] * 3))
+    assert ties.tolist() == ["1–2", "1–2", "3"]  # exact ties share their ranks, never 1, 2
+    assert leaderboard.p_text(0.0, 10_000) == "< 1e-04" and leaderboard.p_text(0.00009, 10_000) == "< 1e-04"
+    assert leaderboard.p_text(0.0312) == "0.031" and leaderboard.p_text(float("nan")) == "–"
+    sig = pd.DataFrame([{"a": "x", "b": "y", "mean_diff_acc": 0.021, "p_wilcoxon_holm": 0.012}])
+    grid = leaderboard.matrix(sig, ["x", "y"])
+    assert grid.loc["x", "y"] == "+2.1 (p 0.012)*" and grid.loc["y", "x"] == "-2.1 (p 0.012)*"
+    assert grid.loc["x", "x"] == "–"
+
+
+def test_only_shared_cells_are_ranked_and_item_stderr_gives_one_seed_an_interval():
+    rows = []
+    for method, acc in (("a", 0.8), ("b", 0.7), ("c", 0.9)):
+        for model in ("m1", "m2"):
+            if method == "c" and model == "m2":
+                continue  # c only ran on m1
+            rows.append({"model": model, "sparsity": 0.5, "seed": 0, "method": method, "mean_acc": acc,
+                         "mean_acc_stderr": 0.01, "retained.mean_acc": 100 * acc / 0.9})
+    df = pd.DataFrame(rows)
+    rank = leaderboard.ranking(df).set_index("method")
+    assert list(rank.index) == ["a", "b", "c"] and rank.loc["c", "rank"] == "–" and rank.loc["c", "cells"] == "1/2"
+    assert np.isnan(rank.loc["c", "retained_acc_%"])
+    scores = leaderboard.cell_scores(df)
+    a = scores[(scores["method"] == "a") & (scores["model"] == "m1")].iloc[0]
+    assert a["ci_from"] == "items" and a["ci95"] == pytest.approx(1.959964 * 0.01 / 0.8 * a["retained_acc_%"])
+    best = leaderboard.best_per_cell(df).set_index("model")
+    assert best.loc["m1", "best"] == "c" and best.loc["m2", "best"] == "a"
 
 
 def test_holm_matches_the_step_down_procedure_it_adjusts_for():
