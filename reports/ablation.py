@@ -117,7 +117,7 @@ def display(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 def plot_knob(table: pd.DataFrame, knob: str, columns: list[str], stem: Path, title: str) -> Path:
     """One panel per metric: the metric against the knob's values (mean and 95% CI), one line per sparsity (and,
     held, per combination of the other knobs); missed-budget points hollow."""
-    from reports.plots import figure, log_axis, save, style
+    from reports.plots import figure, log_axis, outside_legend, save, style
 
     fig, axes = figure(len(columns), width=3.6, height=3.0)
     values = list(dict.fromkeys(table[f"knob.{knob}"]))
@@ -139,7 +139,7 @@ def plot_knob(table: pd.DataFrame, knob: str, columns: list[str], stem: Path, ti
         ax.set(xlabel=knob, ylabel=label(column))
         if column.startswith("ppl."):
             log_axis(ax)
-    axes[-1].legend(fontsize=6, title="red ring: missed budget; dotted: target", title_fontsize=6)
+    outside_legend(axes[-1], title="red ring: missed budget\ndotted: target", title_fontsize=7)
     fig.suptitle(title, fontsize=9)
     return save(fig, stem)
 

@@ -98,7 +98,7 @@ def plot_profiles(profiles: Mapping[str, Mapping[int, float]], stem: Path, title
     """Per-layer sparsity of every method on one plot: where does each method cut?"""
     from matplotlib.ticker import MaxNLocator
 
-    from reports.plots import DASHES, figure, method_style, save
+    from reports.plots import DASHES, figure, method_style, outside_legend, save
 
     fig, (ax,) = figure()
     for i, (method, profile) in enumerate(profiles.items()):  # line styles keep coinciding profiles visible
@@ -107,7 +107,7 @@ def plot_profiles(profiles: Mapping[str, Mapping[int, float]], stem: Path, title
                 **method_style(method) | {"ls": DASHES[i % len(DASHES)]})
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="layer", ylabel="fraction of layer's prunable params removed", ylim=(0, 1))
-    ax.legend(fontsize=7)
+    outside_legend(ax)
     ax.set_title(title, fontsize=10)
     return save(fig, stem)
 

@@ -62,6 +62,11 @@ def log_axis(ax: Any, which: str = "y") -> None:
     axis.set_minor_formatter("")
 
 
+def outside_legend(ax: Any, **kwargs: Any) -> None:
+    """The legend right of the axes, where it hides no data (`save` keeps it in the file)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=7, **kwargs)
+
+
 def save(fig: Any, stem: Path) -> Path:
     """`stem`.png and `stem`.pdf; returns the PNG.
 
@@ -73,8 +78,8 @@ def save(fig: Any, stem: Path) -> Path:
     stem.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     png, pdf = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"
-    fig.savefig(png, dpi=110)
-    fig.savefig(pdf)
+    fig.savefig(png, dpi=110, bbox_inches="tight")  # legends outside the axes and titles are never cut
+    fig.savefig(pdf, bbox_inches="tight")
     plt.close(fig)
     return png
 
@@ -102,7 +107,7 @@ def pareto(runs: pd.DataFrame, ppl_column: str | None, stem: Path, title: str) -
         ax.set(xlabel="sparsity (prunable params removed)", ylabel=metric(column).label)
         if column.startswith("ppl."):
             log_axis(ax)
-    axes[-1].legend(fontsize=7)
+    outside_legend(axes[-1])
     fig.suptitle(title, fontsize=10)
     return save(fig, stem)
 
@@ -123,7 +128,7 @@ def scatter_vs_accuracy(runs: pd.DataFrame, x: str, xlabel: str, stem: Path, tit
     ax.set(xlabel=xlabel, ylabel=metric("mean_acc").label)
     if log_x:
         log_axis(ax, "x")
-    ax.legend(fontsize=7)
+    outside_legend(ax)
     ax.set_title(title, fontsize=10)
     return save(fig, stem)
 
@@ -138,12 +143,18 @@ def curves(runs: pd.DataFrame, stem: Path, title: str,
             learned.append((row, data))
     if not learned:
         return None
-    fig, axes = figure(3, width=4.2)
+    import matplotlib.pyplot as plt
+
+    names = sorted({f"{r['method']} sp{r['sparsity']:g}" for r, _ in learned})
+    fig = plt.figure(figsize=(9.2, 3.4 + 0.22 * len(names)))  # mismatch bars below: their labels need the width
+    grid = fig.add_gridspec(2, 2, height_ratios=[3.4, 0.6 + 0.22 * len(names)])
+    axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])]
     for row, data in learned:
         name = f"{row['method']} sp{row['sparsity']:g} s{row['seed']}"
-        axes[0].plot(np.arange(1, len(data["lm_loss"]) + 1), data["lm_loss"], lw=1, label=name)
+        look = {"color": method_style(str(row["method"]))["color"], "ls": DASHES[int(row["seed"]) % len(DASHES)]}
+        axes[0].plot(np.arange(1, len(data["lm_loss"]) + 1), data["lm_loss"], lw=1, label=name, **look)
         if "hard_sparsity" in data:
-            axes[1].plot(np.arange(1, len(data["hard_sparsity"]) + 1), data["hard_sparsity"], lw=1, label=name)
+            axes[1].plot(np.arange(1, len(data["hard_sparsity"]) + 1), data["hard_sparsity"], lw=1, **look)
     axes[0].set(xlabel="step", ylabel="calibration LM loss", title="loss")
     axes[1].set(xlabel="step", ylabel="hard sparsity", title="discrete mask sparsity")
     frame = pd.DataFrame([{"name": f"{r['method']} sp{r['sparsity']:g}", "mismatch": r.get("diag_mismatch")}
@@ -153,6 +164,7 @@ def curves(runs: pd.DataFrame, stem: Path, title: str,
         axes[2].barh(means.index, means.values, color="tab:red")
         axes[2].axvline(0, color="black", lw=0.8)
     axes[2].set(xlabel="valid loss: last training mask - compact", title="train-test mismatch")
-    axes[0].legend(fontsize=6)
+    fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=2, fontsize=7, frameon=False)  # below the figure: `save` keeps it, and it hides no data
     fig.suptitle(title, fontsize=10)
     return save(fig, stem)

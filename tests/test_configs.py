@@ -18,7 +18,8 @@ def test_the_required_configs_exist():
 
 # what `validate` (run's own preflight) must say offline, in a fresh workdir, for configs that need more than this
 # machine has: the hub, or a `prunebench tune` first
-NEEDS = {"paper-qwen3-llama": "cannot reach the Hugging Face hub", "tune-ddp": "tuned: true but no tuning result"}
+NEEDS = {"paper-qwen3-llama": "cannot reach the Hugging Face hub", "tune-ddp": "tuned: true but no tuning result",
+         "tune-ddp-vs-hc": "tuned: true but no tuning result"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
