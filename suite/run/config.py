@@ -132,6 +132,9 @@ class MethodEntry(Strict):
             cls.Config.model_validate(self.params)
         except ValidationError as err:
             raise ValueError(str(validation_error(err, cls.Config, "params."))) from None
+        stray = [k for k, v in self.sweep.items() if k not in self.params or self.params[k] != v]
+        if stray:
+            raise ValueError(f"sweep: {stray} are not this entry's params (sweep is set by a params grid)")
         return self
 
     @property
