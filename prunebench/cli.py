@@ -268,6 +268,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for s in summaries:
         print(f"  {s['label']} on {s['model']}: {s['ran']} trials this run; study total {s['n_trials']} "
               f"({s['complete']} complete, {s['pruned']} stopped early by the MedianPruner, {s['failed']} failed)")
+        if s["missed_budget"]:
+            print(f"  warning: the best trial of {s['label']} missed its budget (relaxed sparsity "
+                  f"{s['relaxed_sparsity']:.3f}, target {s['sparsity']}): the exact-budget projection decided the "
+                  "rest, and the valid loss scores that mask", file=sys.stderr)
     return 0
 
 

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from suite.run.record import metric
+from suite.run.record import MISS_TOLERANCE, metric
 from suite.stats import ci95
 
 SPEED = "speed.prefill_speedup"
 RELAXED = "diag_relaxed_sparsity"
 FIXED = ["mean_acc", "retained.mean_acc", "params_compact", RELAXED, SPEED, "prune_seconds"]
-MISS_TOLERANCE = 0.02  # relaxed sparsity further than this from the target: the projection decided the row
 MISS_NOTE = ("† the method's relaxation missed the target by more than 2 points of sparsity (relaxed sp.): the "
              "exact-budget projection decided the rest of the budget, so the row measures the projection as much as "
              "the method.")

@@ -61,6 +61,14 @@ for _name, _label, _higher in (
     register_metric(_name, _label, _higher)
 
 
+MISS_TOLERANCE = 0.02  # a relaxation ending further than this from its target sparsity: the projection decided
+
+
+def missed(relaxed: float | None, target: float) -> bool:
+    """Did a mask learner's relaxation miss its budget (the exact-budget projection decided the rest)?"""
+    return relaxed is not None and abs(relaxed - target) > MISS_TOLERANCE
+
+
 def flat_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Evaluation result -> flat MLflow metrics (ppl.<spec>, acc.<task>, acc_norm.<task>, mean_acc)."""
     out = {f"{prefix}ppl.{name}": r["ppl"] for name, r in result["ppl"].items()}

@@ -25,7 +25,7 @@ from suite.hashing import digest
 from suite.run.config import Experiment, SearchDim
 from suite.run.grid import tuned_path
 from suite.run.preflight import preflight
-from suite.run.record import KIND, run_params
+from suite.run.record import KIND, missed, run_params
 from suite.run.tracking import Tracker
 
 
@@ -147,16 +147,19 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                     model, _ = load_model(model_spec, exp.dtype)
                     pruner = method(config)
                     pruner.step_callback = report
-                    prune_model(model, pruner, target, seed=exp.tuning.seed, granularity=exp.granularity,
-                                calibration=calibration)
+                    outcome = prune_model(model, pruner, target, seed=exp.tuning.seed, granularity=exp.granularity,
+                                          calibration=calibration)
                     value = lm_loss(model, calibration.valid_ids, next(model.parameters()).device)
+                    relaxed = outcome.metrics.get("diag_relaxed_sparsity")
+                    trial.set_user_attr("relaxed_sparsity", relaxed)  # a trial the projection decided shows it
                 except optuna.TrialPruned:
                     tracker.finish(run_id, "KILLED")
                     raise
                 except Exception:
                     tracker.finish(run_id, "FAILED")
                     raise
-                tracker.log(run_id, metrics={"valid_loss": value})
+                tracker.log(run_id, metrics={"valid_loss": value} | ({"diag_relaxed_sparsity": relaxed}
+                                                                     if relaxed is not None else {}))
                 tracker.finish(run_id)
                 return value
 
@@ -171,7 +174,8 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                        "best_value": best.value, "n_trials": len(study.trials), "sparsity": sparsity,
                        "requested": exp.tuning.n_trials, "ran": len(study.trials) - before,
                        "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
-                       "failed": states.count("FAIL")}
+                       "failed": states.count("FAIL"), "relaxed_sparsity": best.user_attrs.get("relaxed_sparsity")}
+            summary["missed_budget"] = missed(summary["relaxed_sparsity"], sparsity)
             atomic.write_text(out, json.dumps(summary, indent=1, sort_keys=True))
             logging.getLogger(__name__).info("%s: best %.4f with %s", study_name, best.value, best.params)
             summaries.append(summary)
