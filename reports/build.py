@@ -290,8 +290,9 @@ def protocol_words(runs: pd.DataFrame) -> str:
     if body.get("tasks"):
         tasks = ", ".join(f"{t} (v{i.get('version')})" for t, i in body["tasks"].items())
         limit = body.get("limit")
-        each = (f"the first {limit} items of each (one item moves a task's accuracy by {100 / limit:.2g} points)"
-                if limit else "every item")
+        step = 100 / limit if limit else 0
+        each = (f"the first {limit} items of each (one item moves a task's accuracy by {step:.2g} point"
+                f"{'' if step == 1 else 's'})" if limit else "every item")
         parts.append(f"tasks {tasks}: {', '.join(body.get('metric', []))} on {each}")
     for name, p in body.get("ppl", {}).items():
         parts.append(f"perplexity on {name} (source:split@tokens per window/windows, {p.get('mode')})")
