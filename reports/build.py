@@ -167,8 +167,10 @@ def ablation_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
         for a, b in ablation.pairs(knobs):
             for column in columns[:2]:
                 for sparsity, table in ablation.interaction(block, a, b, column).items():
+                    stem = f"{name}_ablation_{slug(base)}_{slug(a)}_x_{slug(b)}_{slug(column)}_sp{sparsity:g}"
+                    md = page.write(f"tables/{stem}.md", tables.frame_markdown(table.reset_index()))
                     parts += [f"<h4>{html.escape(a)} x {html.escape(b)}: {html.escape(tables.label(column))}, "
-                              f"sparsity {sparsity:g}</h4>", table.to_html()]
+                              f"sparsity {sparsity:g}</h4><p>file: {page.links(md)}</p>", table.to_html()]
     return "\n".join(parts)
 
 
