@@ -65,7 +65,8 @@ def gather(stores: list[Store], experiments: list[str]) -> tuple[pd.DataFrame, i
     keyed = df["identity"].astype(bool)
     unique = pd.concat([df[keyed].drop_duplicates("identity", keep="last"), df[~keyed]])
     dropped = int((df["kind"] == "pruned").sum() - (unique["kind"] == "pruned").sum())
-    return unique.sort_values(["model", "kind", "method", "sparsity", "seed"], ignore_index=True), dropped
+    unique = unique.sort_values(["model", "kind", "method", "sparsity", "seed"], ignore_index=True)
+    return unique.copy(), dropped  # one block per dtype: the boards add columns to slices of it
 
 
 @dataclass
