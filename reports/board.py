@@ -126,7 +126,8 @@ def interactive(df: pd.DataFrame, caption: str) -> str:
     return to_html_datatable(df, caption=caption, connected=False, display_logo_when_loading=False,
                              text_in_header_can_be_selected=False, column_filters="footer", paging=False,
                              layout={"topStart": None, "topEnd": "search", "bottomStart": None, "bottomEnd": None},
-                             classes="display compact", showIndex=False, allow_html=False)
+                             classes="display compact", showIndex=False, allow_html=False,
+                             style="table-layout:auto;width:auto;margin:0")
 
 
 def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) -> Path:
@@ -178,7 +179,7 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) ->
                 f"{len(found)} board(s). Data: <a href=\"leaderboard.json\">json</a> · "
                 f"<a href=\"leaderboard.csv\">csv</a> · <a href=\"cells.csv\">cells csv</a>")
         (tmp / "index.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
-<title>prunebench leaderboard</title><style>{STYLE}</style></head><body>
+<title>prunebench leaderboard</title><style>{STYLE}{TABLES}</style></head><body>
 {generate_init_offline_itables_html(options.dt_bundle)}
 <h1>prunebench leaderboard</h1><p>{head}</p>
 {"".join(sections)}
@@ -187,6 +188,10 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) ->
     return out / "index.html"
 
 
+# filter boxes as wide as their column (their default width made tables wider than the page), and a scrolling box
+# for boards with many columns: nothing is cut
+TABLES = ("div.dt-layout-table{overflow-x:auto}"
+          "table.dataTable tfoot input{width:100%;min-width:3em;box-sizing:border-box}")
 HOW_TO = "Sort by a header; filter with the search box or the boxes below a table."
 
 
