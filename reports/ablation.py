@@ -11,7 +11,6 @@ that is really the exact-budget projection's is never read as the method's.
 from __future__ import annotations
 
 import json
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +34,10 @@ def swept(runs: pd.DataFrame) -> dict[str, tuple[list[str], pd.DataFrame]]:
     pruned["missed"] = missed_budget(pruned)
     out = {}
     for base, block in pruned.groupby("base", sort=True):
-        knobs = sorted({k for text in block["sweep"] for k in json.loads(text)})
+        records = [json.loads(text) for text in block["sweep"]]
+        knobs = sorted({k for record in records for k in record})
         for knob in knobs:  # the knob's value as the grid wrote it, from the sweep record
-            block[f"knob.{knob}"] = [json.loads(text).get(knob) for text in block["sweep"]]
-            block[f"knob.{knob}"] = block[f"knob.{knob}"].map(_hashable)
+            block[f"knob.{knob}"] = [_hashable(record.get(knob)) for record in records]
         out[str(base)] = (knobs, block)
     return out
 
@@ -142,7 +141,3 @@ def plot_knob(table: pd.DataFrame, knob: str, columns: list[str], stem: Path, ti
     outside_legend(axes[-1], title="red ring: missed budget\ndotted: target", title_fontsize=7)
     fig.suptitle(title, fontsize=9)
     return save(fig, stem)
-
-
-def pairs(knobs: list[str]) -> list[tuple[str, str]]:
-    return list(combinations(knobs, 2))

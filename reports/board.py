@@ -106,15 +106,8 @@ def difference(board: Board, first: Board) -> str:
 
 def cells_display(scores: pd.DataFrame) -> pd.DataFrame:
     """Per cell and method: 'mean ± ci', n, where the interval comes from, the rank band within the cell."""
-    out = []
-    for _, block in scores.groupby(leaderboard.CELL_KEYS, sort=True):
-        block = block.sort_values("retained_acc_%", ascending=False)
-        bands = leaderboard.rank_bands(block["retained_acc_%"], block["ci95"])
-        out.append(block.assign(rank=bands))
-    if not out:
-        return scores
-    frame = pd.concat(out, ignore_index=True)
-    frame["retained acc %"] = [f"{m:.2f}" + (f" ± {c:.2f}" if c == c else "")
+    frame = leaderboard.ranked_cells(scores)
+    frame["retained acc %"] = [leaderboard.interval_text(m, c)
                                for m, c in zip(frame["retained_acc_%"], frame["ci95"], strict=True)]
     return frame[["model", "sparsity", "rank", "method", "retained acc %", "n", "ci_from", "missed_budget"]]
 

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ def ablation_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
                                      f"{model}: {base} against {knob}")
             parts += [f"<h4>{html.escape(knob)}</h4><p>files: {page.links(*files)}</p>",
                       shown.to_html(index=False), page.figure(png, f"{base}: each metric against {knob}")]
-        for a, b in ablation.pairs(knobs):
+        for a, b in combinations(knobs, 2):
             for column in columns[:2]:
                 for sparsity, table in ablation.interaction(block, a, b, column).items():
                     stem = f"{name}_ablation_{slug(base)}_{slug(a)}_x_{slug(b)}_{slug(column)}_sp{sparsity:g}"
@@ -256,7 +257,7 @@ def summary_block(page: Page, runs: pd.DataFrame, prefix: str) -> str:
 def board_display(rank: pd.DataFrame) -> pd.DataFrame:
     """A ranking as read: 'mean ± ci' in one column, '–' where there is no number."""
     out = rank[["rank", "method"]].copy()
-    out["retained acc %"] = [("–" if m != m else f"{m:.2f}" + (f" ± {c:.2f}" if c == c else ""))
+    out["retained acc %"] = [leaderboard.interval_text(m, c)
                              for m, c in zip(rank["retained_acc_%"], rank["ci95"], strict=True)]
     return out.join(rank[["cells", "runs", "missed_budget"]])
 

@@ -92,20 +92,33 @@ def ranking(pruned: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([ranked, pd.DataFrame(partial, columns=cols)], ignore_index=True) if partial else ranked
 
 
+def interval_text(mean: float, half: float) -> str:
+    """'mean ± half' (2 decimals), the mean alone without an interval, '–' without a mean."""
+    if mean != mean:
+        return "–"
+    return f"{mean:.2f}" + (f" ± {half:.2f}" if half == half else "")
+
+
+def ranked_cells(scores: pd.DataFrame) -> pd.DataFrame:
+    """`cell_scores` with each method's rank band within its (model, sparsity) cell, best first in every cell."""
+    if scores.empty:
+        return scores.assign(rank=pd.Series(dtype=str))
+    order = scores.sort_values([*CELL_KEYS, "retained_acc_%", "method"], ascending=[True, True, False, True])
+    bands = [rank_bands(block["retained_acc_%"], block["ci95"]) for _, block in order.groupby(CELL_KEYS, sort=False)]
+    return order.assign(rank=pd.concat(bands)).reset_index(drop=True)
+
+
 def best_per_cell(pruned: pd.DataFrame) -> pd.DataFrame:
     """Per (model, sparsity): the method with the best mean retained accuracy, with its interval and n, and the
     methods whose rank band also includes 1 (not distinguishable from it at 95%)."""
     cols = ["model", "sparsity", "best", "retained acc %", "n", "also rank 1 within the intervals"]
-    scores = cell_scores(pruned)
     rows = []
-    for (model, sparsity), block in scores.groupby(CELL_KEYS, sort=True):
-        block = block.sort_values(["retained_acc_%", "method"], ascending=[False, True])
-        bands = rank_bands(block["retained_acc_%"], block["ci95"])
+    for (model, sparsity), block in ranked_cells(cell_scores(pruned)).groupby(CELL_KEYS, sort=False):
         top = block.iloc[0]
-        tied = [m for m, b in zip(block["method"].iloc[1:], bands.iloc[1:], strict=True) if b.split("–")[0] == "1"]
-        half = f" ± {top['ci95']:.2f}" if top["ci95"] == top["ci95"] else ""
+        tied = [m for m, band in zip(block["method"].iloc[1:], block["rank"].iloc[1:], strict=True)
+                if band.split("–")[0] == "1"]
         rows.append({"model": model, "sparsity": sparsity, "best": top["method"],
-                     "retained acc %": f"{top['retained_acc_%']:.2f}{half}", "n": int(top["n"]),
+                     "retained acc %": interval_text(top["retained_acc_%"], top["ci95"]), "n": int(top["n"]),
                      "also rank 1 within the intervals": ", ".join(tied) or "–"})
     return pd.DataFrame(rows, columns=cols)
 
