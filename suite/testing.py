@@ -81,3 +81,23 @@ def tiny_text_model(directory, family: str = "llama", seed: int = 0):
     model.save_pretrained(directory)
     tokenizer().save_pretrained(directory)
     return directory
+
+
+def tiny_experiment(directory, model, **settings: Any):
+    """`directory`/exp.yaml: an experiment on `model` with a seconds-scale protocol (8 x 32 calibration sequences,
+    a 128-token perplexity window, 12 items of one embedded task); `settings` replace top-level keys."""
+    from pathlib import Path
+
+    import yaml
+
+    config = {
+        "name": "unit",
+        "models": [str(model)],
+        "methods": [{"name": "random"}, {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1}}],
+        "sparsities": [0.3],
+        "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
+        "evaluation": {"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 12},
+    } | settings
+    path = Path(directory) / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -4,12 +4,11 @@ before anything is written, and the swept knobs become hp.* columns of every tab
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from prunebench.cli import main
 from suite.run.config import load_experiment
 from suite.run.grid import expand
-from suite.testing import tiny_text_model
+from suite.testing import tiny_experiment, tiny_text_model
 
 GRID = {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1,
                                   "forward_map": {"grid": ["relu", "identity", "clamp"]},
@@ -22,14 +21,7 @@ def model_dir(tmp_path_factory):
 
 
 def _config(tmp_path, model_dir, methods, **extra):
-    cfg = {
-        "name": "ablation", "models": [str(model_dir)], "methods": methods, "sparsities": [0.3], "seeds": [0, 1],
-        "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
-        "evaluation": {"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 12},
-    } | extra
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_experiment(tmp_path, model_dir, **{"name": "ablation", "methods": methods, "seeds": [0, 1]} | extra)
 
 
 def test_a_grid_expands_to_labelled_variants_with_their_own_identities(tmp_path, model_dir, capsys):

@@ -7,14 +7,13 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from prunebench.cli import main
 from suite.run.config import load_experiment
 from suite.run.grid import expand
 from suite.run.runner import Runner
 from suite.run.tracking import Tracker
-from suite.testing import tiny_text_model
+from suite.testing import tiny_experiment, tiny_text_model
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +22,7 @@ def model_dir(tmp_path_factory):
 
 
 def _config(tmp_path, model_dir, **extra):
-    cfg = {
-        "name": "unit",
-        "models": [str(model_dir)],
-        "methods": [{"name": "random"}, {"name": "ddp", "params": {"steps": 4, "batch_size": 2, "valid_batches": 1}}],
-        "sparsities": [0.3],
-        "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
-        "evaluation": {"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 12},
-    } | extra
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_experiment(tmp_path, model_dir, **extra)
 
 
 def _runs(workdir, name="unit"):
