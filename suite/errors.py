@@ -37,6 +37,10 @@ class DataError(PruneBenchError):
     """A text source, data set or calibration spec cannot be resolved."""
 
 
+class NumericalError(PruneBenchError):
+    """Training diverged: a loss became NaN or infinite (mask learning, recovery)."""
+
+
 class StoreError(PruneBenchError):
     """The tracking or artifact store refused a write (full disk, permissions, a file where a folder should be)."""
 

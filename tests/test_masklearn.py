@@ -11,7 +11,8 @@ import torch
 from baselines.hard_concrete import HardConcrete, HardConcreteConfig, keep_probability, sample
 from baselines.maskprune import MaskPrune
 from ddp.ddp import DDP, DDPConfig, mu_at, retention
-from suite.methods.mask_learning import NumericalError, convergence_step, projection_share, target_at
+from suite.errors import NumericalError
+from suite.methods.mask_learning import convergence_step, projection_share, target_at
 from suite.model.masks import Target, select
 from suite.model.structures import build_structure
 from suite.testing import tiny_calibration, tiny_model

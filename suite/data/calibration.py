@@ -44,7 +44,8 @@ class Calibration:
         return list(self.input_ids.split(batch_size))
 
 
-def _windows(source: TextSource, split: str, tokenizer: Any, n: int, seq_len: int, seed: int) -> Tensor:
+def windows(source: TextSource, split: str, tokenizer: Any, n: int, seq_len: int, seed: int) -> Tensor:
+    """n windows of seq_len tokens at seeded random offsets of a split's token stream [n, seq_len]."""
     stream = token_stream(source, split, tokenizer)
     if len(stream) < seq_len + 1:
         raise DataError(f"{source.name}:{split} has {len(stream)} tokens, fewer than seq_len {seq_len}")
@@ -59,8 +60,8 @@ def calibration(
 ) -> Calibration:
     """n random windows of seq_len tokens from a split, drawn with a seeded generator, plus `valid_n` held-out
     windows from `valid_split` (what tuning and the mismatch diagnostic score; never the test split)."""
-    ids = _windows(source, split, tokenizer, n, seq_len, seed)
-    valid = _windows(source, valid_split, tokenizer, valid_n, seq_len, seed) if valid_n else None
+    ids = windows(source, split, tokenizer, n, seq_len, seed)
+    valid = windows(source, valid_split, tokenizer, valid_n, seq_len, seed) if valid_n else None
     spec = f"{source.name}:{split}@{source.hashes[split]}:n={n}:seq_len={seq_len}:seed={seed}"
     if valid_n:
         spec += f"+{valid_split}@{source.hashes[valid_split]}:n={valid_n}"

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from suite.data.calibration import Calibration
-from suite.errors import ConfigError, PruneBenchError
+from suite.errors import ConfigError, NumericalError
 from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
 from suite.model.gates import Gates
 from suite.model.loss import next_token_nll
@@ -43,10 +43,6 @@ from suite.model.modules import eval_mode
 from suite.model.structures import Group, Structure
 
 log = logging.getLogger(__name__)
-
-
-class NumericalError(PruneBenchError):
-    """Mask training diverged (NaN/Inf loss)."""
 
 
 class MaskLearningConfig(MethodConfig):

@@ -98,9 +98,9 @@ class RaggedExperts(nn.Module):
         return self.num_experts
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        def one(e: int, x: Tensor) -> Tensor:
+        def one(e: int, x: Tensor) -> Tensor:  # through the modules, so a wrapper (a LoRA layer) takes part
             m = self[e]
-            return expert_mlp(x, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, self.act_fn)
+            return m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
 
         return route(hidden_states, top_k_index, top_k_weights, one)
 
@@ -121,9 +121,13 @@ class RepeatedHeadsLinear(nn.Linear):
         self.head_index = list(head_index)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x).unflatten(-1, (-1, self.head_dim))  # [..., n_heads, head_dim]
+        return self.replay(super().forward(x))
+
+    def replay(self, y: Tensor) -> Tensor:
+        """The stored heads' outputs [..., n_heads * head_dim] -> one per output slot [..., n_slots * head_dim]."""
+        y = y.unflatten(-1, (-1, self.head_dim))
         index = torch.tensor(self.head_index, dtype=torch.long, device=y.device)
-        return y.index_select(-2, index).flatten(-2)  # [..., n_slots * head_dim]
+        return y.index_select(-2, index).flatten(-2)
 
 
 def linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
