@@ -67,6 +67,15 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", default=GRANULARITIES[0], help=f"attention unit: {' or '.join(GRANULARITIES)}")
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the embedded tasks; '' for none)")
+    p.add_argument("--ppl", action="append",
+                   help="perplexity spec SOURCE[:SPLIT]@SEQ_LEN[/WINDOWS] (repeatable; default "
+                   "embedded:test@256)")
+    p.add_argument("--limit", type=int, help="items per task (recorded in the protocol)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+
+
 def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs", help="workdir whose mlflow.db is read (default ./runs)")
     p.add_argument("--tracking-uri", help="read this MLflow store instead (sqlite:///..., postgresql+psycopg2://...); "
@@ -162,7 +171,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration = calib_spec.build(tokenizer)
     outcome = prune_model(model, method(hyper), target, seed=args.seed, granularity=args.granularity,
                           calibration=calibration)
-    outcome.metrics["model"] = args.model
+    outcome.metrics |= {"model": args.model, "calibration_source": calib_spec.source if calibration else None}
     write_outputs(Path(args.out), model, tokenizer, outcome)
     m = outcome.metrics
     print(f"{args.method}: sparsity {m['sparsity']:.4f} (total {m['total_sparsity']:.4f}), "
@@ -183,14 +192,21 @@ def loading_hint(model_dir: Path) -> str:
             f"pretrained={model_dir},trust_remote_code=True; or prunebench's load_pruned")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from suite.evaluation.evaluate import EvalSpec, evaluate
-    from suite.model.load import load_model
+def _eval_spec(args: argparse.Namespace) -> Any:
+    """The EvalSpec of `--tasks`, `--ppl` and `--limit` (each default where not given)."""
+    from suite.evaluation.evaluate import EvalSpec
     from suite.run.config import apply_overrides
 
     given = {"ppl": args.ppl, "limit": args.limit,
              "tasks": [t for t in args.tasks.split(",") if t] if args.tasks is not None else None}
-    spec = apply_overrides(EvalSpec, {k: v for k, v in given.items() if v is not None}, (), "evaluation.")
+    return apply_overrides(EvalSpec, {k: v for k, v in given.items() if v is not None}, (), "evaluation.")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from suite.evaluation.evaluate import evaluate
+    from suite.model.load import load_model
+
+    spec = _eval_spec(args)
     if args.json:
         check_file(Path(args.json), "eval")
     model, tokenizer = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
@@ -207,6 +223,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"protocol {result['protocol']['hash']}")
     if args.json:
         write_json(Path(args.json), result, "eval")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """The recovery stage of `run`, on any pruned checkpoint: evaluate (w/o tune), fine-tune, evaluate (w/ tune),
+    and write the recovered (merged) checkpoint with both stages' numbers."""
+    from suite.model.compact import save_pruned
+    from suite.model.load import load_model, resolve
+    from suite.outputs import output_dir
+    from suite.recovery.spec import RecoverySpec
+    from suite.recovery.train import recovery_windows
+    from suite.run.config import apply_overrides
+    from suite.run.pipeline import evaluate_stages
+
+    spec = apply_overrides(RecoverySpec, {}, args.set, where="recovery.")
+    protocol = _eval_spec(args)
+    source = Path(args.model)
+    folder = source / "model" if (source / "model" / "config.json").is_file() else source  # a prune output or a model
+    recorded = json.loads((source / "metrics.json").read_text()) if (source / "metrics.json").is_file() else {}
+    calibration = recorded.get("calibration_source") or "embedded"
+    spec.check_data(calibration, [(p.source, p.split) for p in protocol.ppl])
+    fingerprint = spec.fingerprint(calibration)
+    teacher_spec = args.teacher or recorded.get("model")
+    if spec.method == "distill":
+        if teacher_spec is None:
+            raise PruneBenchError(f"recovery.method distill needs the dense model: {source} does not name it; pass "
+                                  "--teacher MODEL")
+        resolve(teacher_spec)
+    check_dir(Path(args.out), "recover")  # before the minutes of training
+    model, tokenizer = load_model(str(folder), args.dtype)
+    if tokenizer is None:
+        raise PruneBenchError(f"{folder} has no tokenizer files; recovery and evaluation need one")
+    teacher = load_model(teacher_spec, args.dtype)[0] if spec.method == "distill" else None
+    result = evaluate_stages(model, tokenizer, protocol, {}, dense_model=teacher, recovery=spec,
+                             data=recovery_windows(spec, tokenizer, calibration), seed=args.seed)
+    done = result.recovery
+    record = {"model": str(folder), "seed": args.seed, "recovery": fingerprint, "data_hash": done.data_hash,
+              "metrics": result.metrics, "evaluation": result.results()}
+    with output_dir(Path(args.out), "recover") as tmp:
+        save_pruned(model, tmp / "model", tokenizer)
+        (tmp / "metrics.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+        (tmp / "recovery.json").write_text(json.dumps({"curves": done.curves} | done.metrics(), indent=1))
+    for stage, words in (("pruned", "w/o tune"), ("recovered", "w/ tune")):
+        numbers = {k.removeprefix(f"{stage}."): v for k, v in result.metrics.items() if k.startswith(f"{stage}.")}
+        ppl = " ".join(f"{k} {v:.4f}" for k, v in numbers.items() if k.startswith("ppl."))
+        acc = f"  mean acc {numbers['mean_acc']:.4f}" if "mean_acc" in numbers else ""
+        print(f"{words:<9} {ppl}{acc}")
+    print(f"recovery ({spec.method}, {spec.steps} steps, {done.tokens:,} tokens, {done.seconds:.1f}s): training loss "
+          f"{done.loss_before:.4f} -> {done.loss_after:.4f} -> {args.out}")
+    print(loading_hint(Path(args.out) / "model"))
     return 0
 
 
@@ -227,6 +293,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     specs = preflight(exp, Path(args.workdir))
     print(f"{args.config}: ok ({exp.name}: {len(exp.models)} models x {len(exp.methods)} methods x "
           f"{len(exp.sparsities)} sparsities x {len(exp.seeds)} seeds = {len(specs)} runs)")
+    if exp.recovery is not None:
+        r = exp.recovery
+        print(f"recovery: {r.method}, {r.steps} steps x {r.batch_size} x {r.seq_len} tokens on "
+              f"{r.source(exp.calibration.source)}:{r.data.split} ({r.data.n} windows), the same for every method")
     swept = [m for m in exp.methods if m.sweep]
     if swept:
         print(f"params grids: {len(swept)} variants")
@@ -311,7 +381,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     index = build_report(Path(args.workdir), args.experiment, Path(args.out), uri=args.tracking_uri,
                          allow_mixed=args.allow_mixed, log_to_store=args.log_to_store, protocol=args.protocol,
-                         latest=args.latest, ablation_mode=args.ablation)
+                         latest=args.latest, ablation_mode=args.ablation, stage=args.stage)
     print(f"report: {index} ({time.perf_counter() - start:.1f}s)")
     return 0
 
@@ -323,7 +393,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     stores = [Store(w) for w in workdirs] if not args.tracking_uri or args.workdir else []
     stores += [Store(workdirs[0], uri) for uri in args.tracking_uri or []]
     start = time.perf_counter()
-    index = build_leaderboard(stores, args.experiment, Path(args.out))
+    index = build_leaderboard(stores, args.experiment, Path(args.out), args.stage)
     print(f"leaderboard: {index} ({time.perf_counter() - start:.1f}s)")
     return 0
 
@@ -362,6 +432,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+STAGE_HELP = ("whose numbers to show and rank: pruned (w/o tune, default) or recovered (w/ tune: after the "
+              "experiment's recovery stage)")
 TRUST_HELP = ("run modeling code shipped inside a checkpoint of a foreign model type (off: refused with one line; "
               "prunebench's own pruned layouts never need it)")
 
@@ -402,15 +474,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity, lm-eval tasks and the protocol fingerprint of a model")
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the embedded tasks; '' for none)")
-    p.add_argument("--ppl", action="append",
-                   help="perplexity spec SOURCE[:SPLIT]@SEQ_LEN[/WINDOWS] (repeatable; default "
-                   "embedded:test@256)")
-    p.add_argument("--limit", type=int, help="items per task (recorded in the protocol)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    _add_eval_args(p)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--json", help="write the full result here (a new file, or an earlier eval --json output)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("recover", help="recovery fine-tuning (LoRA, full, distill) of a pruned checkpoint: "
+                       "evaluated before (w/o tune) and after (w/ tune), written merged")
+    p.add_argument("--model", required=True, help="a `prune` output folder (its model/ and metrics.json) or a model "
+                   "directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recovery setting: method (lora|full|distill), steps, lr, batch_size, seq_len, rank, alpha, "
+                   "dropout, target_modules, data.source, data.split, data.n, ... (see README)")
+    p.add_argument("--teacher", help="the dense model distill learns from (default: the model the prune output "
+                   "names)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data order and the adapters' init (default 0)")
+    _add_eval_args(p)
+    p.add_argument("--out", required=True, help="new or empty folder (or an earlier recover output): model/, "
+                   "metrics.json, recovery.json")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run")
     p.add_argument("name", help="one of: " + ", ".join(BENCHES))  # suite.benches imports nothing heavy
@@ -447,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--latest", action="store_true", help="only the runs of the most recent evaluation protocol")
     p.add_argument("--log-to-store", action="store_true",
                    help="also log the report on each experiment's parent run (default: the store is only read)")
+    p.add_argument("--stage", choices=("pruned", "recovered"), default="pruned", help=STAGE_HELP)
     p.add_argument("--ablation", choices=("marginal", "held"), default="marginal",
                    help="params grids: show each knob with the other knobs pooled (marginal) or one row per value "
                    "of them (held)")
@@ -458,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", action="append", help="a workdir whose store is read (repeat for several; default "
                    "./runs)")
     p.add_argument("--tracking-uri", action="append", help="an MLflow store URI to read as well (repeat for several)")
+    p.add_argument("--stage", choices=("pruned", "recovered"), default="pruned", help=STAGE_HELP)
     p.add_argument("--out", required=True, help="new or empty folder (or an earlier leaderboard) for index.html, "
                    "leaderboard.json, leaderboard.csv and cells.csv; never a workdir")
     p.set_defaults(func=cmd_leaderboard)

@@ -10,6 +10,7 @@ import bisect
 import heapq
 import itertools
 import json
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +35,10 @@ def pydantic_message(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if msg.startswith("params."):  # a method's own config error, already keyed below this location
         return f"{loc}.{msg}"
-    if msg.startswith(f"{loc}."):  # a validator that names the full key path itself
+    if msg.startswith(f"{loc}.") or (not first["loc"] and re.match(r"[\w.]+: ", msg)):  # names its own key path
         return msg
+    if first["loc"] and re.match(r"[a-z_][\w.]*: ", msg):  # a validator naming a key below this location
+        return f"{loc}.{msg}"
     return f"{loc}: {msg}"
 
 

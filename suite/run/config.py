@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -29,6 +30,7 @@ from suite.evaluation.evaluate import EvalSpec
 from suite.methods.pruner import get_method
 from suite.model.masks import TargetConstraints, pydantic_message
 from suite.model.structures import Granularity
+from suite.recovery.spec import RecoverySpec
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -76,6 +78,8 @@ def validation_error(err: ValidationError, model: type[BaseModel], where: str = 
         for part in first["loc"][:-1]:
             field = getattr(owner, "model_fields", {}).get(part)
             annotation = getattr(field, "annotation", None)
+            inner = [a for a in typing.get_args(annotation) if a is not type(None)]  # `X | None` -> X
+            annotation = inner[0] if len(inner) == 1 else annotation
             owner = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else owner
         fields = list(getattr(owner, "model_fields", {}))
         hint = did_you_mean(str(first["loc"][-1]), fields)
@@ -279,6 +283,8 @@ class Experiment(Strict):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    recovery: RecoverySpec | None = Field(None, description="a fine-tune after pruning, the same for every method: "
+                                          "each run records its pruned.* (w/o tune) and recovered.* (w/ tune) metrics")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     _grids = field_validator("methods", mode="before")(expand_grids)
@@ -319,6 +325,15 @@ class Experiment(Strict):
                                   f"hyperparameters ({', '.join(fields)})")
             spaces[label] = space
         return spaces
+
+    @model_validator(mode="after")
+    def _recovery_data(self) -> Experiment:
+        if self.recovery is not None:
+            try:
+                self.recovery.check_data(self.calibration.source, [(p.source, p.split) for p in self.evaluation.ppl])
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Experiment:

@@ -1,8 +1,8 @@
 """The grid and its identities: an experiment expands to RunSpecs, and each point's identity is a hash of all
 that determines its result (model weights fingerprint, method and resolved hyperparameters, target, seed,
-calibration spec and the content hash of its text, evaluation spec and the content hashes of its texts and task
-items, and a fingerprint of the code: version and source hash). A FINISHED run with the same identity is never
-repeated, so a crashed sweep resumes where it stopped."""
+calibration spec and the content hash of its text, the recovery stage and the content hash of its data, evaluation
+spec and the content hashes of its texts and task items, and a fingerprint of the code: version and source hash).
+A FINISHED run with the same identity is never repeated, so a crashed sweep resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -46,16 +46,18 @@ class RunSpec:
     evaluation_data: dict[str, Any] = field(default_factory=dict)  # content hashes of perplexity texts and task items
     code: str = ""  # code_fingerprint(): a fix to a pruner or the suite makes every identity new
     sweep: dict[str, Any] = field(default_factory=dict)  # a params grid's knobs and this point's values
+    recovery: dict[str, Any] = field(default_factory=dict)  # RecoverySpec.fingerprint(), {} without a recovery stage
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, fingerprint: str) -> str:
-        """The run: its pruning and its evaluation."""
+        """The run: its pruning, its recovery stage (when any) and its evaluation."""
         return json_digest(asdict(self) | {"model_fingerprint": fingerprint})
 
     def pruning_identity(self, fingerprint: str) -> str:
         """The pruning alone (model, method, hyperparameters, target, seed, calibration and its data, dtype, code): a
-        run under a new evaluation protocol reuses the masks (and rewritten weights) of a FINISHED run with it."""
-        body = {k: v for k, v in asdict(self).items() if k not in ("evaluation", "evaluation_data")}
+        run under a new evaluation protocol, or with another recovery stage, reuses the masks (and rewritten weights)
+        of a FINISHED run with it, and recovers from them."""
+        body = {k: v for k, v in asdict(self).items() if k not in ("evaluation", "evaluation_data", "recovery")}
         return json_digest(body | {"model_fingerprint": fingerprint})
 
     @property
@@ -148,6 +150,7 @@ def expand(exp: Experiment, workdir: Path, require_tuned: bool = True,
                     raise ConfigError(f"methods.{entry.key}: tuned: true but no tuning result for {model} "
                                       f"(run `prunebench tune` first; looked for {path})")
             hyper = get_method(entry.name).Config(**params).model_dump(mode="json")
+            recovery = exp.recovery.fingerprint(exp.calibration.source) if exp.recovery is not None else {}
             for sparsity in exp.sparsities:
                 for seed in exp.seeds:
                     specs.append(RunSpec(
@@ -156,6 +159,6 @@ def expand(exp: Experiment, workdir: Path, require_tuned: bool = True,
                         granularity=exp.granularity, calibration=exp.calibration.model_dump(mode="json"),
                         evaluation=exp.evaluation.model_dump(mode="json"), dtype=exp.dtype,
                         calibration_data=calibration_data, evaluation_data=evaluation_data,
-                        code=method_fingerprint(entry.name), sweep=dict(entry.sweep),
+                        code=method_fingerprint(entry.name), sweep=dict(entry.sweep), recovery=recovery,
                     ))
     return specs

@@ -1,5 +1,6 @@
 """One grid point on a loaded model, one way through: prune, stamp the masks, verify compact == gated, compact,
-measure, evaluate (pruned, dense, retained %, speed), and write the outputs.
+measure, evaluate (pruned, dense, retained %, speed), recover and evaluate again (when the run has a recovery
+stage), and write the outputs.
 
 The CLI's `prune`, the runner (its grid points, their nested rows and re-evaluations) and every bench share this
 path, so a number means the same thing wherever it is made.
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from suite.data.calibration import Calibration
 from suite.evaluation.evaluate import EvalSpec, evaluate, speed
@@ -25,7 +26,9 @@ from suite.model.compact import save_pruned, verified_compact
 from suite.model.masks import Masks, Target
 from suite.model.structures import Granularity, Structure, build_structure, param_count
 from suite.outputs import output_dir
-from suite.run.record import flat_metrics, retained
+from suite.recovery.spec import RecoverySpec
+from suite.recovery.train import RecoveryResult, recover
+from suite.run.record import flat_metrics, retained, staged
 
 log = logging.getLogger(__name__)
 PROBE_SHAPE = (2, 16)
@@ -140,6 +143,40 @@ def evaluate_pruned(model: nn.Module, tokenizer: Any, protocol: EvalSpec, dense:
     if dense_model is not None:
         metrics |= {f"speed.{k}": v for k, v in speed(model, dense_model).items()}
     return metrics, evaluation
+
+
+@dataclass
+class Evaluated:
+    """A compact model's numbers, and with a recovery stage the recovered model's: `metrics` as a run records them
+    (plain names without recovery; `pruned.*`, `recovered.*` and `recovery_*` with it), the full evaluation results
+    (each with its protocol) and what the recovery did."""
+
+    metrics: dict[str, float]
+    evaluation: dict[str, Any]
+    recovered: dict[str, Any] | None = None
+    recovery: RecoveryResult | None = None
+
+    def results(self) -> dict[str, Any]:
+        """The evaluation results to store: the pruned model's, and the recovered one's (`recovered`) if any."""
+        return self.evaluation | ({"recovered": self.recovered} if self.recovered is not None else {})
+
+
+def evaluate_stages(model: nn.Module, tokenizer: Any, protocol: EvalSpec, dense: dict[str, float], *,
+                    dense_model: nn.Module | None = None, recovery: RecoverySpec | None = None,
+                    data: Tensor | None = None, seed: int = 0, progress: bool = True) -> Evaluated:
+    """Evaluate the compact model (w/o tune); with a `recovery` stage, fine-tune it in place on `data` (the teacher
+    of distill: `dense_model`) and evaluate it again (w/ tune) under the same protocol. Speed is measured once, on
+    the pruned model: recovery changes no shape."""
+    metrics, evaluation = evaluate_pruned(model, tokenizer, protocol, dense, dense_model)
+    if recovery is None:
+        return Evaluated(metrics, evaluation)
+    if data is None:
+        raise ValueError("a recovery stage needs its training windows")
+    teacher = dense_model if recovery.method == "distill" else None
+    done = recover(model, data, recovery, seed=seed, teacher=teacher, progress=progress)
+    after, recovered = evaluate_pruned(model, tokenizer, protocol, dense)
+    return Evaluated(staged(metrics, "pruned") | staged(after, "recovered") | done.metrics(), evaluation, recovered,
+                     done)
 
 
 def write_outputs(out: Path, model: nn.Module, tokenizer: Any, outcome: PruneOutcome) -> None:

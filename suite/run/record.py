@@ -22,8 +22,10 @@ PRUNED_BY = PREFIX + "pruned_by"  # on a run that re-evaluated another run's pru
 NESTED_IN = PREFIX + "nested_in"  # on a nested row (GISP): the parent's pruning identity
 CODE = PREFIX + "code"
 SWEEP = PREFIX + "sweep"  # JSON {knob: value} of a params-grid variant; its values are also its hp.* params
+RECOVERY = PREFIX + "recovery"  # JSON of the run's recovery stage (RecoverySpec.fingerprint()); absent without one
 MODEL_ARTIFACT = "model"  # the compact checkpoint, stored when a method rewrote weights
 METRICS_ARTIFACT = "metrics.json"
+RECOVERY_ARTIFACT = "recovery.json"  # the recovery stage's spec, data hash, curves and cost
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,25 @@ for _name, _label, _higher in (
     ("mean_acc_stderr", "mean acc stderr", None),
 ):
     register_metric(_name, _label, _higher)
+
+
+UNSTAGED = ("dense.", "speed.")  # measured once per run whatever the stage: the dense reference, and shapes' speed
+
+
+def staged(metrics: Mapping[str, float], stage: str) -> dict[str, float]:
+    """A stage's evaluation metrics under its prefix (`pruned.ppl.X`, `recovered.mean_acc`): a run with a recovery
+    stage records both, so no plain name leaves open which model it measured."""
+    return {k if k.startswith(UNSTAGED) else f"{stage}.{k}": v for k, v in metrics.items()}
+
+
+def at_stage(metrics: Mapping[str, float], stage: str) -> dict[str, float]:
+    """A run's metrics as measured at `stage` ("pruned" or "recovered"), under their plain names; a run without a
+    recovery stage measured only "pruned", under plain names already (its "recovered" view is empty)."""
+    prefix = f"{stage}."
+    if not any(k.startswith(("pruned.", "recovered.")) for k in metrics):
+        return dict(metrics) if stage == "pruned" else {}
+    own = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+    return {k: v for k, v in metrics.items() if not k.startswith(("pruned.", "recovered."))} | own
 
 
 MISS_TOLERANCE = 0.02  # a relaxation ending further than this from its target sparsity: the projection decided
@@ -112,24 +133,32 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 
 def run_params(*, model: str, method: str, label: str, sparsity: float, seed: int, granularity: str, dtype: str,
-               hyperparameters: dict[str, Any], target: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
+               hyperparameters: dict[str, Any], target: dict[str, Any], calibration: dict[str, Any],
+               recovery: dict[str, Any] | None = None) -> dict[str, Any]:
     """The MLflow params of a pruning, the same for a grid run and a tuning trial (`hp.*` = the method's resolved
-    config), so both line up in one compare view."""
+    config), so both line up in one compare view; `recovery.*`: the recovery stage, when the run has one."""
     return ({"model": model, "method": method, "label": label, "sparsity": sparsity, "seed": seed,
              "granularity": granularity, "dtype": dtype}
-            | flatten("hp", hyperparameters) | flatten("target", target) | flatten("calibration", calibration))
+            | flatten("hp", hyperparameters) | flatten("target", target) | flatten("calibration", calibration)
+            | flatten("recovery", recovery or {}))
 
 
 def table_row(spec: Any, run: Any) -> dict[str, Any]:
     """A grid point's row in the table `run` prints (spec: a RunSpec; run: its MLflow run)."""
-    m = run.data.metrics
-    ppl = next((v for k, v in sorted(m.items()) if k.startswith("ppl.")), float("nan"))
+    m = at_stage(run.data.metrics, "pruned")
     swept = {f"hp.{k}": v for k, v in spec.sweep.items()}
-    return {"model": spec.model, "method": spec.label, **swept, "sparsity": spec.sparsity, "seed": spec.seed,
-            "status": run.info.status, "ppl": ppl, "mean_acc": m.get("mean_acc", float("nan")),
-            "retained_acc_%": m.get("retained.mean_acc", float("nan")),
-            "params": int(m.get("params_compact", 0)), "prune_s": m.get("prune_seconds", float("nan")),
-            "error": run.data.tags.get(ERROR, "")}
+    row = {"model": spec.model, "method": spec.label, **swept, "sparsity": spec.sparsity, "seed": spec.seed,
+           "status": run.info.status, **_headline(m)}
+    if spec.recovery:  # w/ tune beside w/o tune
+        row |= {f"tuned_{k}": v for k, v in _headline(at_stage(run.data.metrics, "recovered")).items()}
+    return row | {"params": int(m.get("params_compact", 0)), "prune_s": m.get("prune_seconds", float("nan")),
+                  "error": run.data.tags.get(ERROR, "")}
+
+
+def _headline(m: Mapping[str, float]) -> dict[str, float]:
+    ppl = next((v for k, v in sorted(m.items()) if k.startswith("ppl.")), float("nan"))
+    return {"ppl": ppl, "mean_acc": m.get("mean_acc", float("nan")),
+            "retained_acc_%": m.get("retained.mean_acc", float("nan"))}
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:

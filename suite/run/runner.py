@@ -23,11 +23,12 @@ from suite.model.compact import load_pruned, save_pruned
 from suite.model.load import load_model, load_tokenizer, parse_dtype
 from suite.model.masks import Masks, Target
 from suite.model.structures import param_count
+from suite.recovery.train import recovery_windows
 from suite.run.claims import ClaimLost, Claims, open_claims, wait_seconds
 from suite.run.config import Experiment
 from suite.run.executors import LocalExecutor, Point, Row, executor_for
 from suite.run.grid import RunSpec, code_fingerprint, dense_identity, model_fingerprint
-from suite.run.pipeline import PruneOutcome, apply_masks, evaluate_pruned, prune_model, stamp
+from suite.run.pipeline import PruneOutcome, apply_masks, evaluate_stages, prune_model, stamp
 from suite.run.preflight import preflight
 from suite.run.record import (
     CODE,
@@ -39,6 +40,8 @@ from suite.run.record import (
     PREFIX,
     PRUNED_BY,
     PRUNING,
+    RECOVERY,
+    RECOVERY_ARTIFACT,
     SWEEP,
     WORKER,
     error_line,
@@ -71,7 +74,8 @@ class Runner:
         self.protocol = exp.evaluation
         self.claims: Claims | None = None  # while a sweep (or a Ray task) runs
         self._calibration: dict[str, Calibration] = {}
-        self._speed_reference: tuple[str | None, Any] = (None, None)
+        self._recovery_windows: dict[str, Any] = {}
+        self._dense_reference: tuple[str | None, Any] = (None, None)
 
     def run(self) -> list[Row]:
         parent = self.tracker.parent()
@@ -205,13 +209,24 @@ class Runner:
             self.tracker.finish(run_id, "FAILED")
             raise
 
-    def _speed_model(self, model: str) -> Any:
-        """The dense model for speed ratios (when measured), loaded once per model."""
-        if not self.exp.evaluation.speed:
+    def _dense_model(self, model: str) -> Any:
+        """The dense model, when a run needs it (speed ratios, or the teacher of a distill recovery); loaded once per
+        model."""
+        recovery = self.exp.recovery
+        if not self.exp.evaluation.speed and (recovery is None or recovery.method != "distill"):
             return None
-        if self._speed_reference[0] != model:
-            self._speed_reference = (model, load_model(model, self.exp.dtype)[0])
-        return self._speed_reference[1]
+        if self._dense_reference[0] != model:
+            self._dense_reference = (model, load_model(model, self.exp.dtype)[0])
+        return self._dense_reference[1]
+
+    def _recovery_data(self, model: str, tokenizer: Any) -> Any:
+        """The recovery stage's training windows, one set per model, identical for every method (None without a
+        recovery stage)."""
+        if self.exp.recovery is None:
+            return None
+        if model not in self._recovery_windows:
+            self._recovery_windows[model] = recovery_windows(self.exp.recovery, tokenizer, self.exp.calibration.source)
+        return self._recovery_windows[model]
 
     # -- one grid point
 
@@ -310,33 +325,47 @@ class Runner:
 
     def _record(self, run_id: str, spec: RunSpec, model: Any, tokenizer: Any, outcome: PruneOutcome, point: Point,
                 fence: Callable[[], None]) -> None:
-        """Evaluate the compact model (the pipeline) and log params, metrics, curves and artifacts."""
-        measured, evaluation = evaluate_pruned(model, tokenizer, self.protocol, point.dense,
-                                               self._speed_model(spec.model))
-        fence()
-        numbers = outcome.metrics.items()
-        metrics = {k: v for k, v in numbers if isinstance(v, int | float) and not isinstance(v, bool)} | measured
-        params = run_params(model=spec.model, method=spec.method, label=spec.label, sparsity=spec.sparsity,
-                            seed=spec.seed, granularity=spec.granularity, dtype=spec.dtype,
-                            hyperparameters=spec.hyperparameters, target=spec.target, calibration=spec.calibration)
-        params["calibration.hash"] = outcome.metrics["calibration_hash"]
-        tags = protocol_tags(evaluation["protocol"]) | ({SWEEP: json.dumps(spec.sweep)} if spec.sweep else {})
-        self.tracker.log(run_id, params=params, metrics=metrics, tags=tags)
-        self.tracker.log_curves(run_id, outcome.result.curves)
-        self._artifacts(run_id, spec, model, outcome, evaluation)
-
-    def _artifacts(self, run_id: str, spec: RunSpec, model: Any, outcome: PruneOutcome,
-                   evaluation: dict[str, Any]) -> None:
+        """Evaluate the compact model, recover and evaluate it again when the experiment has a recovery stage (the
+        pipeline), and log params, metrics, curves and artifacts. The pruning's artifacts (masks, the compact
+        checkpoint of a method that rewrote weights) are written first: recovery changes the weights in place."""
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
-            outcome.result.save(d)
-            (d / METRICS_ARTIFACT).write_text(json.dumps(outcome.metrics | {"evaluation": evaluation}, indent=1,
-                                                         sort_keys=True, default=str))
-            for write in self.writers:
-                write(d, spec, outcome.result)
-            if outcome.metrics.get("weights_changed") and self.exp.tracking.store_models:  # masks cannot replay it
-                save_pruned(model, d / MODEL_ARTIFACT)
+            self._pruning_artifacts(d, spec, model, outcome)
+            recovery = self.exp.recovery if spec.recovery else None
+            result = evaluate_stages(model, tokenizer, self.protocol, point.dense,
+                                     dense_model=self._dense_model(spec.model), recovery=recovery,
+                                     data=self._recovery_data(spec.model, tokenizer), seed=spec.seed,
+                                     progress=self.progress)
+            fence()
+            numbers = outcome.metrics.items()
+            metrics = {k: v for k, v in numbers if isinstance(v, int | float) and not isinstance(v, bool)}
+            params = run_params(model=spec.model, method=spec.method, label=spec.label, sparsity=spec.sparsity,
+                                seed=spec.seed, granularity=spec.granularity, dtype=spec.dtype,
+                                hyperparameters=spec.hyperparameters, target=spec.target,
+                                calibration=spec.calibration, recovery=spec.recovery)
+            params["calibration.hash"] = outcome.metrics["calibration_hash"]
+            tags = protocol_tags(result.evaluation["protocol"]) | ({SWEEP: json.dumps(spec.sweep)} if spec.sweep
+                                                                    else {})
+            if result.recovery is not None:
+                params["recovery.data_hash"] = result.recovery.data_hash
+                tags[RECOVERY] = json.dumps(spec.recovery, sort_keys=True)
+                (d / RECOVERY_ARTIFACT).write_text(json.dumps(
+                    {"spec": spec.recovery, "data_hash": result.recovery.data_hash, "curves": result.recovery.curves}
+                    | result.recovery.metrics(), indent=1, sort_keys=True))
+            self.tracker.log(run_id, params=params, metrics=metrics | result.metrics, tags=tags)
+            self.tracker.log_curves(run_id, outcome.result.curves)
+            if result.recovery is not None:
+                self.tracker.log_curves(run_id, {f"recovery_{k}": v for k, v in result.recovery.curves.items()})
+            (d / METRICS_ARTIFACT).write_text(json.dumps(outcome.metrics | {"evaluation": result.results()},
+                                                         indent=1, sort_keys=True, default=str))
             self.tracker.log_artifacts(run_id, d)
+
+    def _pruning_artifacts(self, d: Path, spec: RunSpec, model: Any, outcome: PruneOutcome) -> None:
+        outcome.result.save(d)
+        for write in self.writers:
+            write(d, spec, outcome.result)
+        if outcome.metrics.get("weights_changed") and self.exp.tracking.store_models:  # masks cannot replay it
+            save_pruned(model, d / MODEL_ARTIFACT)
 
 
 class Waiting:
