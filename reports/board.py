@@ -2,8 +2,10 @@
 
 What makes it sound, where merging results naively would not be:
 
-- one board per evaluation protocol and calibration set: numbers measured under different protocols or from
-  different calibration data are never ranked together, and each board says how it differs from the first;
+- one board per evaluation protocol and calibration set (and, ranking the recovered stage, recovery stage): numbers
+  measured under different protocols, from different calibration data or after different recoveries are never
+  ranked together, and each board says how it differs from the first;
+- it ranks one stage and says which: the pruned models (w/o tune, the default) or the recovered ones (w/ tune);
 - a run found twice (the same identity: the same model, method, hyperparameters, target, seed, data, protocol and
   code, recorded by two experiments or copied into two stores) counts once;
 - methods are ranked only on the (model, sparsity) cells they all cover; coverage is shown, never averaged over;
@@ -25,10 +27,20 @@ from typing import Any
 import pandas as pd
 
 from reports import leaderboard
-from reports.build import BOARD_NOTE, STYLE, board_display, protocol_difference, protocol_words
-from reports.query import LOCAL, load_results
+from reports.build import (
+    BOARD_NOTE,
+    STAGE_WORDS,
+    STYLE,
+    board_display,
+    protocol_difference,
+    protocol_words,
+    recovery_words,
+    stage_note,
+)
+from reports.query import LOCAL, STAGES, load_results, stage_view
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
+from suite.run.record import flatten
 
 
 @dataclass(frozen=True)
@@ -43,10 +55,11 @@ class Store:
         return self.uri or str(self.workdir)
 
 
-def gather(stores: list[Store], experiments: list[str]) -> tuple[pd.DataFrame, int]:
-    """Every finished run of `experiments` in any of `stores`, a run found more than once kept once (the latest
-    record; the dense references too); returns the runs and how many pruned runs were found more than once. An
-    experiment in none of the stores is refused."""
+def gather(stores: list[Store], experiments: list[str], stage: str = "pruned") -> tuple[pd.DataFrame, int]:
+    """Every finished run of `experiments` in any of `stores`, at `stage`, a run found more than once kept once (the
+    latest record; the dense references too); returns the runs and how many pruned runs were found more than once
+    (at the pruned stage, runs that differ only in their recovery stage count as one: `stage_view`). An experiment in
+    none of the stores is refused."""
     frames, found = [], set()
     for store in stores:
         for name in experiments:
@@ -61,32 +74,38 @@ def gather(stores: list[Store], experiments: list[str]) -> tuple[pd.DataFrame, i
     if missing:
         raise ConfigError(f"no finished runs of experiment(s) {', '.join(missing)} in "
                           f"{', '.join(s.name for s in stores)}")
-    df = pd.concat(frames, ignore_index=True).sort_values("start_time", kind="stable")
+    found_runs = pd.concat(frames, ignore_index=True).sort_values("start_time", kind="stable")
+    df = stage_view(found_runs, stage)
     keyed = df["identity"].astype(bool)
     unique = pd.concat([df[keyed].drop_duplicates("identity", keep="last"), df[~keyed]])
-    dropped = int((df["kind"] == "pruned").sum() - (unique["kind"] == "pruned").sum())
+    before = found_runs if stage == "pruned" else df  # the recovered stage leaves runs without one out: not twice
+    dropped = int((before["kind"] == "pruned").sum() - (unique["kind"] == "pruned").sum())
     unique = unique.sort_values(["model", "kind", "method", "sparsity", "seed"], ignore_index=True)
     return unique.copy(), dropped  # one block per dtype: the boards add columns to slices of it
 
 
 @dataclass
 class Board:
-    """The runs of one protocol and one calibration set, with the dense references of that protocol."""
+    """The runs of one protocol, one calibration set and (ranking the recovered stage) one recovery stage, with the
+    dense references of that protocol."""
 
     protocol: str
     calibration_hash: str
     runs: pd.DataFrame
+    recovery: str = ""
 
     @property
     def pruned(self) -> pd.DataFrame:
         return self.runs[self.runs["kind"] == "pruned"]
 
 
-def boards(df: pd.DataFrame) -> list[Board]:
-    """One board per (protocol, calibration set), largest first."""
+def boards(df: pd.DataFrame, stage: str = "pruned") -> list[Board]:
+    """One board per (protocol, calibration set), and at the recovered stage per recovery stage too; largest
+    first."""
     pruned, dense = df[df["kind"] == "pruned"], df[df["kind"] == "dense"]
-    out = [Board(protocol, calibration, pd.concat([dense[dense["protocol"] == protocol], runs]))
-           for (protocol, calibration), runs in pruned.groupby(["protocol", "calibration_hash"], sort=True)]
+    keys = ["protocol", "calibration_hash"] + (["recovery"] if stage == "recovered" else [])
+    out = [Board(key[0], key[1], pd.concat([dense[dense["protocol"] == key[0]], runs]), *key[2:])
+           for key, runs in pruned.groupby(keys, sort=True)]
     return sorted(out, key=lambda b: -len(b.pruned))
 
 
@@ -101,6 +120,10 @@ def difference(board: Board, first: Board) -> str:
                    if mine.get(k) != theirs.get(k)]
         parts.append("calibration " + (", ".join(changed) if changed else
                                        f"text {first.calibration_hash[:12]} -> {board.calibration_hash[:12]}"))
+    if board.recovery != first.recovery:
+        mine, theirs = (flatten("", json.loads(b.recovery or "{}")) for b in (board, first))
+        parts.append("recovery " + ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}"
+                                             for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)))
     return "; ".join(parts)
 
 
@@ -123,15 +146,16 @@ def interactive(df: pd.DataFrame, caption: str) -> str:
                              style="table-layout:auto;width:auto;margin:0")
 
 
-def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) -> Path:
-    """Write the leaderboard under `out` (all or nothing) and return its index.html."""
+def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, stage: str = "pruned") -> Path:
+    """Write the leaderboard of `stage` ("pruned": w/o tune, "recovered": w/ tune) under `out` (all or nothing) and
+    return its index.html."""
     from itables import options
     from itables.javascript import generate_init_offline_itables_html
 
     start = time.perf_counter()
     check_dir(out, "leaderboard")
-    df, duplicates = gather(stores, experiments)
-    found = boards(df)
+    df, duplicates = gather(stores, experiments, stage)
+    found = boards(df, stage)
     if not found:
         raise ConfigError(f"no pruned runs in experiment(s) {', '.join(experiments)}")
     sections, records, rankings, cell_rows = [], [], [], []
@@ -148,7 +172,8 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) ->
                      f'<p class="warn">differs from board 1 in: {html.escape(differs)}</p>' if differs else "",
                      protocol_words(board.runs),
                      f"<p>{len(board.pruned)} runs from {html.escape(', '.join(records_of(board)))}. "
-                     f"{html.escape(BOARD_NOTE)} {HOW_TO}</p>",
+                     f"{html.escape(stage_note(stage))} {html.escape(BOARD_NOTE)} {HOW_TO}</p>",
+                     f"<p>{html.escape(recovery_words(json.loads(board.recovery)))}</p>" if board.recovery else "",
                      "<h3>best method per model and sparsity</h3>",
                      leaderboard.best_per_cell(board.pruned).to_html(index=False),
                      "<h3>ranking</h3>", interactive(board_display(rank), f"board {i}: ranking"),
@@ -158,10 +183,12 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) ->
                         grid.to_html()] if grid is not None else [])]
         rankings.append(rank.assign(board=i, protocol=board.protocol, calibration_hash=board.calibration_hash))
         cell_rows.append(cells.assign(board=i, protocol=board.protocol, calibration_hash=board.calibration_hash))
-        records.append({"board": i, "protocol": board.protocol, "calibration_hash": board.calibration_hash,
+        records.append({"board": i, "stage": stage, "protocol": board.protocol,
+                        "calibration_hash": board.calibration_hash, "recovery": board.recovery,
                         "differs_from_board_1": differs, "experiments": records_of(board),
                         "ranking": _records(rank), "cells": _records(cells), "coverage": _records(cover.reset_index())})
-    summary = {"experiments": experiments, "stores": [s.name for s in stores],
+    summary = {"experiments": experiments, "stage": stage, "stage_words": STAGE_WORDS[stage],
+               "stores": [s.name for s in stores],
                "runs": int((df["kind"] == "pruned").sum()), "duplicates_counted_once": duplicates, "boards": records}
     with output_dir(out, "leaderboard") as tmp:
         pd.concat(rankings).to_csv(tmp / "leaderboard.csv", index=False)
@@ -174,7 +201,7 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path) ->
         (tmp / "index.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>prunebench leaderboard</title><style>{STYLE}{TABLES}</style></head><body>
 {generate_init_offline_itables_html(options.dt_bundle)}
-<h1>prunebench leaderboard</h1><p>{head}</p>
+<h1>prunebench leaderboard ({html.escape(STAGES[stage])})</h1><p>{html.escape(stage_note(stage))} {head}</p>
 {"".join(sections)}
 <p>built in {time.perf_counter() - start:.1f} s</p></body></html>
 """)

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from reports import ablation, heatmaps, leaderboard, plots, tables
-from reports.query import export, load_results, read_masks
+from reports.query import STAGES, export, load_results, read_masks, stage_view
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
 from suite.registry import Registry
@@ -69,6 +69,7 @@ class Page:
     out: Path
     sections: list[str] = field(default_factory=list)
     ablation: str = "marginal"  # the ablation view's other knobs: "marginal" (pooled) or "held" (one row per value)
+    stage: str = "pruned"  # whose numbers the tables, plots and rankings show: "pruned" (w/o tune) or "recovered"
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.out).as_posix()
@@ -110,11 +111,41 @@ def model_section(page: Page, runs: pd.DataFrame, model: str, prefix: str) -> st
 def table_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
     """Method x sparsity, mean +- 95% CI over seeds, in HTML here and as Markdown, LaTeX, HTML and CSV files."""
     summary = tables.summarize(runs, model)
+    files = table_files(page, summary, name)
+    return f"<p>table ({html.escape(STAGE_WORDS[page.stage])}): {page.links(*files)}</p>\n{tables.html_table(summary)}"
+
+
+@view("recovery")
+def recovery_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
+    """w/o tune against w/ tune: every method's row right after pruning and after the experiment's recovery stage,
+    side by side (LLM-Pruner's layout), when the runs have one."""
+    both, order = tables.both_stages(runs)
+    if both.empty:
+        return ""
+    summary = tables.summarize(both, model, order)
+    spec = json.loads(both.loc[both["kind"] == "pruned", "recovery"].iloc[0])
+    return (f"<h3>recovery: w/o tune and w/ tune</h3><p>{html.escape(recovery_words(spec))} Files: "
+            f"{page.links(*table_files(page, summary, f'{name}_recovery'))}</p>\n{tables.html_table(summary)}")
+
+
+def recovery_words(spec: dict[str, Any]) -> str:
+    """A recovery stage in words, as a table's caption says it."""
+    data = spec.get("data", {})
+    lora = f"LoRA (r {spec.get('rank')}, alpha {spec.get('alpha')}, on {', '.join(spec.get('target_modules', []))})"
+    how = {"lora": lora, "full": "every weight",
+           "distill": f"distillation from the dense model's logits (T {spec.get('temperature')}, LM weight "
+                      f"{spec.get('lm_weight')}, {spec.get('distill_weights')} weights)"}[spec.get("method", "lora")]
+    return (f"w/ tune: {how}, {spec.get('steps')} steps of {spec.get('batch_size')} x {spec.get('seq_len')} tokens, "
+            f"lr {spec.get('lr')}, on {data.get('n')} windows of {data.get('source')}:{data.get('split')} "
+            f"(content {data.get('split_hash')}); the same for every method.")
+
+
+def table_files(page: Page, summary: tables.Summary, name: str) -> list[Path]:
+    """A summary as Markdown, LaTeX, HTML and CSV files under tables/."""
     files = [page.write(f"tables/{name}.md", tables.markdown(summary)),
              page.write(f"tables/{name}.tex", tables.latex(summary)),
              page.write(f"tables/{name}.html", tables.html_table(summary))]
-    files.append(export(tables.csv_frame(summary), page.out / "tables" / f"{name}.csv"))
-    return f"<p>table: {page.links(*files)}</p>\n{tables.html_table(summary)}"
+    return [*files, export(tables.csv_frame(summary), page.out / "tables" / f"{name}.csv")]
 
 
 @view("pareto")
@@ -203,6 +234,16 @@ def masks_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
     return "\n".join(p for p in parts if p)
 
 
+STAGE_WORDS = {"pruned": "w/o tune: the pruned models as pruning left them",
+               "recovered": "w/ tune: the pruned models after the experiment's recovery stage"}
+
+
+def stage_note(stage: str) -> str:
+    """Which stage a ranking ranks, in words (`--stage` picks the other)."""
+    other = "recovered" if stage == "pruned" else "pruned"
+    return f"Ranked stage: {STAGE_WORDS[stage]} (--stage {other} ranks the other)."
+
+
 def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
     pruned = runs[runs["kind"] == "pruned"]
     rank = leaderboard.ranking(pruned)
@@ -226,7 +267,8 @@ def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
     missed_html = ["<h3>runs whose relaxation missed its budget</h3>", f"<p>{html.escape(tables.MISS_NOTE)}</p>",
                    missed.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–")] if len(missed) else []
     return "\n".join([
-        "<h2>leaderboard</h2>", f"<p>{html.escape(BOARD_NOTE)} Files: {page.links(*files)}</p>",
+        f"<h2>leaderboard ({html.escape(STAGES[page.stage])})</h2>",
+        f"<p>{html.escape(stage_note(page.stage))} {html.escape(BOARD_NOTE)} Files: {page.links(*files)}</p>",
         board_display(rank).to_html(index=False), *missed_html,
         page.figure(png, "win rate: share of shared (model, sparsity, seed) cells where the row beats the column"),
         f"<h3>paired tests: effect and Holm-corrected p</h3><p>{html.escape(MATRIX_NOTE)}</p>", grid.to_html(),
@@ -249,7 +291,8 @@ def summary_block(page: Page, runs: pd.DataFrame, prefix: str) -> str:
         return ""
     files = [export(best, page.out / "tables" / f"{prefix}summary.csv"),
              page.write(f"tables/{prefix}summary.md", tables.frame_markdown(best))]
-    return ("<h2>summary: best method per model and sparsity</h2><p>retained accuracy (% of dense mean task "
+    return (f"<h2>summary: best method per model and sparsity ({html.escape(STAGES[page.stage])})</h2><p>retained "
+            "accuracy (% of dense mean task "
             "accuracy), mean ± 95% interval (n runs); methods whose interval overlaps the best's rank 1 with it. "
             f"Files: {page.links(*files)}</p>" + best.to_html(index=False))
 
@@ -329,18 +372,19 @@ def pick_protocol(df: pd.DataFrame, protocol: str | None, latest: bool) -> pd.Da
 
 def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | None = None,
                  allow_mixed: bool = False, log_to_store: bool = False, protocol: str | None = None,
-                 latest: bool = False, ablation_mode: str = "marginal") -> Path:
-    """Write the report under `out` and return its index.html. The store is only read, unless `log_to_store`
-    (then the report is also logged on each experiment's parent run)."""
+                 latest: bool = False, ablation_mode: str = "marginal", stage: str = "pruned") -> Path:
+    """Write the report under `out` and return its index.html: every table, plot and ranking at `stage` ("pruned":
+    w/o tune; "recovered": w/ tune), plus the two stages side by side where runs have a recovery stage. The store is
+    only read, unless `log_to_store` (then the report is also logged on each experiment's parent run)."""
     start = time.perf_counter()
     check_dir(out, "report")  # before any work: never replace what prunebench did not write
     df = load_results(workdir, experiments, uri)
     if df.empty:
         raise ConfigError(f"no finished runs in experiment(s) {', '.join(experiments)} under {workdir}")
-    df = pick_protocol(df, protocol, latest)
+    df = stage_view(pick_protocol(df, protocol, latest), stage)
     groups = guard(df, allow_mixed)
     with output_dir(out, "report") as tmp:  # a failed or killed build leaves the previous report whole
-        page = Page(tmp, ablation=ablation_mode)
+        page = Page(tmp, ablation=ablation_mode, stage=stage)
         plots.palette(sorted(df["method"].unique()))
         export(df, tmp / "results.csv")
         export(df, tmp / "results.parquet")
@@ -364,7 +408,7 @@ def build_report(workdir: Path, experiments: list[str], out: Path, uri: str | No
 <p>{len(df[df['kind'] == 'pruned'])} pruned runs, {len(df[df['kind'] == 'dense'])} dense; protocol(s)
 {html.escape(', '.join(sorted(df['protocol'].unique())))}; all runs: <a href="results.csv">csv</a> ·
 <a href="results.parquet">parquet</a>. Tables: mean ± 95% CI over seeds where there are several; best pruned value
-per column and sparsity in bold.</p>
+per column and sparsity in bold. Numbers: {html.escape(STAGE_WORDS[stage])}.</p>
 {body}
 </body></html>
 """)

@@ -15,13 +15,15 @@ from typing import Any
 import pandas as pd
 
 from suite.errors import ConfigError, DataError
+from suite.hashing import digest
 from suite.model.masks import Masks
-from suite.run.record import ERROR, IDENTITY, KIND, NONFINITE, PREFIX, SWEEP
+from suite.run.record import ERROR, IDENTITY, KIND, NONFINITE, PREFIX, PRUNING, RECOVERY, SWEEP, at_stage
 from suite.run.tracking import Tracker
 
 ID_COLUMNS = ["experiment", "run_id", "kind", "status", "model", "method", "method_name", "sparsity", "seed",
               "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity", "start_time", "nonfinite",
-              "sweep", "identity", "calibration"]
+              "sweep", "identity", "pruning", "calibration", "recovery"]
+STAGES = {"pruned": "w/o tune", "recovered": "w/ tune"}  # what a stage's numbers measure, as tables head them
 LOCAL = ["artifacts"]  # where this machine finds a run's files: used by the report, never exported
 
 
@@ -48,13 +50,17 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
                 "artifacts": str(tracker.artifact_dir(run.info.artifact_uri) or ""),
                 "code": tags.get(PREFIX + "code", tags.get(PREFIX + "suite_version", "")),
                 "calibration_hash": params.get("calibration.hash", ""),
-                "sweep": tags.get(SWEEP, ""), "identity": tags.get(IDENTITY, ""),
+                "sweep": tags.get(SWEEP, ""), "identity": tags.get(IDENTITY, ""), "pruning": tags.get(PRUNING, ""),
+                "recovery": tags.get(RECOVERY, ""),
                 "calibration": json.dumps({k.removeprefix("calibration."): _value(v) for k, v in sorted(params.items())
                                            if k.startswith("calibration.") and k != "calibration.hash"}),
             } | {k: _value(v) for k, v in params.items() if k.startswith("hp.")}
             metrics = dict(run.data.metrics)
             nonfinite = json.loads(tags.get(NONFINITE, "{}"))
             metrics |= {k: float(v) for k, v in nonfinite.items()}  # inf as inf, not MLflow's clamped largest float
+            # plain names: the pruned model's numbers (w/o tune); `pruned.*` and `recovered.*` stay for the stage
+            # table and `stage_view`
+            metrics = at_stage(metrics, "pruned") | {k: v for k, v in metrics.items() if k.startswith(STAGED)}
             row["nonfinite"] = ",".join(sorted(nonfinite))
             # the `sparsity` param is the grid's target; the metric of that name is what the method achieved
             row["achieved_sparsity"] = metrics.pop("sparsity", row["sparsity"])
@@ -63,6 +69,40 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
             rows.append(row | {k: v for k, v in metrics.items() if k not in row})  # params win (e.g. seed)
     df = distinguish(pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + LOCAL))
     return df.sort_values(["experiment", "model", "kind", "method", "sparsity", "seed"], ignore_index=True)
+
+
+STAGED = ("pruned.", "recovered.")
+
+
+def stage_view(df: pd.DataFrame, stage: str) -> pd.DataFrame:
+    """The runs as measured at `stage`: "pruned" (w/o tune: every pruning once per protocol, the latest run of it,
+    however many recovery stages it went on to) or "recovered" (w/ tune: the runs
+    with a recovery stage, their `recovered.*` numbers under the plain names every table and ranking reads; dense
+    references stay). Under one label, runs recovered by different recovery stages become different methods
+    (`label[recovery=<hash>]`), never seeds of one."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}")
+    if df.empty:
+        return df
+    if stage == "pruned":  # runs that differ only in their recovery stage measured one pruned model: counted once
+        order = df.index
+        df = df.sort_values("start_time", kind="stable")
+        same = (df["kind"] == "pruned") & df["pruning"].fillna("").astype(bool)
+        same &= df.duplicated(["pruning", "protocol"], keep="last")
+        return df[~same].reindex([i for i in order if i in df.index[~same]])
+    prefix = f"{stage}."
+    recovered = df[(df["kind"] == "dense") | df["recovery"].fillna("").astype(bool)].copy()
+    if not (recovered["kind"] == "pruned").any():
+        raise ConfigError("no run of these experiments has a recovery stage (set `recovery:` in the experiment); "
+                          "--stage recovered has nothing to rank")
+    pruned = recovered["kind"] == "pruned"
+    for column in [c for c in recovered.columns if c.startswith(prefix)]:
+        recovered.loc[pruned, column.removeprefix(prefix)] = recovered.loc[pruned, column]
+    for _, block in recovered[pruned].groupby(["model", "method"], sort=False):
+        if block["recovery"].nunique() > 1:
+            for index, row in block.iterrows():
+                recovered.loc[index, "method"] = f"{row['method']}[recovery={digest(row['recovery'], length=8)}]"
+    return recovered
 
 
 def distinguish(df: pd.DataFrame) -> pd.DataFrame:
@@ -85,7 +125,7 @@ def distinguish(df: pd.DataFrame) -> pd.DataFrame:
             shown = ",".join(f"{c.removeprefix('hp.')}={str(row[c])[:12]}" for c in differing)
             df.loc[index, "method"] = f"{row['method']}[{shown}]"
     df = df.sort_values("start_time")
-    keys = ["experiment", "model", "kind", "method", "sparsity", "seed", "protocol", *config]
+    keys = ["experiment", "model", "kind", "method", "sparsity", "seed", "protocol", "recovery", *config]
     dense = df["kind"] == "dense"  # one reference per model and protocol: the latest measurement
     return pd.concat([df[dense].drop_duplicates(subset=["experiment", "model", "protocol"], keep="last"),
                       df[~dense].drop_duplicates(subset=[k for k in keys if k in df.columns], keep="last")])

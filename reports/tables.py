@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from reports.query import STAGES
 from suite.run.record import MISS_TOLERANCE, metric
 from suite.stats import ci95
 
@@ -76,12 +77,31 @@ class Summary:
         return out
 
 
+def both_stages(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """LLM-Pruner's layout: each run with a recovery stage twice, as `method (w/o tune)` with its pruned numbers and
+    `method (w/ tune)` with its recovered ones (the dense reference stays one row), and the row order that puts a
+    method's two rows one after the other. Empty when no run has a recovery stage."""
+    recovered = runs["recovery"].fillna("").astype(bool) if "recovery" in runs else pd.Series(False, runs.index)
+    if not recovered.any():
+        return runs.iloc[:0], []
+    rows = [runs[runs["kind"] == "dense"]]
+    for stage, words in STAGES.items():
+        block = runs[recovered].copy()
+        for column in [c for c in block.columns if c.startswith(f"{stage}.")]:
+            block[column.removeprefix(f"{stage}.")] = block[column]
+        block["method"] = block["method"] + f" ({words})"
+        rows.append(block)
+    order = [f"{m} ({words})" for m in sorted(runs.loc[recovered, "method"].unique()) for words in STAGES.values()]
+    return pd.concat(rows), order
+
+
 def stderr_column(column: str) -> str:
     """Where lm-eval's item-level stderr of an accuracy column is recorded (acc.X -> acc_stderr.X)."""
     return "mean_acc_stderr" if column == "mean_acc" else column.replace("acc.", "acc_stderr.", 1)
 
 
-def summarize(df: pd.DataFrame, model: str) -> Summary:
+def summarize(df: pd.DataFrame, model: str, methods: list[str] | None = None) -> Summary:
+    """`model`'s table: dense first, then by sparsity, methods alphabetically or in the order `methods` gives."""
     runs = df[df["model"] == model]
     cols = columns(runs)
     grouped = runs.groupby(["method", "sparsity"], sort=False)[cols]
@@ -90,7 +110,8 @@ def summarize(df: pd.DataFrame, model: str) -> Summary:
     se = runs.groupby(["method", "sparsity"], sort=False)[list(errors.values())].mean()
     parts["se"] = se.rename(columns={v: k for k, v in errors.items()}).reindex(columns=cols)
     frame = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
-    order = sorted(frame.index, key=lambda k: (k[0] != "dense", k[1], k[0]))
+    rank = {m: i for i, m in enumerate(methods or [])}
+    order = sorted(frame.index, key=lambda k: (k[0] != "dense", k[1], rank.get(k[0], len(rank)), k[0]))
     missed = runs[missed_budget(runs)]
     flagged = runs[runs["nonfinite"].fillna("").astype(bool)] if "nonfinite" in runs else runs.iloc[:0]
     return Summary(model, cols, frame.loc[order], frozenset(zip(missed["method"], missed["sparsity"], strict=True)),
