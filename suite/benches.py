@@ -438,3 +438,81 @@ def seed_systems_bench(models: list[str] | None = None) -> dict[str, Any]:
               f"{d50['built_modules']}, levels refit {d40['refit_levels']} then {d50['refit_levels']}")
     return {"dense": dense, "rows": rows, "tyr": tyr, "eval": "embedded test ppl@256 + 3 tasks, full",
             "calibration": "embedded train n128 x 256 (+8 held out), seed 0"}
+
+
+RECOVERY_METHODS = ("random", "wanda_sp", "slimgpt", "ddp", "tyr")
+# The bench's recovery learning rate: of 1e-4 (LLM-Pruner's, for 7B models and two epochs), 5e-4 and 2e-3, the one
+# with the lowest training loss after 60 steps on wanda_sp's 50% model, for LoRA and distill alike (the test split
+# played no part)
+RECOVERY_LR = 2e-3
+RECOVERY_STEPS = 200
+
+
+@bench("recovery")
+def recovery_bench(models: list[str] | None = None) -> dict[str, Any]:
+    """Does a method's lead survive recovery? Each method prunes zoo:tiny-llama to 50% once (default settings, the
+    quickstart's calibration); the compact model is evaluated as pruned (w/o tune), then after 200 LoRA steps and
+    after 200 distill steps (KL to the dense model's logits, LoRA weights), each from its own copy of the pruned
+    model, with the same recovery data and seed for every method. Prints test perplexity and mean task accuracy per
+    stage, and each stage's ranking (by mean accuracy, and by perplexity) against the pruned one, with Kendall's
+    tau."""
+    import copy
+
+    from scipy.stats import kendalltau
+
+    from suite.evaluation.evaluate import EvalSpec
+    from suite.methods.pruner import get_method
+    from suite.model.load import load_model
+    from suite.model.masks import Target
+    from suite.recovery.spec import RecoverySpec
+    from suite.recovery.train import recovery_windows
+    from suite.run.pipeline import evaluate_stages, prune_model
+
+    spec = EvalSpec()
+    model_spec = (models or ["zoo:tiny-llama"])[0]
+    calibration, dense = dense_reference(model_spec, spec, valid_n=BENCH_CALIBRATION[2], n=BENCH_CALIBRATION[0],
+                                         seq_len=BENCH_CALIBRATION[1])
+    teacher, tokenizer = load_model(model_spec)
+    stages = {"lora": RecoverySpec(method="lora", steps=RECOVERY_STEPS, lr=RECOVERY_LR),
+              "distill": RecoverySpec(method="distill", steps=RECOVERY_STEPS, lr=RECOVERY_LR)}
+    data = recovery_windows(stages["lora"], tokenizer, "embedded")  # one data set: the specs differ in the loss only
+    rows = []
+    for method in RECOVERY_METHODS:
+        pruned, _ = load_model(model_spec)
+        cls = get_method(method)
+        outcome = prune_model(pruned, cls(cls.Config()), Target(sparsity=0.5), seed=0, calibration=calibration)
+        row: dict[str, Any] = {"method": method, "sparsity": outcome.metrics["sparsity"],
+                               "prune_seconds": outcome.metrics["prune_seconds"]}
+        for name, recovery in stages.items():
+            result = evaluate_stages(copy.deepcopy(pruned), tokenizer, spec, {}, dense_model=teacher,
+                                     recovery=recovery, data=data, seed=0)
+            m, done = result.metrics, result.recovery
+            for stage, key in (("pruned", "pruned"), ("recovered", name)):
+                row[f"{key}_test_ppl"] = next(v for k, v in m.items() if k.startswith(f"{stage}.ppl."))
+                row[f"{key}_mean_acc"] = m[f"{stage}.mean_acc"]
+            row |= {f"{name}_loss_before": done.loss_before, f"{name}_loss_after": done.loss_after,
+                    f"{name}_seconds": done.seconds, f"{name}_tokens": done.tokens}
+        rows.append(row)
+    ranks = {}
+    for key in ("pruned", *stages):
+        for metric, higher in (("mean_acc", True), ("test_ppl", False)):
+            values = [r[f"{key}_{metric}"] for r in rows]
+            ranks[f"{key}_{metric}"] = [sorted(values, reverse=higher).index(v) + 1 for v in values]
+    taus = {f"{key}_{metric}": kendalltau(ranks[f"pruned_{metric}"], ranks[f"{key}_{metric}"]).statistic
+            for key in stages for metric in ("mean_acc", "test_ppl")}
+    print(f"{model_spec} at 50%: dense test ppl {dense['test_ppl']:.3f}, mean acc {dense['mean_acc']:.4f}; recovery "
+          f"{stages['lora'].steps} steps of {stages['lora'].batch_size} x {stages['lora'].seq_len} tokens, lr "
+          f"{RECOVERY_LR:g}, {stages['lora'].data.n} windows of embedded:train")
+    print(f"{'method':<10} {'w/o tune ppl':>12} {'acc':>6} {'LoRA ppl':>9} {'acc':>6} {'distill ppl':>11} {'acc':>6}"
+          f"  ranks by acc (w/o, LoRA, distill)")
+    for i, r in enumerate(rows):
+        ranked = ", ".join(str(ranks[f"{k}_mean_acc"][i]) for k in ("pruned", *stages))
+        print(f"{r['method']:<10} {r['pruned_test_ppl']:>12.3f} {r['pruned_mean_acc']:>6.3f} "
+              f"{r['lora_test_ppl']:>9.3f} {r['lora_mean_acc']:>6.3f} {r['distill_test_ppl']:>11.3f} "
+              f"{r['distill_mean_acc']:>6.3f}  {ranked}")
+    print("Kendall tau of each recovered ranking against the pruned one: " +
+          ", ".join(f"{k} {v:.2f}" for k, v in taus.items()))
+    return {"model": model_spec, "sparsity": 0.5, "dense": dense, "rows": rows, "ranks": ranks, "kendall_tau": taus,
+            "recovery": {name: r.model_dump(mode="json") for name, r in stages.items()},
+            "eval": "embedded test ppl@256 + 3 tasks, full",
+            "calibration": "embedded train n64 x 128 (+8 held out), seed 0"}
