@@ -100,6 +100,9 @@ CASES = {
     "seed beyond 64 bits": (lambda root, model: _config(model, seeds=[2**70]), "seeds.0"),
     "tracking.experiment outside the workdir": (lambda root, model: _config(model, tracking={
         "experiment": "../../../x"}), "not a path"),
+    "unknown recovery setting": (lambda root, model: _config(model, recovery={"step": 5}), "recovery.step: unknown"),
+    "recovery on the test split": (lambda root, model: _config(model, recovery={"data": {"split": "test"}}),
+                                   "recovery.data.split: the test split is reserved"),
     "method label outside the workdir": (lambda root, model: _config(model, methods=[{"name": "random",
                                                                                        "label": "../x"}]),
                                          "not a path"),

@@ -115,6 +115,13 @@ def test_recovery_is_seeded_and_its_nan_guard_is_one_line():
         recover(_pruned("llama"), _windows(), RecoverySpec(method="full", steps=50, lr=1e9, batch_size=4,
                                                            seq_len=24, max_grad_norm=1e9), progress=False)
     assert "\n" not in str(err.value) and "recovery diverged" in str(err.value) and "lr 1e+09" in str(err.value)
+    model = _pruned("llama")
+    pruned = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NumericalError):  # LoRA diverging: its adapters are dropped, never merged
+        recover(model, _windows(), RecoverySpec(steps=50, lr=1e9, batch_size=4, seq_len=24, max_grad_norm=1e9),
+                progress=False)
+    assert set(model.state_dict()) == set(pruned)
+    assert all(torch.equal(v, pruned[k]) for k, v in model.state_dict().items())
 
 
 def test_the_recovery_spec_changes_the_run_identity_but_not_the_pruning(text_model, tmp_path):

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import peft
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -94,6 +95,7 @@ def recover(model: nn.Module, data: Tensor, spec: RecoverySpec, *, seed: int = 0
     start = time.perf_counter()
     trained.train()
     bar = tqdm(range(spec.steps), desc=f"recovery ({spec.method})", leave=False, disable=None if progress else True)
+    finished = False
     try:
         for step in bar:
             batch = data[order[step * spec.batch_size:(step + 1) * spec.batch_size]].to(device)
@@ -115,13 +117,14 @@ def recover(model: nn.Module, data: Tensor, spec: RecoverySpec, *, seed: int = 0
             for k, v in totals.items():
                 curves.setdefault(k, []).append(v)
             bar.set_postfix_str(f"loss {totals['loss']:.4f}")
+        finished = True
     finally:
         bar.close()
         trained.eval()
-        if spec.uses_lora:
-            merged = trained.merge_and_unload()
-            if merged is not model:
-                raise RuntimeError("peft returned a different model object after merging")
+        if spec.uses_lora:  # merged when training finished; dropped when it failed, leaving the pruned weights
+            unwrapped = trained.merge_and_unload() if finished else trained.unload()
+            if unwrapped is not model:
+                raise RuntimeError("peft returned a different model object after unwrapping")
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable_before)
     result.seconds = time.perf_counter() - start
@@ -166,8 +169,6 @@ def _loss(model: nn.Module, ids: Tensor, micro: int) -> float:
 def attach_lora(model: nn.Module, spec: RecoverySpec) -> nn.Module:
     """`model` wrapped by peft with the spec's adapters: the module targets (with the spec's dropout) and, when the
     model has fused experts and gate/up/down are targeted, a second adapter on the expert weight tensors."""
-    import peft
-
     modules = _linear_targets(model, spec.target_modules)
     experts = _fused_expert_parameters(model, spec.target_modules)
     if not modules and not experts:

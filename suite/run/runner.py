@@ -344,8 +344,9 @@ class Runner:
                                 hyperparameters=spec.hyperparameters, target=spec.target,
                                 calibration=spec.calibration, recovery=spec.recovery)
             params["calibration.hash"] = outcome.metrics["calibration_hash"]
-            tags = protocol_tags(result.evaluation["protocol"]) | ({SWEEP: json.dumps(spec.sweep)} if spec.sweep
-                                                                    else {})
+            tags = protocol_tags(result.evaluation["protocol"])
+            if spec.sweep:
+                tags[SWEEP] = json.dumps(spec.sweep)
             if result.recovery is not None:
                 params["recovery.data_hash"] = result.recovery.data_hash
                 tags[RECOVERY] = json.dumps(spec.recovery, sort_keys=True)
@@ -361,6 +362,8 @@ class Runner:
             self.tracker.log_artifacts(run_id, d)
 
     def _pruning_artifacts(self, d: Path, spec: RunSpec, model: Any, outcome: PruneOutcome) -> None:
+        """Masks, curves, the writers' files and, for a method that rewrote weights, the compact checkpoint (what a
+        later run with this pruning identity reuses)."""
         outcome.result.save(d)
         for write in self.writers:
             write(d, spec, outcome.result)
