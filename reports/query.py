@@ -76,20 +76,19 @@ STAGED = ("pruned.", "recovered.")
 
 def stage_view(df: pd.DataFrame, stage: str) -> pd.DataFrame:
     """The runs as measured at `stage`: "pruned" (w/o tune: every pruning once per protocol, the latest run of it,
-    however many recovery stages it went on to) or "recovered" (w/ tune: the runs
-    with a recovery stage, their `recovered.*` numbers under the plain names every table and ranking reads; dense
-    references stay). Under one label, runs recovered by different recovery stages become different methods
-    (`label[recovery=<hash>]`), never seeds of one."""
+    however many recovery stages it went on to) or "recovered" (w/ tune: the runs with a recovery stage, their
+    `recovered.*` numbers under the plain names every table and ranking reads; dense references stay). Under one
+    label, runs recovered by different recovery stages become different methods (`label[recovery=<hash>]`), never
+    seeds of one."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}")
     if df.empty:
         return df
     if stage == "pruned":  # runs that differ only in their recovery stage measured one pruned model: counted once
-        order = df.index
-        df = df.sort_values("start_time", kind="stable")
-        same = (df["kind"] == "pruned") & df["pruning"].fillna("").astype(bool)
-        same &= df.duplicated(["pruning", "protocol"], keep="last")
-        return df[~same].reindex([i for i in order if i in df.index[~same]])
+        latest = df.sort_values("start_time", kind="stable")
+        repeat = (latest["kind"] == "pruned") & latest["pruning"].fillna("").astype(bool)
+        repeat &= latest.duplicated(["pruning", "protocol"], keep="last")
+        return df.drop(index=latest.index[repeat])
     prefix = f"{stage}."
     recovered = df[(df["kind"] == "dense") | df["recovery"].fillna("").astype(bool)].copy()
     if not (recovered["kind"] == "pruned").any():
