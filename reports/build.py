@@ -124,8 +124,10 @@ def recovery_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
         return ""
     summary = tables.summarize(both, model, order)
     spec = json.loads(both.loc[both["kind"] == "pruned", "recovery"].iloc[0])
+    png = plots.recovery_curves(runs, page.out / "figures" / f"{name}_recovery", f"{model}: recovery")
     return (f"<h3>recovery: w/o tune and w/ tune</h3><p>{html.escape(recovery_words(spec))} Files: "
-            f"{page.links(*table_files(page, summary, f'{name}_recovery'))}</p>\n{tables.html_table(summary)}")
+            f"{page.links(*table_files(page, summary, f'{name}_recovery'))}</p>\n{tables.html_table(summary)}"
+            + page.figure(png, "training loss of each run's recovery, per step"))
 
 
 def recovery_words(spec: dict[str, Any]) -> str:

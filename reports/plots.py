@@ -168,3 +168,24 @@ def curves(runs: pd.DataFrame, stem: Path, title: str,
                ncol=2, fontsize=7, frameon=False)  # below the figure: `save` keeps it, and it hides no data
     fig.suptitle(title, fontsize=10)
     return save(fig, stem)
+
+
+def recovery_curves(runs: pd.DataFrame, stem: Path, title: str,
+                    reader: Callable[[pd.Series, str], Any] = read_json) -> Path | None:
+    """Each recovered run's training loss per step (its recovery.json), one colour per method: how fast, and how
+    far, recovery brings each pruned model back."""
+    recovered = [(row, data) for _, row in runs[runs["kind"] == "pruned"].iterrows()
+                 if (data := reader(row, "recovery.json")) and data.get("curves", {}).get("loss")]
+    if not recovered:
+        return None
+    fig, (ax,) = figure()
+    for row, data in recovered:
+        look = {"color": method_style(str(row["method"]))["color"], "ls": DASHES[int(row["seed"]) % len(DASHES)]}
+        loss = data["curves"]["loss"]
+        ax.plot(np.arange(1, len(loss) + 1), loss, lw=1, label=f"{row['method']} sp{row['sparsity']:g} s{row['seed']}",
+                **look)
+    kind = recovered[0][1].get("spec", {}).get("method", "")
+    ax.set(xlabel="step", ylabel="training loss" + (" (KL + LM)" if kind == "distill" else " (next token)"),
+           title=title)
+    outside_legend(ax)
+    return save(fig, stem)

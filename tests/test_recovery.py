@@ -210,6 +210,7 @@ def test_a_run_records_both_stages_and_reports_them_side_by_side(text_model, tmp
     assert main(["report", "--experiment", "unit", "--workdir", str(workdir), "--out", str(tmp_path / "rep")]) == 0
     tables = list((tmp_path / "rep" / "tables").glob("*_recovery.md"))
     assert len(tables) == 1
+    assert len(list((tmp_path / "rep" / "figures").glob("*_recovery.png"))) == 1  # the recovery curves
     text = tables[0].read_text()
     assert text.index("random (w/o tune)") < text.index("random (w/ tune)") < text.index("wanda_sp (w/o tune)")
     for stage, words in (("pruned", "w/o tune"), ("recovered", "w/ tune")):
