@@ -241,7 +241,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
     protocol = _eval_spec(args)
     source = Path(args.model)
     folder = source / "model" if (source / "model" / "config.json").is_file() else source  # a prune output or a model
-    recorded = json.loads((source / "metrics.json").read_text()) if (source / "metrics.json").is_file() else {}
+    recorded = {}
+    if (source / "metrics.json").is_file():  # a prune output's record: the dense model and calibration source
+        try:
+            recorded = json.loads((source / "metrics.json").read_text())
+        except ValueError as err:
+            raise PruneBenchError(f"{source / 'metrics.json'} is not a prune output's record: {err}") from None
     calibration = recorded.get("calibration_source") or "embedded"
     spec.check_data(calibration, [(p.source, p.split) for p in protocol.ppl])
     fingerprint = spec.fingerprint(calibration)
