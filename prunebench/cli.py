@@ -236,6 +236,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from suite.recovery.train import recovery_windows
     from suite.run.config import apply_overrides
     from suite.run.pipeline import evaluate_stages
+    from suite.run.record import STAGES, at_stage
 
     spec = apply_overrides(RecoverySpec, {}, args.set, where="recovery.")
     protocol = _eval_spec(args)
@@ -270,8 +271,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
         save_pruned(model, tmp / "model", tokenizer)
         (tmp / "metrics.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
         (tmp / "recovery.json").write_text(json.dumps({"curves": done.curves} | done.metrics(), indent=1))
-    for stage, words in (("pruned", "w/o tune"), ("recovered", "w/ tune")):
-        numbers = {k.removeprefix(f"{stage}."): v for k, v in result.metrics.items() if k.startswith(f"{stage}.")}
+    for stage, words in STAGES.items():
+        numbers = at_stage(result.metrics, stage)
         ppl = " ".join(f"{k} {v:.4f}" for k, v in numbers.items() if k.startswith("ppl."))
         acc = f"  mean acc {numbers['mean_acc']:.4f}" if "mean_acc" in numbers else ""
         print(f"{words:<9} {ppl}{acc}")

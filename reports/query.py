@@ -17,13 +17,24 @@ import pandas as pd
 from suite.errors import ConfigError, DataError
 from suite.hashing import digest
 from suite.model.masks import Masks
-from suite.run.record import ERROR, IDENTITY, KIND, NONFINITE, PREFIX, PRUNING, RECOVERY, SWEEP, at_stage
+from suite.run.record import (
+    ERROR,
+    IDENTITY,
+    KIND,
+    NONFINITE,
+    PREFIX,
+    PRUNING,
+    RECOVERY,
+    STAGE_PREFIXES,
+    STAGES,
+    SWEEP,
+    at_stage,
+)
 from suite.run.tracking import Tracker
 
 ID_COLUMNS = ["experiment", "run_id", "kind", "status", "model", "method", "method_name", "sparsity", "seed",
               "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity", "start_time", "nonfinite",
               "sweep", "identity", "pruning", "calibration", "recovery"]
-STAGES = {"pruned": "w/o tune", "recovered": "w/ tune"}  # what a stage's numbers measure, as tables head them
 LOCAL = ["artifacts"]  # where this machine finds a run's files: used by the report, never exported
 
 
@@ -60,7 +71,7 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
             metrics |= {k: float(v) for k, v in nonfinite.items()}  # inf as inf, not MLflow's clamped largest float
             # plain names: the pruned model's numbers (w/o tune); `pruned.*` and `recovered.*` stay for the stage
             # table and `stage_view`
-            metrics = at_stage(metrics, "pruned") | {k: v for k, v in metrics.items() if k.startswith(STAGED)}
+            metrics = at_stage(metrics, "pruned") | {k: v for k, v in metrics.items() if k.startswith(STAGE_PREFIXES)}
             row["nonfinite"] = ",".join(sorted(nonfinite))
             # the `sparsity` param is the grid's target; the metric of that name is what the method achieved
             row["achieved_sparsity"] = metrics.pop("sparsity", row["sparsity"])
@@ -69,9 +80,6 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
             rows.append(row | {k: v for k, v in metrics.items() if k not in row})  # params win (e.g. seed)
     df = distinguish(pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + LOCAL))
     return df.sort_values(["experiment", "model", "kind", "method", "sparsity", "seed"], ignore_index=True)
-
-
-STAGED = ("pruned.", "recovered.")
 
 
 def stage_view(df: pd.DataFrame, stage: str) -> pd.DataFrame:

@@ -14,7 +14,6 @@ from suite.errors import ConfigError, DataError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-STAGES = {"pruned": "w/o tune", "recovered": "w/ tune"}  # a run's two stages and how tables head them
 DISTILL_ONLY = ("temperature", "lm_weight", "distill_weights")
 
 

@@ -70,17 +70,21 @@ def recovery_windows(spec: RecoverySpec, tokenizer: Any, calibration_source: str
 def recover(model: nn.Module, data: Tensor, spec: RecoverySpec, *, seed: int = 0, teacher: nn.Module | None = None,
             progress: bool = True) -> RecoveryResult:
     """Fine-tune `model` in place on `data` [n, seq_len] and return the record; LoRA adapters are merged. `teacher`
-    (the dense model) is required for distill. A non-finite loss stops it with one line (NumericalError)."""
+    (the dense model) is required for distill and ignored otherwise. A non-finite loss stops it with one line
+    (NumericalError)."""
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    if spec.method == "distill" and teacher is None:
+    if spec.method != "distill":
+        teacher = None  # only distill learns from the dense model
+    elif teacher is None:
         raise ConfigError("recovery.method distill needs the dense model as teacher")
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     probe = data[:PROBE_WINDOWS].to(device)
+    micro = spec.micro_batch_size or spec.batch_size
     result = RecoveryResult(data_hash=digest(data.numpy().tobytes(), length=16))
-    result.loss_before = _loss(model, probe, spec.micro_batch_size or spec.batch_size)
+    result.loss_before = _loss(model, probe, micro)
     trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
     trained = attach_lora(model, spec) if spec.uses_lora else model
     if not spec.uses_lora:
@@ -90,7 +94,6 @@ def recover(model: nn.Module, data: Tensor, spec: RecoverySpec, *, seed: int = 0
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(spec.warmup * spec.steps), spec.steps)
     order = _order(len(data), spec.steps * spec.batch_size, seed)
-    micro = spec.micro_batch_size or spec.batch_size
     curves: dict[str, list[float]] = {"loss": [], "lr": []} | ({"kl": [], "lm": []} if teacher is not None else {})
     start = time.perf_counter()
     trained.train()
@@ -101,7 +104,7 @@ def recover(model: nn.Module, data: Tensor, spec: RecoverySpec, *, seed: int = 0
             batch = data[order[step * spec.batch_size:(step + 1) * spec.batch_size]].to(device)
             totals: dict[str, float] = {}
             for chunk in batch.split(micro):
-                parts = _objective(trained, chunk, spec, teacher if spec.method == "distill" else None)
+                parts = _objective(trained, chunk, spec, teacher)
                 loss = parts["loss"]
                 if not torch.isfinite(loss):
                     raise NumericalError(f"recovery diverged: loss {loss.item()} at step {step} (lr {spec.lr:g}); "

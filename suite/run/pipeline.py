@@ -172,8 +172,7 @@ def evaluate_stages(model: nn.Module, tokenizer: Any, protocol: EvalSpec, dense:
         return Evaluated(metrics, evaluation)
     if data is None:
         raise ValueError("a recovery stage needs its training windows")
-    teacher = dense_model if recovery.method == "distill" else None
-    done = recover(model, data, recovery, seed=seed, teacher=teacher, progress=progress)
+    done = recover(model, data, recovery, seed=seed, teacher=dense_model, progress=progress)
     after, recovered = evaluate_pruned(model, tokenizer, protocol, dense)
     return Evaluated(staged(metrics, "pruned") | staged(after, "recovered") | done.metrics(), evaluation, recovered,
                      done)

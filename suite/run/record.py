@@ -63,6 +63,8 @@ for _name, _label, _higher in (
     register_metric(_name, _label, _higher)
 
 
+STAGES = {"pruned": "w/o tune", "recovered": "w/ tune"}  # a run's two stages, and how tables head them
+STAGE_PREFIXES = tuple(f"{stage}." for stage in STAGES)
 UNSTAGED = ("dense.", "speed.")  # measured once per run whatever the stage: the dense reference, and shapes' speed
 
 
@@ -76,10 +78,10 @@ def at_stage(metrics: Mapping[str, float], stage: str) -> dict[str, float]:
     """A run's metrics as measured at `stage` ("pruned" or "recovered"), under their plain names; a run without a
     recovery stage measured only "pruned", under plain names already (its "recovered" view is empty)."""
     prefix = f"{stage}."
-    if not any(k.startswith(("pruned.", "recovered.")) for k in metrics):
+    if not any(k.startswith(STAGE_PREFIXES) for k in metrics):
         return dict(metrics) if stage == "pruned" else {}
     own = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
-    return {k: v for k, v in metrics.items() if not k.startswith(("pruned.", "recovered."))} | own
+    return {k: v for k, v in metrics.items() if not k.startswith(STAGE_PREFIXES)} | own
 
 
 MISS_TOLERANCE = 0.02  # a relaxation ending further than this from its target sparsity: the projection decided

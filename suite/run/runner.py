@@ -331,9 +331,8 @@ class Runner:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             self._pruning_artifacts(d, spec, model, outcome)
-            recovery = self.exp.recovery if spec.recovery else None
             result = evaluate_stages(model, tokenizer, self.protocol, point.dense,
-                                     dense_model=self._dense_model(spec.model), recovery=recovery,
+                                     dense_model=self._dense_model(spec.model), recovery=self.exp.recovery,
                                      data=self._recovery_data(spec.model, tokenizer), seed=spec.seed,
                                      progress=self.progress)
             fence()
