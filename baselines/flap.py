@@ -62,6 +62,7 @@ class Flap(Pruner):
 
     Config = FlapConfig
     needs_calibration = True
+    offloads = True
 
     def prune(
         self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
@@ -70,7 +71,8 @@ class Flap(Pruner):
         ids = calibration_ids(self.name, calibration)
         scores: dict[str, Tensor] = {}
         means: dict[str, Tensor] = {}
-        for layer, stats in walk(model, structure, ids, sequential=False, batch_size=cfg.batch_size):
+        for layer, stats in walk(model, structure, ids, sequential=False, batch_size=cfg.batch_size,
+                                 device=self.device):
             for g in structure.layer_groups(layer):
                 column = column_metric(cfg.metric, consumer_weight(model, g), stats[g.name])
                 if g.kind == "attn":

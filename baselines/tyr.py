@@ -57,6 +57,7 @@ from suite.methods import (
     decoder_layers,
     eval_mode,
     locked,
+    model_device,
     next_token_nll,
     refit_alive,
     register,
@@ -140,7 +141,7 @@ class Reference:
         logp, index = [], []
         with torch.no_grad():
             for batch in ids.split(cfg.batch_size):
-                logits = model(batch.to(_device(model)), use_cache=False).logits.float().cpu()
+                logits = model(batch.to(model_device(model)), use_cache=False).logits.float().cpu()
                 if cfg.fitness == "topk_kl" and cfg.kl_topk < logits.shape[-1]:
                     idx = logits.topk(cfg.kl_topk, dim=-1).indices
                     index.append(idx.to(torch.int32))
@@ -156,7 +157,7 @@ class Reference:
         total, count = 0.0, 0
         for chunk in torch.tensor(rows, dtype=torch.long).split(self.cfg.batch_size):
             batch = self.ids[chunk]
-            logits = model(batch.to(_device(model)), use_cache=False).logits.float().cpu()
+            logits = model(batch.to(model_device(model)), use_cache=False).logits.float().cpu()
             if self.logp is None:
                 total += float(next_token_nll(logits, batch, reduction="sum"))
                 count += batch[:, 1:].numel()
@@ -167,10 +168,6 @@ class Reference:
             total += float((dense.exp() * (dense - logits.log_softmax(-1))).sum())
             count += dense.shape[0] * dense.shape[1]
         return total / max(count, 1)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _digest(*parts: Any) -> str:

@@ -73,7 +73,15 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="perplexity spec SOURCE[:SPLIT]@SEQ_LEN[/WINDOWS] (repeatable; default "
                    "embedded:test@256)")
     p.add_argument("--limit", type=int, help="items per task (recorded in the protocol)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    _add_device_args(p)
+
+
+def _add_device_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    from suite.model.load import DEVICE_HELP
+
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    if dtype:
+        p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
 
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
@@ -137,7 +145,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from suite.model.load import load_model
     from suite.model.structures import build_structure
 
-    model, _ = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    model, _ = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code, device=args.device)
     s = build_structure(model, args.granularity)
     print(f"family {s.family}  granularity {s.granularity}  layers {s.n_layers}  fingerprint {s.fingerprint}")
     print(f"{'layer':>5}  {'group':<16} {'units':>6} {'params/unit':>12} {'params':>12}")
@@ -151,7 +159,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from suite.data.calibration import CalibrationSpec
     from suite.methods.pruner import get_method
-    from suite.model.load import load_model
+    from suite.model.load import load_model, parse_device
     from suite.model.masks import Target, TargetConstraints
     from suite.model.structures import check_granularity
     from suite.run.config import apply_overrides
@@ -162,6 +170,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     hyper = apply_overrides(method.Config, {}, args.set, where=f"{args.method}.")
     calib_spec = apply_overrides(CalibrationSpec, {}, args.calib, where="calib.")
+    parse_device(args.device)
     check_dir(Path(args.out), "prune")  # before the minutes of pruning
     model, tokenizer = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
     calibration = None
@@ -170,7 +179,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise PruneBenchError(f"{args.method} needs calibration text, and {args.model} has no tokenizer")
         calibration = calib_spec.build(tokenizer)
     outcome = prune_model(model, method(hyper), target, seed=args.seed, granularity=args.granularity,
-                          calibration=calibration)
+                          calibration=calibration, device=args.device)
     outcome.metrics |= {"model": args.model, "calibration_source": calib_spec.source if calibration else None}
     write_outputs(Path(args.out), model, tokenizer, outcome)
     m = outcome.metrics
@@ -209,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec = _eval_spec(args)
     if args.json:
         check_file(Path(args.json), "eval")
-    model, tokenizer = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code, device=args.device)
     if tokenizer is None:
         raise PruneBenchError(f"{args.model} has no tokenizer files; evaluation needs one")
     result = evaluate(model, tokenizer, spec)
@@ -230,7 +239,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     """The recovery stage of `run`, on any pruned checkpoint: evaluate (w/o tune), fine-tune, evaluate (w/ tune),
     and write the recovered (merged) checkpoint with both stages' numbers."""
     from suite.model.compact import save_pruned
-    from suite.model.load import load_model, resolve
+    from suite.model.load import load_model, parse_device, resolve
     from suite.outputs import output_dir
     from suite.recovery.spec import RecoverySpec
     from suite.recovery.train import recovery_windows
@@ -257,11 +266,12 @@ def cmd_recover(args: argparse.Namespace) -> int:
             raise PruneBenchError(f"recovery.method distill needs the dense model: {source} does not name it; pass "
                                   "--teacher MODEL")
         resolve(teacher_spec)
+    parse_device(args.device)
     check_dir(Path(args.out), "recover")  # before the minutes of training
-    model, tokenizer = load_model(str(folder), args.dtype)
+    model, tokenizer = load_model(str(folder), args.dtype, device=args.device)
     if tokenizer is None:
         raise PruneBenchError(f"{folder} has no tokenizer files; recovery and evaluation need one")
-    teacher = load_model(teacher_spec, args.dtype)[0] if spec.method == "distill" else None
+    teacher = load_model(teacher_spec, args.dtype, device=args.device)[0] if spec.method == "distill" else None
     result = evaluate_stages(model, tokenizer, protocol, {}, dense_model=teacher, recovery=spec,
                              data=recovery_windows(spec, tokenizer, calibration), seed=args.seed)
     done = result.recovery
@@ -286,8 +296,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from suite.benches import run_bench
 
     models = [m for m in args.models.split(",") if m] if args.models else None
-    run_bench(args.name, Path(args.out) if args.out else None, models, args.jobs)
+    run_bench(args.name, Path(args.out) if args.out else None, models, args.jobs, args.device, args.dtype)
     return 0
+
+
+def _settings(args: argparse.Namespace) -> list[str]:
+    """`--set` overrides, with `--device` as one more (device=...)."""
+    return [*args.set, *([f"device={args.device}"] if args.device else [])]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -295,7 +310,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from suite.run.config import load_experiment
     from suite.run.preflight import preflight
 
-    exp = load_experiment(args.config, args.set)
+    exp = load_experiment(args.config, _settings(args))
     specs = preflight(exp, Path(args.workdir))
     print(f"{args.config}: ok ({exp.name}: {len(exp.models)} models x {len(exp.methods)} methods x "
           f"{len(exp.sparsities)} sparsities x {len(exp.seeds)} seeds = {len(specs)} runs)")
@@ -318,7 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from suite.run.record import results_table
     from suite.run.runner import Runner
 
-    exp = load_experiment(args.config, args.set)
+    exp = load_experiment(args.config, _settings(args))
     quiet_transformers()
     rows = Runner(exp, Path(args.workdir), fail_fast=args.fail_fast, writers=[run_heatmap]).run()
     print(results_table(rows))
@@ -334,7 +349,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from suite.run.config import load_experiment
     from suite.run.tuning import tune
 
-    exp = load_experiment(args.config, args.set)
+    exp = load_experiment(args.config, _settings(args))
     quiet_transformers()
     summaries = tune(exp, Path(args.workdir))
     for s in summaries:
@@ -459,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="the prunable structure of a model")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--granularity", default="kv_group", help="kv_group (default) or query_head")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    _add_device_args(p)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_inspect)
 
@@ -472,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", action="append", default=[], metavar="KEY=VALUE",
                    help="calibration setting: source, split, n, seq_len, valid_n, seed, tasks, task_items "
                    "(default embedded train 64x256)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    _add_device_args(p)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--out", required=True, help="new or empty folder (or an earlier prune output): model/, masks, "
                    "metrics.json")
@@ -506,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated models for model-comparing benches")
     p.add_argument("--jobs", type=int, default=1, help="single-threaded processes for the independent cells of "
                    "ddp-vs-hc and ddp-ablation (default 1: one process)")
+    _add_device_args(p, dtype=False)
+    p.add_argument("--dtype", help="weights' dtype of the benches that take one (scale, depth: default bfloat16)")
     p.set_defaults(func=cmd_bench)
 
     for verb, func, text, workdir in (
@@ -519,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
         p.add_argument("--workdir", default="runs", help=f"{workdir} (default ./runs)")
+        p.add_argument("--device", help="the experiment's `device` (cpu, cuda, cuda:N, mps, auto); its dtype is the "
+                       "`dtype` key (--set dtype=bfloat16)")
         if verb == "run":
             p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
         p.set_defaults(func=func)

@@ -18,16 +18,24 @@ BENCHES: Registry[Callable[..., dict[str, Any]]] = Registry("bench")
 bench = BENCHES.register  # @bench("name") on a function that measures and returns its numbers
 
 
-def run_bench(name: str, out: Path | None, models: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
+def run_bench(name: str, out: Path | None, models: list[str] | None = None, jobs: int = 1, device: str = "cpu",
+              dtype: str | None = None) -> dict[str, Any]:
     """Run a bench; `models` replaces a model-comparing bench's default models; `jobs` > 1 spreads the cells of a
-    bench whose cells are independent runs over that many single-threaded processes."""
+    bench whose cells are independent runs over that many single-threaded processes; `device` and `dtype` go to the
+    benches that take them (the others measure on the CPU in float32 and refuse anything else)."""
+    from suite.model.load import parse_device, parse_dtype
+
     fn = BENCHES[name]
     kwargs: dict[str, Any] = {"models": models} if models else {}
-    if jobs > 1:
-        if "jobs" not in inspect.signature(fn).parameters:
-            parallel = ", ".join(n for n, f in BENCHES.items() if "jobs" in inspect.signature(f).parameters)
-            raise ConfigError(f"bench {name} measures in one process; --jobs is for {parallel}")
-        kwargs["jobs"] = jobs
+    if dtype is not None:
+        parse_dtype(dtype)
+    for option, value, default in (("jobs", jobs, 1), ("device", parse_device(device), "cpu"), ("dtype", dtype, None)):
+        if value == default:
+            continue
+        if option not in inspect.signature(fn).parameters:
+            takers = ", ".join(n for n, f in BENCHES.items() if option in inspect.signature(f).parameters)
+            raise ConfigError(f"bench {name} does not take --{option}; it is for {takers}")
+        kwargs[option] = value
     if out is not None:
         check_file(out, "bench")  # before the minutes of measuring
     result = fn(**kwargs)

@@ -38,7 +38,7 @@ from suite.model.families import decoder_layers
 from suite.model.gates import Gates
 from suite.model.loss import next_token_nll
 from suite.model.masks import Masks, Target, select
-from suite.model.modules import eval_mode
+from suite.model.modules import eval_mode, model_device
 from suite.model.structures import Group, Structure, unit_sum
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "gradients",
     "locked",
     "methods",
+    "model_device",
     "next_token_nll",
     "rank_masks",
     "refit_alive",

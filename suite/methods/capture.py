@@ -22,8 +22,10 @@ from torch import Tensor, nn
 
 from suite.model.families import Family, decoder_layers, family_of
 from suite.model.loss import next_token_nll
-from suite.model.modules import GatedExperts, eval_mode, expert_weights
+from suite.model.modules import GatedExperts, eval_mode, expert_weights, model_device, on_device, to_device
 from suite.model.structures import Group, Structure, group_parts, unit_sum
+
+CHUNK = 2048  # rows per step of InputStats.update
 
 
 @dataclass
@@ -42,17 +44,18 @@ class InputStats:
         self.sumsq = torch.zeros(self.columns, dtype=torch.float64)
 
     def update(self, x: Tensor) -> None:
+        """Add a batch of rows, `CHUNK` rows at a time: the fp64 and fp32 copies of a whole batch at real widths
+        (8 x 2048 tokens x 28672 channels is 3.8 GB in fp64) would outweigh the layer itself."""
         x = x.detach().reshape(-1, self.columns)
-        if len(x) == 0:
-            return
         self.n += len(x)
-        x64 = x.double()
-        self.sum += x64.sum(0).cpu()
-        self.sumsq += (x64 * x64).sum(0).cpu()
-        if self.gram:
-            x32 = x.float()
-            g = x32.T @ x32
-            self.xtx = g if self.xtx is None else self.xtx + g
+        for chunk in x.split(CHUNK):
+            x64 = chunk.double()
+            self.sum += x64.sum(0).cpu()
+            self.sumsq += (x64 * x64).sum(0).cpu()
+            if self.gram:
+                x32 = chunk.float()
+                g = x32.T @ x32
+                self.xtx = g if self.xtx is None else self.xtx.add_(g)
 
     @property
     def mean(self) -> Tensor:
@@ -133,22 +136,24 @@ class _Stop(Exception):
     pass
 
 
-def _layer_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> list[tuple[Tensor, dict]]:
-    """(hidden states, keyword arguments) that decoder layer 0 receives, per calibration batch."""
+def _layer_inputs(model: nn.Module, ids: Tensor, batch_size: int, device: torch.device) -> list[tuple[Tensor, dict]]:
+    """(hidden states, keyword arguments) that decoder layer 0 receives, per calibration batch, on `device` (the
+    embeddings run where the model is; nothing past layer 0 runs)."""
     first = decoder_layers(model)[0]
     captured: list[tuple[Tensor, dict]] = []
 
     def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        captured.append(to_device((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}),
+                                  device))
         raise _Stop
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(model.parameters()).device
+    home = model_device(model)
     try:
         for batch in ids.split(batch_size):
             with contextlib.suppress(_Stop):
-                model(batch.to(device), use_cache=False)
+                model(batch.to(home), use_cache=False)
     finally:
         handle.remove()
     return captured
@@ -164,21 +169,30 @@ def _run(layer: nn.Module, inputs: list[tuple[Tensor, dict]]) -> list[tuple[Tens
 
 @torch.no_grad()
 def walk(model: nn.Module, structure: Structure, ids: Tensor, *, gram: bool = False, sequential: bool = True,
-         batch_size: int = 8) -> Iterator[tuple[int, dict[str, InputStats]]]:
+         batch_size: int = 8, device: torch.device | None = None) -> Iterator[tuple[int, dict[str, InputStats]]]:
     """Yield (layer index, consumer input stats by group name) for every decoder layer, in order.
 
     The caller may edit layer l's weights before asking for the next layer; with `sequential` the edits shape the
-    inputs of every later layer."""
+    inputs of every later layer. `device` (default: where the model is) is where the work happens: each layer is
+    moved there while it is measured and edited, and back afterwards, so a model kept on the CPU is pruned with one
+    layer, its calibration activations and its statistics on the accelerator."""
+    device = model_device(model) if device is None else torch.device(device)
     with eval_mode(model):
-        inputs = _layer_inputs(model, ids, batch_size)
+        inputs = _layer_inputs(model, ids, batch_size, device)
         for index, layer in enumerate(decoder_layers(model)):
-            groups = structure.layer_groups(index)
-            width = {g.name: int(consumer_weight(model, g).shape[1]) for g in groups}
-            stats = {g.name: InputStats(width[g.name], gram=gram) for g in groups}
-            with _capture(family_of(model), layer, groups, stats):
-                outputs = _run(layer, inputs)
-            yield index, stats
-            inputs = _run(layer, inputs) if sequential else outputs
+            with on_device(layer, device):
+                groups = structure.layer_groups(index)
+                width = {g.name: int(consumer_weight(model, g).shape[1]) for g in groups}
+                stats = {g.name: InputStats(width[g.name], gram=gram) for g in groups}
+                with _capture(family_of(model), layer, groups, stats):
+                    outputs = _run(layer, inputs)
+                yield index, stats
+                del stats
+                if sequential:
+                    del outputs  # recomputed through the edited layer
+                    inputs = _run(layer, inputs)
+                else:
+                    inputs = outputs
 
 
 @dataclass
@@ -223,7 +237,7 @@ def gradients(model: nn.Module, structure: Structure, ids: Tensor, *, fisher: bo
         p.grad = None
     grad = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
     fish = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params} if fisher else None
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         with eval_mode(model):
             step = 1 if fisher else batch_size

@@ -61,6 +61,7 @@ class LayerwisePruner(Pruner):
     Config: ClassVar[type[MethodConfig]] = LayerwiseConfig
     needs_calibration = True
     gram: ClassVar[bool] = False  # capture X^T X (reconstruction methods)
+    offloads = True
 
     def prune(
         self, model: nn.Module, structure: Structure, calibration: Calibration | None, target: Target, *, seed: int = 0
@@ -68,7 +69,8 @@ class LayerwisePruner(Pruner):
         ids = calibration_ids(self.name, calibration)
         goals = removal_goals(structure, target, self.config.selection)
         keep: dict[str, Tensor] = {}
-        for layer, stats in walk(model, structure, ids, gram=self.gram, batch_size=self.config.batch_size):
+        for layer, stats in walk(model, structure, ids, gram=self.gram, batch_size=self.config.batch_size,
+                                 device=self.device):
             for g in structure.layer_groups(layer):
                 if goals[g.name] == 0:
                     keep[g.name] = torch.ones(g.n_units, dtype=torch.bool)

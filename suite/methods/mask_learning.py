@@ -22,10 +22,13 @@ relaxation missed its target is a projection result, and reports mark it as such
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -36,10 +39,11 @@ from torch import Tensor, nn
 from suite.data.calibration import Calibration
 from suite.errors import ConfigError, NumericalError
 from suite.methods.pruner import MethodConfig, Pruner, PruneResult, calibration_ids
+from suite.model.families import decoder_layers
 from suite.model.gates import Gates
 from suite.model.loss import next_token_nll
 from suite.model.masks import Masks, Target, select
-from suite.model.modules import eval_mode
+from suite.model.modules import eval_mode, model_device
 from suite.model.structures import Group, Structure
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,12 @@ class MaskLearningConfig(MethodConfig):
     early_stop: int = Field(0, ge=0, description="stop once the discrete keep-set is unchanged this many steps "
                             "with hard sparsity within 0.5% of the target (0 = run all steps)")
     valid_batches: int = Field(2, ge=1, description="held-out calibration batches for the mismatch diagnostic")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass instead of keeping "
+        "them: activation memory of one layer plus every layer's input, for about one more forward pass")
+    autocast: Literal["off", "bfloat16", "float16"] = Field(
+        "off", description="run the model's forward under torch.autocast in this dtype (gates, multipliers and the "
+        "loss stay fp32)")
 
     def gate_lr(self) -> float:
         """The gates' learning rate: explicit, or the run's travel spread over its steps."""
@@ -220,7 +230,7 @@ class MaskLearner(Pruner):
         rank_masks(structure, {g.name: torch.zeros(g.n_units) for g in groups}, target)  # unreachable: fail now
         relax = self.make_relaxation(model, structure, groups, seed)
         weights, total_weight = sparsity_weights(structure, groups, cfg.weighting)
-        device = next(model.parameters()).device
+        device = model_device(model)
         train_ids, valid_ids = _split_calibration(calibration, cfg.batch_size * cfg.valid_batches)
         lagrangian = Lagrangian().to(device)
         opt = torch.optim.Adam(relax.param_groups(), lr=cfg.gate_lr())
@@ -238,7 +248,8 @@ class MaskLearner(Pruner):
             from tqdm import tqdm
 
             bar = tqdm(range(cfg.steps), desc=f"{self.name}", leave=False, disable=None)
-            with Gates(model, structure) as gates:
+            checkpointing = checkpointed(model) if cfg.gradient_checkpointing else contextlib.nullcontext()
+            with Gates(model, structure) as gates, checkpointing:
                 for step in bar:
                     t_now = target_at(step, cfg.steps, target.sparsity, cfg.target_warmup)
                     for _ in range(cfg.grad_accum):
@@ -332,16 +343,41 @@ class _Batches:
         dense_logits = None
         if self.cfg.kd_weight > 0:
             gates.set_all(dict.fromkeys(gates.values))
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.cfg.autocast, self.device):
                 dense_logits = model(batch).logits.float()
         gates.set_all(values)
-        logits = model(batch).logits.float()
+        with autocast(self.cfg.autocast, self.device):
+            logits = model(batch).logits.float()
         lm = next_token_nll(logits, batch)
         if dense_logits is not None:
             kd = F.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True,
                           reduction="batchmean") / logits.shape[1]
             lm = lm + self.cfg.kd_weight * kd
         return lm
+
+
+def autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast in `dtype` on `device`'s type ("off": no autocast)."""
+    if dtype == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+@contextlib.contextmanager
+def checkpointed(model: nn.Module) -> Iterator[None]:
+    """Activation checkpointing of every decoder layer for the block: each layer's forward runs under
+    `torch.utils.checkpoint` (non-reentrant), so backward recomputes it from its input. Unlike transformers' own
+    switch it works in eval mode (mask learning runs without dropout) and leaves nothing behind."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(decoder_layers(model))
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute: the class's forward again
 
 
 def _computing(masks: Masks) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -79,9 +80,14 @@ class Pruner(ABC):
     search_space: ClassVar[dict[str, dict[str, Any]]] = {}
     # Config overrides that scale the method down for tiny models in tests (few steps, small batches)
     quick: ClassVar[dict[str, Any]] = {}
+    # a method that only ever computes on one decoder layer at a time (it walks the decoder with
+    # `suite.methods.capture.walk`) is handed a model that may stay on the CPU, and moves each layer to `device`
+    offloads: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
+        # where the work happens when the model stays elsewhere (offloading methods; None: where the model is)
+        self.device: torch.device | None = None
         # called as step_callback(step, curves) by iterative methods (tuning reports intermediate losses)
         self.step_callback: Callable[[int, dict[str, list[float]]], None] | None = None
 

@@ -23,6 +23,51 @@ def parse_dtype(name: str) -> torch.dtype | None:
     return DTYPES[name]
 
 
+DEVICE_HELP = ("where to compute: cpu (default), cuda, cuda:N, mps, or auto (accelerate's device_map over every "
+               "visible GPU, spilling to CPU RAM; all CPU where there is no GPU)")
+
+
+def parse_device(name: str) -> str:
+    """`name` if it names a device this machine has (or `auto`), else one ConfigError line saying why."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name}: no CUDA device here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {name}: no MPS device here")
+    elif device.type != "cpu":
+        raise ConfigError(f"unsupported device {name!r}; use cpu, cuda, cuda:N, mps or auto")
+    return name
+
+
+def compute_device(name: str) -> torch.device:
+    """The one device a `--device` value computes on: `auto` is the first GPU, or the CPU without one."""
+    if parse_device(name) == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def place(model: nn.Module, device: str) -> nn.Module:
+    """Put `model` on `device`: moved whole, or for `auto` dispatched by accelerate, whole decoder layers per
+    device in order over the visible GPUs with what does not fit left in CPU RAM (a model larger than one GPU)."""
+    if parse_device(device) != "auto":
+        return model.to(compute_device(device))
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(model, no_split_module_classes=list(model._no_split_modules or []))
+    if set(device_map.values()) <= {"cpu"}:
+        return model.to("cpu")  # no GPU: nothing to shard
+    return dispatch_model(model, device_map=device_map)
+
+
 def resolve(spec: str) -> Path | str:
     """A local directory for `zoo:NAME` and path specs, or the hub id itself."""
     if spec.startswith("zoo:"):
@@ -45,14 +90,16 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer or None). Pruned checkpoints of any shape load through load_pruned (through
-    prunebench's own classes). Code shipped in a checkpoint of a foreign model type runs only with
-    `trust_remote_code`; without it transformers refuses at once (no prompt) and that is one line."""
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False,
+               device: str = "cpu") -> tuple[nn.Module, Any]:
+    """(model in eval mode on `device` (see `place`), tokenizer or None). Pruned checkpoints of any shape load
+    through load_pruned (through prunebench's own classes). Code shipped in a checkpoint of a foreign model type
+    runs only with `trust_remote_code`; without it transformers refuses at once (no prompt) and that is one line."""
     from suite.model.compact import load_pruned
 
     quiet_transformers()
     torch_dtype = parse_dtype(dtype)
+    parse_device(device)
     where = resolve(spec)
     if isinstance(where, Path):
         try:
@@ -61,8 +108,10 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
             raise
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
             raise _load_error(f"cannot load model from {where}", err, trust_remote_code) from None
-        return model, _tokenizer(str(where), local_only=True)
-    return _load_hub(where, torch_dtype, trust_remote_code)
+        tokenizer = _tokenizer(str(where), local_only=True)
+    else:
+        model, tokenizer = _load_hub(where, torch_dtype, trust_remote_code)
+    return place(model, device), tokenizer
 
 
 def load_tokenizer(spec: str) -> Any:

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from suite.model.modeling_prunebench import ExpertMLP, RaggedExperts, RepeatedHeadsLinear, expert_mlp, route
 
 __all__ = ["ExpertMLP", "GatedExperts", "RaggedExperts", "RepeatedHeadsLinear", "expert_weights", "expert_widths",
-           "is_experts", "route", "unwrap"]
+           "is_experts", "model_device", "on_device", "route", "to_device", "unwrap"]
 
 
 def unwrap(experts: nn.Module) -> nn.Module:
@@ -88,3 +90,35 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: the device of its first parameter (a dispatched model's first block)."""
+    return next(model.parameters()).device
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (through tuples, lists and dicts) moved to `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """`module` moved to `device` for the block and back where it was after it (nothing moves when it is there
+    already): how a layer-wise method holds one decoder layer at a time on the compute device. Changes made to the
+    module's weights inside the block travel back with it."""
+    home = next(module.parameters()).device
+    if home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)

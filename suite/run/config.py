@@ -286,8 +286,17 @@ class Experiment(Strict):
     recovery: RecoverySpec | None = Field(None, description="a fine-tune after pruning, the same for every method: "
                                           "each run records its pruned.* (w/o tune) and recovered.* (w/ tune) metrics")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description="where to compute: cpu, cuda, cuda:N, mps, or auto (accelerate's "
+                        "device_map); offloading methods keep the model in CPU RAM and hold one layer on it")
 
     _grids = field_validator("methods", mode="before")(expand_grids)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        from suite.model.load import parse_device
+
+        return parse_device(value)
 
     @field_validator("sparsities")
     @classmethod

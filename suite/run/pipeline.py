@@ -23,6 +23,7 @@ from suite.data.calibration import Calibration
 from suite.evaluation.evaluate import EvalSpec, evaluate, speed
 from suite.methods.pruner import Pruner, PruneResult
 from suite.model.compact import save_pruned, verified_compact
+from suite.model.load import compute_device, place
 from suite.model.masks import Masks, Target
 from suite.model.structures import Granularity, Structure, build_structure, param_count
 from suite.outputs import output_dir
@@ -64,9 +65,17 @@ def prune_model(
     seed: int = 0,
     granularity: Granularity = "kv_group",
     calibration: Calibration | None = None,
+    device: str | None = None,
 ) -> PruneOutcome:
     """Prune `model` in place with `pruner` and compact it; metrics carry the keys README documents for
-    metrics.json."""
+    metrics.json. With `device` (a `--device` value), an offloading method leaves the model where it is and moves
+    one decoder layer at a time to the compute device; any other method gets the whole model there (`place`); the
+    compact model ends on `device` either way, ready to evaluate."""
+    if device is not None:
+        if pruner.offloads:
+            pruner.device = compute_device(device)
+        else:
+            place(model, device)
     torch.manual_seed(seed)
     structure = build_structure(model, granularity)
     before = weights_digest(model)
@@ -88,6 +97,8 @@ def prune_model(
         "weights_changed": weights_changed,
     } | compact_and_measure(model, structure, result.masks, seed)
     metrics |= {f"diag_{k}": v for k, v in result.diagnostics.items()}
+    if device is not None and pruner.offloads:
+        place(model, device)
     return PruneOutcome(result, metrics)
 
 

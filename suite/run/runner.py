@@ -20,7 +20,7 @@ from suite.errors import PruneBenchError
 from suite.evaluation.evaluate import evaluate
 from suite.methods.pruner import PruneResult, get_method
 from suite.model.compact import load_pruned, save_pruned
-from suite.model.load import load_model, load_tokenizer, parse_dtype
+from suite.model.load import load_model, load_tokenizer, parse_dtype, place
 from suite.model.masks import Masks, Target
 from suite.model.structures import param_count
 from suite.recovery.train import recovery_windows
@@ -192,7 +192,7 @@ class Runner:
         run_id = self.tracker.start(f"{model.removeprefix('zoo:')}/dense", identity,
                                     {KIND: "dense", PREFIX + "model": model, CODE: code_fingerprint()})
         try:
-            m, tok = load_model(model, self.exp.dtype)
+            m, tok = load_model(model, self.exp.dtype, device=self.exp.device)
             result = evaluate(m, tok, self.protocol)
             metrics = flat_metrics(result) | {"params_dense": param_count(m)}
             fence()
@@ -216,7 +216,7 @@ class Runner:
         if not self.exp.evaluation.speed and (recovery is None or recovery.method != "distill"):
             return None
         if self._dense_reference[0] != model:
-            self._dense_reference = (model, load_model(model, self.exp.dtype)[0])
+            self._dense_reference = (model, load_model(model, self.exp.dtype, device=self.exp.device)[0])
         return self._dense_reference[1]
 
     def _recovery_data(self, model: str, tokenizer: Any) -> Any:
@@ -251,12 +251,12 @@ class Runner:
                 model, tokenizer, outcome = reused
                 self.tracker.log(run_id, tags={PRUNED_BY: source.info.run_id})
             else:
-                model, tokenizer = load_model(spec.model, spec.dtype)
+                model, tokenizer = load_model(spec.model, spec.dtype)  # prune_model places it
                 method = get_method(spec.method)
                 pruner = method(method.Config(**spec.hyperparameters))
                 calibration = self._calibration_for(spec.model, tokenizer)  # data-free methods ignore it
                 outcome = prune_model(model, pruner, Target(**spec.target), seed=spec.seed,
-                                      granularity=spec.granularity, calibration=calibration)
+                                      granularity=spec.granularity, calibration=calibration, device=self.exp.device)
             self._record(run_id, spec, model, tokenizer, outcome, point, fence)
             for level, masks in sorted(outcome.result.nested.items()):  # logged before the parent finishes
                 self._nested(spec, pruning, tags, level, masks, outcome.metrics, point, fence)
@@ -284,11 +284,11 @@ class Runner:
             nested = {float(d.name.removeprefix("sp")): Masks.load(d) for d in sorted((files / "nested").glob("sp*"))}
             curves = json.loads((files / "curves.json").read_text()) if (files / "curves.json").is_file() else {}
             if checkpoint:
-                model = load_pruned(files / MODEL_ARTIFACT, parse_dtype(spec.dtype))
+                model = place(load_pruned(files / MODEL_ARTIFACT, parse_dtype(spec.dtype)), self.exp.device)
                 tokenizer = load_tokenizer(spec.model)  # the dense weights are not needed
                 metrics = stored
             else:
-                model, tokenizer = load_model(spec.model, spec.dtype)
+                model, tokenizer = load_model(spec.model, spec.dtype, device=self.exp.device)
                 metrics = stored | apply_masks(model, masks, spec.granularity, spec.seed)
         return model, tokenizer, PruneOutcome(PruneResult(masks, curves=curves, nested=nested), metrics)
 
@@ -305,7 +305,7 @@ class Runner:
         run_id = self.tracker.start(nested.name, nested_id,
                                     tags | {NESTED_IN: pruning, PRUNING: nested.pruning_identity(point.fingerprint)})
         try:
-            model, tokenizer = load_model(spec.model, spec.dtype)
+            model, tokenizer = load_model(spec.model, spec.dtype, device=self.exp.device)
             stamp(masks, spec.method, spec.seed, nested.target, nested_in=pruning)
             metrics = parent_metrics | apply_masks(model, masks, spec.granularity, spec.seed)
             self._record(run_id, nested, model, tokenizer, PruneOutcome(PruneResult(masks), metrics), point, fence)

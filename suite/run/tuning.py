@@ -98,6 +98,7 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
     from suite.methods.pruner import get_method
     from suite.model.load import load_model
     from suite.model.masks import Target
+    from suite.model.modules import model_device
     from suite.run.pipeline import prune_model
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -148,8 +149,8 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                     pruner = method(config)
                     pruner.step_callback = report
                     outcome = prune_model(model, pruner, target, seed=exp.tuning.seed, granularity=exp.granularity,
-                                          calibration=calibration)
-                    value = lm_loss(model, calibration.valid_ids, next(model.parameters()).device)
+                                          calibration=calibration, device=exp.device)
+                    value = lm_loss(model, calibration.valid_ids, model_device(model))
                     relaxed = outcome.metrics.get("diag_relaxed_sparsity")
                     trial.set_user_attr("relaxed_sparsity", relaxed)  # a trial the projection decided shows it
                 except optuna.TrialPruned:
