@@ -357,7 +357,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
               f"({s['complete']} complete, {s['pruned']} pruned) with {s['best_params']}")
     print(f"trial budget (tuning.n_trials = {exp.tuning.n_trials} for every tuned method):")
     for s in summaries:
-        print(f"  {s['label']} on {s['model']}: {s['ran']} trials this run; study total {s['n_trials']} "
+        retried = f"; {s['retried']} retried after their worker died" if s["retried"] else ""
+        print(f"  {s['label']} on {s['model']}: {s['ran']} trials this run{retried}; study total {s['n_trials']} "
               f"({s['complete']} complete, {s['pruned']} stopped early by the MedianPruner, {s['failed']} failed)")
         if s["missed_budget"]:
             print(f"  warning: the best trial of {s['label']} missed its budget (relaxed sparsity "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -267,51 +268,6 @@ def ddp_ablation(models: list[str] | None = None, jobs: int = 1, only: Sequence[
             "3 tasks x 100 items", "dense": dense, "rows": rows}
 
 
-class PeakMemory:
-    """Peak resident memory above the level at entry, sampled from /proc every few ms (CUDA: the allocator's own
-    peak). Sampling misses spikes shorter than the interval; good enough to tell one layer from the whole depth."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        import threading
-
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            self._cuda_start = torch.cuda.memory_allocated()
-        self._start = self._rss()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self._rss() - self._start)
-                self._stop.wait(self.interval)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss() - self._start)
-        if torch.cuda.is_available():
-            self.peak = torch.cuda.max_memory_allocated() - self._cuda_start
-
-
 LOCAL_METHODS = ("wanda_sp", "flap", "slimgpt")
 
 
@@ -324,6 +280,7 @@ def depth_memory(method: str, layers: int) -> dict[str, Any]:
     from suite.methods.pruner import get_method
     from suite.model.masks import Target
     from suite.run.pipeline import prune_model
+    from suite.scale import PeakMemory
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=layers, num_attention_heads=8,
@@ -347,6 +304,7 @@ def baselines_bench(models: list[str] | None = None) -> dict[str, Any]:
     import sys
 
     from suite.evaluation.evaluate import EvalSpec
+    from suite.scale import PeakMemory
 
     spec = EvalSpec()
     rows, dense = [], {}
@@ -524,3 +482,164 @@ def recovery_bench(models: list[str] | None = None) -> dict[str, Any]:
             "recovery": {name: r.model_dump(mode="json") for name, r in stages.items()},
             "eval": "embedded test ppl@256 + 3 tasks, full",
             "calibration": "embedded train n64 x 128 (+8 held out), seed 0"}
+
+
+CELL_SECONDS = 600  # a scale cell that runs longer is reported as not measured here (depth cells: DEPTH_SECONDS)
+MEMORY_SHARE = 0.85  # of this machine's RAM a scale cell may address; beyond it the cell reports that it did not fit
+
+
+def _limit_memory(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def isolated_cell(seconds: int = CELL_SECONDS, **kwargs: Any) -> dict[str, Any]:
+    """`suite.scale.scale_cell(**kwargs)` in a fresh process (its own resident high-water mark), with at most
+    MEMORY_SHARE of this machine's RAM and `seconds`: a cell that needs more says so instead of taking the machine
+    down (`{"error": ...}`)."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from suite.scale import scale_cell\n"
+            "try:\n    r = scale_cell(**json.loads(sys.argv[1]))\n"
+            "except (MemoryError, RuntimeError) as err:\n"
+            "    r = {'error': str(err).strip().splitlines()[0][:200]}\n"
+            "print(json.dumps(r))")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = int(total * MEMORY_SHARE)
+    # CUDA maps far more address space than it uses: the limit is for CPU cells only
+    limiter = functools.partial(_limit_memory, limit) if kwargs.get("device", "cpu") == "cpu" else None
+    failed = {"model": kwargs["model_name"], "method": kwargs["method"], "layers": kwargs["layers"]}
+    try:
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
+                             timeout=seconds, preexec_fn=limiter)
+    except subprocess.TimeoutExpired:
+        return failed | {"error": f"over {seconds // 60} min on this machine"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return failed | {"error": f"exit {out.returncode}: {tail[:200]}"}
+    result = json.loads(lines[-1])
+    if "error" in result:
+        result = failed | result
+        if "memory" in result["error"].lower():
+            result["error"] = f"out of memory within {limit / 1e9:.0f} GB here ({result['error']})"
+    return result
+
+
+@bench("scale")
+def scale_bench(models: list[str] | None = None, device: str = "cpu", dtype: str = "bfloat16") -> dict[str, Any]:
+    """Every registered method on models with the real per-layer dimensions of Llama-3.1-8B, Llama-3.1-70B and
+    Qwen3-30B-A3B (random init, 1 decoder layer, vocabulary cut to 8192), 50% on 8 x 2048 random tokens, each in a
+    fresh process: wall time (iterative methods cut and scaled), peak resident and tensor bytes above the model;
+    extrapolated to full depth and the real vocabulary (suite.scale.FORMULAS) against 1 x 80 GB and 8 x 80 GB. A
+    self-check prunes llm_pruner, ddp and wanda_sp at 2 layers on the first model and compares with the formulas."""
+    from suite.methods.pruner import methods
+    from suite.scale import (
+        FORMULAS,
+        SCALE_MODELS,
+        SCALE_VOCAB,
+        extrapolate,
+        fmt_bytes,
+        fmt_seconds,
+        measured_device_bytes,
+    )
+
+    names = models or list(SCALE_MODELS)
+    for name in names:
+        if name not in SCALE_MODELS:
+            raise ConfigError(f"bench scale: unknown model {name!r}; known: {', '.join(SCALE_MODELS)}")
+    cells, estimates = [], []
+    for name in names:
+        for method in methods():
+            cell = isolated_cell(model_name=name, method=method, layers=1, device=device, dtype=dtype)
+            cells.append(cell)
+            label = f"{name} {method}"
+            if "error" in cell:
+                print(f"{label}: not measured: {cell['error']}", flush=True)
+                continue
+            est = extrapolate(cell)
+            estimates.append(est)
+            print(f"{label}: {cell['scaled_seconds']:.1f} s/layer, peak +{fmt_bytes(cell['tensor_bytes'])} tensors "
+                  f"(+{fmt_bytes(cell['rss_bytes'])} RSS) -> {est.layers} layers: device {fmt_bytes(est.device_bytes)}"
+                  f", {fmt_seconds(est.seconds)}", flush=True)
+    checks = []
+    for method in ("wanda_sp", "llm_pruner", "ddp"):
+        one = next((c for c in cells if c.get("method") == method and c.get("model") == names[0]
+                    and "error" not in c), None)
+        if one is None:
+            continue
+        two = isolated_cell(model_name=names[0], method=method, layers=2, device=device, dtype=dtype)
+        if "error" in two:
+            continue
+        predicted = extrapolate(one, layers=2, vocab=SCALE_VOCAB)
+        checks.append({"model": names[0], "method": method, "depth2": two,
+                       "predicted_device_bytes": predicted.device_bytes,
+                       "measured_device_bytes": measured_device_bytes(two),
+                       "predicted_seconds": predicted.seconds, "measured_seconds": two["scaled_seconds"]})
+    print("\n" + "\n".join(FORMULAS))
+    print(f"\n{'model':<14} {'method':<13} {'per layer':>9} {'W(1)':>8} {'CPU, full depth':>15} "
+          f"{'device peak':>11} {'host RAM':>9} {'1x80GB':>6} {'8x80GB':>6}  dominated by")
+    by_key = {(e.model, e.method): e for e in estimates}
+    for c in cells:
+        e = by_key.get((c["model"], c["method"]))
+        if e is None:
+            print(f"{c['model']:<14} {c['method']:<13} not measured: {c['error']}")
+            continue
+        print(f"{e.model:<14} {e.method:<13} {fmt_seconds(c['scaled_seconds']):>9} "
+              f"{fmt_bytes(c['tensor_bytes']):>8} {fmt_seconds(e.seconds):>15} {fmt_bytes(e.device_bytes):>11} "
+              f"{fmt_bytes(e.host_bytes) if e.host_bytes else '-':>9} {'yes' if e.fits(1) else 'no':>6} "
+              f"{'yes' if e.fits(8) else 'no':>6}  {e.dominant}")
+    for k in checks:
+        print(f"self-check {k['model']} {k['method']} at 2 layers: device {fmt_bytes(k['measured_device_bytes'])} "
+              f"measured vs {fmt_bytes(k['predicted_device_bytes'])} predicted "
+              f"({k['measured_device_bytes'] / k['predicted_device_bytes']:.2f}x); time "
+              f"{k['measured_seconds']:.0f} s vs {k['predicted_seconds']:.0f} s")
+    return {"formulas": FORMULAS, "vocab_measured": SCALE_VOCAB, "calibration": "8 x 2048 random tokens, seed 0",
+            "sparsity": 0.5, "cells": cells, "checks": checks,
+            "estimates": [e.__dict__ | {"fits_1x80GB": e.fits(1), "fits_8x80GB": e.fits(8)} for e in estimates]}
+
+
+DEPTH_BOUND = 1.25  # depth-4 device peak over depth-1, for a method holding one layer at a time
+DEPTH_SECONDS = 3600  # SlimGPT's OBS at 14336 channels takes minutes per layer on two cores
+
+
+@bench("depth")
+def depth_bench(models: list[str] | None = None, device: str = "cpu", dtype: str = "bfloat16") -> dict[str, Any]:
+    """Peak memory at 4 decoder layers against 1, at Llama-3.1-8B's real width (random init, 8 x 512 random tokens,
+    50%), for every offloading (layer-wise) method, each in a fresh process: the device holds one layer plus the
+    calibration activations and statistics, so the ratio must stay below DEPTH_BOUND (it would be about 4 if the
+    method held every layer's state); llm_pruner (whole-model gradients) is the contrast."""
+    from suite.methods.pruner import methods
+    from suite.scale import SCALE_MODELS
+
+    name = (models or ["llama-3.1-8b"])[0]
+    if name not in SCALE_MODELS:
+        raise ConfigError(f"bench depth: unknown model {name!r}; known: {', '.join(SCALE_MODELS)}")
+    layerwise = [m for m, cls in methods().items() if cls.offloads]
+    print(f"peak device memory at 4 layers vs 1 ({name} width, 8 x 512 tokens, {dtype}); bound for layer-wise "
+          f"methods: < {DEPTH_BOUND}x", flush=True)
+    rows = [depth_row(name, method, device, dtype) for method in (*layerwise, "llm_pruner")]
+    return {"model": name, "bound": DEPTH_BOUND, "calibration": "8 x 512 random tokens, seed 0", "rows": rows}
+
+
+def depth_row(name: str, method: str, device: str = "cpu", dtype: str = "bfloat16") -> dict[str, Any]:
+    """One method's line of the depth bench: its device peak at 1 and at 4 layers, each in a fresh process."""
+    from suite.scale import fmt_bytes, measured_device_bytes
+
+    cells = [isolated_cell(DEPTH_SECONDS, model_name=name, method=method, layers=layers, device=device, dtype=dtype,
+                           seq_len=512) for layers in (1, 4)]
+    if any("error" in c for c in cells):
+        row = {"method": method, "error": next(c["error"] for c in cells if "error" in c)}
+        print(f"  {method:<11} not measured: {row['error']}", flush=True)
+        return row
+    one, four = (measured_device_bytes(c) for c in cells)
+    row = {"method": method, "offloads": cells[0]["offloads"], "device_1": one, "device_4": four,
+           "ratio": four / one, "rss_ratio": cells[1]["rss_bytes"] / max(1, cells[0]["rss_bytes"]),
+           "within_bound": four / one < DEPTH_BOUND if cells[0]["offloads"] else None, "cells": cells}
+    verdict = ("within bound" if row["within_bound"] else "OVER BOUND") if row["offloads"] else "whole model"
+    print(f"  {method:<11} 1 layer {fmt_bytes(one):>8}  4 layers {fmt_bytes(four):>8}  {row['ratio']:.2f}x "
+          f"({verdict}; RSS above the model {row['rss_ratio']:.2f}x; "
+          f"{cells[0]['seconds']:.0f} s and {cells[1]['seconds']:.0f} s)", flush=True)
+    return row

@@ -3,14 +3,9 @@ workers share — against a private server on 127.0.0.1 (Debian's postgresql; sk
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,35 +14,6 @@ from prunebench.cli import main
 from suite.testing import tiny_text_model
 
 pytest.importorskip("psycopg2")
-INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway server (trust auth, loopback only) with databases `mlflow` and `optuna`; its base URL. Its
-    folder is directly under /tmp: the postgres user cannot enter pytest's (root-only) temporary folders."""
-    if not INITDB or shutil.which("runuser") is None:
-        pytest.skip("Debian's postgresql is not installed")
-    bindir = INITDB[-1].rsplit("/", 1)[0]
-    root = Path(tempfile.mkdtemp(prefix="prunebench-pg-"))
-    shutil.chown(root, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def as_postgres(*cmd):
-        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, timeout=120)
-
-    as_postgres(f"{bindir}/initdb", "-D", str(root / "data"), "-A", "trust", "-U", "postgres")
-    as_postgres(f"{bindir}/pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
-                f"-c listen_addresses=127.0.0.1 -p {port} -k {root}", "start")
-    try:
-        for db in ("mlflow", "optuna"):
-            as_postgres(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"  # SQLAlchemy 2.1 defaults to psycopg 3
-    finally:
-        as_postgres(f"{bindir}/pg_ctl", "-D", str(root / "data"), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_sweep_and_two_tuning_workers_share_one_postgresql_server(postgres, tmp_path):

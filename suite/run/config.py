@@ -248,6 +248,9 @@ class TuningConfig(Strict):
                                 "postgresql://user@host/optuna (default: sqlite in the workdir)")
     heartbeat_s: int = Field(60, ge=1, description="seconds between a running trial's heartbeats; a trial silent "
                              "for three of them (its worker died) is failed and its parameters tried again")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="run trials in this process, or as Ray tasks (the cluster of `executor.address`, each "
+        "task asking `executor.num_cpus`/`num_gpus`) against the shared `storage`")
 
 
 class TrackingConfig(Strict):

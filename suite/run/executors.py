@@ -4,6 +4,7 @@ an executor only decides which process runs what. A new backend (Slurm, say) is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,16 +58,7 @@ class RayExecutor:
         import ray
 
         ex = self.config
-        ours = not ray.is_initialized()
-        if ours and ex.address in (None, "local"):
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-        elif ours:
-            try:
-                ray.init(address=ex.address, log_to_driver=False)
-            except Exception as err:  # Ray raises ConnectionError, RuntimeError, ... for an unreachable cluster
-                raise ConfigError(f"executor.address {ex.address!r}: cannot join the Ray cluster: "
-                                  f"{error_line(err)}") from None
-        try:
+        with ray_session(ex):
             task = ray.remote(runner.in_task).options(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_retries=3)
             config = runner.exp.model_dump(mode="json")
             workdir = str(runner.workdir.resolve())
@@ -82,9 +74,28 @@ class RayExecutor:
                                 error_line(err))
                     row = None
                 yield spec, row
-        finally:
-            if ours:
-                ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_session(ex: ExecutorConfig) -> Iterator[None]:
+    """Ray for the block: the cluster at `executor.address`, or a local instance bound to 127.0.0.1 (shut down
+    after the block; a Ray already initialised in this process is used as it is)."""
+    import ray
+
+    ours = not ray.is_initialized()
+    if ours and ex.address in (None, "local"):
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    elif ours:
+        try:
+            ray.init(address=ex.address, log_to_driver=False)
+        except Exception as err:  # Ray raises ConnectionError, RuntimeError, ... for an unreachable cluster
+            raise ConfigError(f"executor.address {ex.address!r}: cannot join the Ray cluster: "
+                              f"{error_line(err)}") from None
+    try:
+        yield
+    finally:
+        if ours:
+            ray.shutdown()
 
 
 def executor_for(config: ExecutorConfig) -> Executor:

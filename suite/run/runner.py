@@ -343,7 +343,7 @@ class Runner:
                                 hyperparameters=spec.hyperparameters, target=spec.target,
                                 calibration=spec.calibration, recovery=spec.recovery)
             params["calibration.hash"] = outcome.metrics["calibration_hash"]
-            tags = protocol_tags(result.evaluation["protocol"])
+            tags = protocol_tags(result.evaluation["protocol"]) | {PREFIX + "device": self.exp.device}
             if spec.sweep:
                 tags[SWEEP] = json.dumps(spec.sweep)
             if result.recovery is not None:
