@@ -534,70 +534,75 @@ def scale_bench(models: list[str] | None = None, device: str = "cpu", dtype: str
     Qwen3-30B-A3B (random init, 1 decoder layer, vocabulary cut to 8192), 50% on 8 x 2048 random tokens, each in a
     fresh process: wall time (iterative methods cut and scaled), peak resident and tensor bytes above the model;
     extrapolated to full depth and the real vocabulary (suite.scale.FORMULAS) against 1 x 80 GB and 8 x 80 GB. A
-    self-check prunes llm_pruner, ddp and wanda_sp at 2 layers on the first model and compares with the formulas."""
+    self-check prunes wanda_sp, llm_pruner and ddp at 2 layers on the first model and compares with the formulas."""
     from suite.methods.pruner import methods
-    from suite.scale import (
-        FORMULAS,
-        SCALE_MODELS,
-        SCALE_VOCAB,
-        extrapolate,
-        fmt_bytes,
-        fmt_seconds,
-        measured_device_bytes,
-    )
+    from suite.scale import SCALE_MODELS
 
     names = models or list(SCALE_MODELS)
     for name in names:
         if name not in SCALE_MODELS:
             raise ConfigError(f"bench scale: unknown model {name!r}; known: {', '.join(SCALE_MODELS)}")
-    cells, estimates = [], []
+    cells = []
     for name in names:
         for method in methods():
-            cell = isolated_cell(model_name=name, method=method, layers=1, device=device, dtype=dtype)
-            cells.append(cell)
-            label = f"{name} {method}"
-            if "error" in cell:
-                print(f"{label}: not measured: {cell['error']}", flush=True)
-                continue
-            est = extrapolate(cell)
-            estimates.append(est)
-            print(f"{label}: {cell['scaled_seconds']:.1f} s/layer, peak +{fmt_bytes(cell['tensor_bytes'])} tensors "
-                  f"(+{fmt_bytes(cell['rss_bytes'])} RSS) -> {est.layers} layers: device {fmt_bytes(est.device_bytes)}"
-                  f", {fmt_seconds(est.seconds)}", flush=True)
+            cells.append(isolated_cell(model_name=name, method=method, layers=1, device=device, dtype=dtype))
+            _scale_line(cells[-1])
     checks = []
     for method in ("wanda_sp", "llm_pruner", "ddp"):
-        one = next((c for c in cells if c.get("method") == method and c.get("model") == names[0]
-                    and "error" not in c), None)
-        if one is None:
-            continue
-        two = isolated_cell(model_name=names[0], method=method, layers=2, device=device, dtype=dtype)
-        if "error" in two:
-            continue
-        predicted = extrapolate(one, layers=2, vocab=SCALE_VOCAB)
-        checks.append({"model": names[0], "method": method, "depth2": two,
-                       "predicted_device_bytes": predicted.device_bytes,
-                       "measured_device_bytes": measured_device_bytes(two),
-                       "predicted_seconds": predicted.seconds, "measured_seconds": two["scaled_seconds"]})
+        one = next((c for c in cells if c["method"] == method and c["model"] == names[0] and "error" not in c), None)
+        if one is not None:
+            two = isolated_cell(model_name=names[0], method=method, layers=2, device=device, dtype=dtype)
+            if "error" not in two:
+                checks.append({"one": one, "two": two})
+    return scale_table(cells, checks)
+
+
+def _scale_line(cell: dict[str, Any]) -> None:
+    from suite.scale import extrapolate, fmt_bytes, fmt_seconds
+
+    label = f"{cell['model']} {cell['method']}"
+    if "error" in cell:
+        print(f"{label}: not measured: {cell['error']}", flush=True)
+        return
+    est = extrapolate(cell)
+    print(f"{label}: {cell['scaled_seconds']:.1f} s/layer, peak +{fmt_bytes(cell['tensor_bytes'])} tensors "
+          f"(+{fmt_bytes(cell['rss_bytes'])} RSS) -> {est.layers} layers: device {fmt_bytes(est.device_bytes)}, "
+          f"{fmt_seconds(est.seconds)}", flush=True)
+
+
+def scale_table(cells: list[dict[str, Any]], checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scale bench's table and self-check from its cells (depth 1) and check pairs (depth 1 and 2), printed
+    and returned as benchmarks/scale.json holds them."""
+    from suite.scale import FORMULAS, SCALE_VOCAB, extrapolate, fmt_bytes, fmt_seconds, measured_device_bytes
+
     print("\n" + "\n".join(FORMULAS))
     print(f"\n{'model':<14} {'method':<13} {'per layer':>9} {'W(1)':>8} {'CPU, full depth':>15} "
           f"{'device peak':>11} {'host RAM':>9} {'1x80GB':>6} {'8x80GB':>6}  dominated by")
-    by_key = {(e.model, e.method): e for e in estimates}
+    estimates = []
     for c in cells:
-        e = by_key.get((c["model"], c["method"]))
-        if e is None:
+        if "error" in c:
             print(f"{c['model']:<14} {c['method']:<13} not measured: {c['error']}")
             continue
+        e = extrapolate(c)
+        estimates.append(e)
         print(f"{e.model:<14} {e.method:<13} {fmt_seconds(c['scaled_seconds']):>9} "
               f"{fmt_bytes(c['tensor_bytes']):>8} {fmt_seconds(e.seconds):>15} {fmt_bytes(e.device_bytes):>11} "
               f"{fmt_bytes(e.host_bytes) if e.host_bytes else '-':>9} {'yes' if e.fits(1) else 'no':>6} "
               f"{'yes' if e.fits(8) else 'no':>6}  {e.dominant}")
+    summary = []
     for k in checks:
-        print(f"self-check {k['model']} {k['method']} at 2 layers: device {fmt_bytes(k['measured_device_bytes'])} "
-              f"measured vs {fmt_bytes(k['predicted_device_bytes'])} predicted "
-              f"({k['measured_device_bytes'] / k['predicted_device_bytes']:.2f}x); time "
-              f"{k['measured_seconds']:.0f} s vs {k['predicted_seconds']:.0f} s")
+        one, two = k["one"], k["two"]
+        predicted = extrapolate(one, layers=2, vocab=SCALE_VOCAB)
+        row = {"model": one["model"], "method": one["method"], "depth2": two,
+               "predicted_device_bytes": predicted.device_bytes, "measured_device_bytes": measured_device_bytes(two),
+               "predicted_seconds": predicted.seconds, "measured_seconds": two["scaled_seconds"]}
+        summary.append(row)
+        print(f"self-check {row['model']} {row['method']} at 2 layers: device "
+              f"{fmt_bytes(row['measured_device_bytes'])} measured vs {fmt_bytes(row['predicted_device_bytes'])} "
+              f"predicted ({row['measured_device_bytes'] / row['predicted_device_bytes']:.2f}x); time "
+              f"{row['measured_seconds']:.0f} s vs {row['predicted_seconds']:.0f} s")
     return {"formulas": FORMULAS, "vocab_measured": SCALE_VOCAB, "calibration": "8 x 2048 random tokens, seed 0",
-            "sparsity": 0.5, "cells": cells, "checks": checks,
+            "sparsity": 0.5, "cells": cells, "checks": summary,
             "estimates": [e.__dict__ | {"fits_1x80GB": e.fits(1), "fits_8x80GB": e.fits(8)} for e in estimates]}
 
 

@@ -18,11 +18,12 @@ from suite.testing import tiny_text_model
 pytest.importorskip("ray")
 
 
-def _kill_a_running_trial(storage: str, study_name: str, tune: subprocess.Popen, timeout: float = 300) -> int:
+def _kill_a_running_trial(storage: str, study_name: str, tune: subprocess.Popen, timeout: float = 900) -> int:
     """SIGKILL the Ray worker process running the first trial seen RUNNING (its `worker` attribute names it);
     the trial's number."""
     import optuna
 
+    storage = optuna.storages.RDBStorage(storage)  # one connection pool for the whole watch
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and tune.poll() is None:
         try:
@@ -34,7 +35,7 @@ def _kill_a_running_trial(storage: str, study_name: str, tune: subprocess.Popen,
             if "worker" in t.user_attrs:
                 os.kill(int(t.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
                 return t.number
-        time.sleep(0.05)
+        time.sleep(0.1)
     raise AssertionError(f"no trial was seen running (tune exited {tune.poll()}: "
                          f"{tune.stderr.read()[-2000:] if tune.poll() is not None else ''})")
 
@@ -62,7 +63,7 @@ def test_ray_trials_complete_once_each_and_a_killed_workers_trial_is_retried(pos
     study_name = f"raytune/ddp/{model}"
     try:
         killed = _kill_a_running_trial(f"{postgres}/optuna", study_name, tune)
-        out, err = tune.communicate(timeout=600)
+        out, err = tune.communicate(timeout=900)
     finally:
         tune.kill()
     assert tune.returncode == 0, err[-3000:]
