@@ -510,7 +510,8 @@ def isolated_cell(seconds: int = CELL_SECONDS, **kwargs: Any) -> dict[str, Any]:
     limit = int(total * MEMORY_SHARE)
     # CUDA maps far more address space than it uses: the limit is for CPU cells only
     limiter = functools.partial(_limit_memory, limit) if kwargs.get("device", "cpu") == "cpu" else None
-    failed = {"model": kwargs["model_name"], "method": kwargs["method"], "layers": kwargs["layers"]}
+    failed = {"model": kwargs["model_name"], "method": kwargs["method"], "layers": kwargs["layers"],
+              "settings": kwargs.get("settings") or {}}
     try:
         out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
                              timeout=seconds, preexec_fn=limiter)
@@ -526,6 +527,10 @@ def isolated_cell(seconds: int = CELL_SECONDS, **kwargs: Any) -> dict[str, Any]:
         if "memory" in result["error"].lower():
             result["error"] = f"out of memory within {limit / 1e9:.0f} GB here ({result['error']})"
     return result
+
+
+# the memory options of the mask learners, measured beside their defaults
+SCALE_VARIANTS = [("ddp", {"gradient_checkpointing": True})]
 
 
 @bench("scale")
@@ -544,8 +549,9 @@ def scale_bench(models: list[str] | None = None, device: str = "cpu", dtype: str
             raise ConfigError(f"bench scale: unknown model {name!r}; known: {', '.join(SCALE_MODELS)}")
     cells = []
     for name in names:
-        for method in methods():
-            cells.append(isolated_cell(model_name=name, method=method, layers=1, device=device, dtype=dtype))
+        for method, settings in [*((m, None) for m in methods()), *SCALE_VARIANTS]:
+            cells.append(isolated_cell(model_name=name, method=method, layers=1, device=device, dtype=dtype,
+                                       settings=settings))
             _scale_line(cells[-1])
     checks = []
     for method in ("wanda_sp", "llm_pruner", "ddp"):
@@ -560,7 +566,7 @@ def scale_bench(models: list[str] | None = None, device: str = "cpu", dtype: str
 def _scale_line(cell: dict[str, Any]) -> None:
     from suite.scale import extrapolate, fmt_bytes, fmt_seconds
 
-    label = f"{cell['model']} {cell['method']}"
+    label = f"{cell['model']} {cell['method']}{cell.get('settings') or ''}"
     if "error" in cell:
         print(f"{label}: not measured: {cell['error']}", flush=True)
         return

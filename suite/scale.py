@@ -134,11 +134,13 @@ def _bytes(module: nn.Module) -> int:
 
 
 def scale_cell(model_name: str, method: str, layers: int, n: int = 8, device: str = "cpu",
-               dtype: str = "bfloat16", seq_len: int = SEQ_LEN) -> dict[str, Any]:
+               dtype: str = "bfloat16", seq_len: int = SEQ_LEN, settings: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
     """One method on `model_name`'s per-layer dimensions at `layers` decoder layers (random init, seed 0), pruned to
     50% on n x seq_len random tokens: wall seconds (and the scaled seconds of a cut iterative method), peak RSS and
     tensor bytes above the loaded model, and the exact bytes of a decoder layer and of the rest. Run it in a fresh
-    process: the resident set's high-water mark is the process's."""
+    process: the resident set's high-water mark is the process's. `settings` adds method settings (a variant such
+    as gradient checkpointing), recorded in the cell."""
     import tempfile
     from unittest import mock
 
@@ -157,7 +159,7 @@ def scale_cell(model_name: str, method: str, layers: int, n: int = 8, device: st
     model.requires_grad_(False)
     cls = get_method(method)
     overrides, cut, timed, factor = SCALE_CUTS.get(method, ({}, "", None, None))
-    pruner = cls(cls.Config(**overrides))
+    pruner = cls(cls.Config(**overrides | (settings or {})))
     if cls.offloads:
         pruner.device = compute_device(device)  # the model stays in CPU RAM
     else:
@@ -177,7 +179,7 @@ def scale_cell(model_name: str, method: str, layers: int, n: int = 8, device: st
         part = seconds if timed is None else _timed(result, timed, seconds)
         scaled = seconds - part + part * factor(cls.Config())
     return {"model": model_name, "method": method, "layers": layers, "n": n, "seq_len": seq_len, "dtype": dtype,
-            "device": str(compute_device(device)), "offloads": cls.offloads, "cut": cut,
+            "settings": settings or {}, "device": str(compute_device(device)), "offloads": cls.offloads, "cut": cut,
             # on a GPU an offloading method's peak already counts the layer it moved there
             "layer_in_peak": cls.offloads and compute_device(device).type != "cpu",
             "seconds": seconds, "scaled_seconds": scaled, "rss_bytes": mem.rss, "tensor_bytes": mem.tensors,
@@ -238,6 +240,7 @@ def extrapolate(cell: dict[str, Any], layers: int | None = None, vocab: int | No
     from suite.methods.pruner import get_method
 
     spec = SCALE_MODELS[cell["model"]]
+    label = cell["method"] + "".join(f"[{k}={v}]" for k, v in cell.get("settings", {}).items())
     depth = layers or spec["layers"]
     vocab = vocab or spec["vocab"]
     hidden = spec["config"]["hidden_size"]
@@ -246,23 +249,22 @@ def extrapolate(cell: dict[str, Any], layers: int | None = None, vocab: int | No
     work = cell["tensor_bytes"]  # live tensors: the allocator's view (RSS also counts freed heap malloc keeps)
     seconds = depth * cell["scaled_seconds"]
     if cell["offloads"]:
-        held = work - (cell["layer_bytes"] if cell["layer_in_peak"] else 0)  # the peak without the layer itself
+        held = work - (cell["layer_bytes"] if cell.get("layer_in_peak") else 0)  # the peak without the layer itself
         parts = {"one layer's weights": cell["layer_bytes"], "activations and statistics": held}
-        return Estimate(cell["model"], cell["method"], depth, seconds, sum(parts.values()),
+        return Estimate(cell["model"], label, depth, seconds, sum(parts.values()),
                         depth * cell["layer_bytes"] + rest, max(parts, key=parts.get))
     batch = getattr(get_method(cell["method"]).Config(), "batch_size", None)
     measured_logits = logits_bytes(cell["method"], batch, SCALE_VOCAB, cell["seq_len"])
     logits = logits_bytes(cell["method"], batch, vocab, cell["seq_len"])
     parts = {"model weights": depth * cell["layer_bytes"] + rest,
              "method state": depth * max(0.0, work - measured_logits), "logits": logits}
-    return Estimate(cell["model"], cell["method"], depth, seconds, sum(parts.values()), 0.0,
-                    max(parts, key=parts.get))
+    return Estimate(cell["model"], label, depth, seconds, sum(parts.values()), 0.0, max(parts, key=parts.get))
 
 
 def measured_device_bytes(cell: dict[str, Any]) -> float:
     """What a device held in a measured cell, by the same rule as `extrapolate`."""
     if cell["offloads"]:
-        return cell["tensor_bytes"] + (0 if cell["layer_in_peak"] else cell["layer_bytes"])
+        return cell["tensor_bytes"] + (0 if cell.get("layer_in_peak") else cell["layer_bytes"])
     return cell["tensor_bytes"] + cell["model_bytes"]
 
 
