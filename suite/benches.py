@@ -531,6 +531,10 @@ def isolated_cell(seconds: int = CELL_SECONDS, **kwargs: Any) -> dict[str, Any]:
 
 # the memory options of the mask learners, measured beside their defaults
 SCALE_VARIANTS = [("ddp", {"gradient_checkpointing": True})]
+# whole-model methods measured at 2 layers too on every model (cheap: their per-layer working set is transient, and
+# the upper bound would count it once per layer), and on the first model only, as a check of the formulas
+SCALE_SLOPES = ("magnitude", "random")
+SCALE_CHECKS = ("llm_pruner", "ddp")
 
 
 @bench("scale")
@@ -539,7 +543,8 @@ def scale_bench(models: list[str] | None = None, device: str = "cpu", dtype: str
     Qwen3-30B-A3B (random init, 1 decoder layer, vocabulary cut to 8192), 50% on 8 x 2048 random tokens, each in a
     fresh process: wall time (iterative methods cut and scaled), peak resident and tensor bytes above the model;
     extrapolated to full depth and the real vocabulary (suite.scale.FORMULAS) against 1 x 80 GB and 8 x 80 GB. A
-    self-check prunes wanda_sp, llm_pruner and ddp at 2 layers on the first model and compares with the formulas."""
+    self-check prunes SCALE_CHECKS at 2 layers on the first model and compares with the upper bound; SCALE_SLOPES
+    run at 2 layers on every model and their measured slope replaces the bound."""
     from suite.methods.pruner import methods
     from suite.scale import SCALE_MODELS
 
@@ -553,14 +558,18 @@ def scale_bench(models: list[str] | None = None, device: str = "cpu", dtype: str
             cells.append(isolated_cell(model_name=name, method=method, layers=1, device=device, dtype=dtype,
                                        settings=settings))
             _scale_line(cells[-1])
-    checks = []
-    for method in ("wanda_sp", "llm_pruner", "ddp"):
-        one = next((c for c in cells if c["method"] == method and c["model"] == names[0] and "error" not in c), None)
-        if one is not None:
-            two = isolated_cell(model_name=names[0], method=method, layers=2, device=device, dtype=dtype)
+    checks, twos = [], []
+    for name in names:
+        for method in (*SCALE_SLOPES, *(SCALE_CHECKS if name == names[0] else ())):
+            one = next((c for c in cells if c["method"] == method and c["model"] == name and "error" not in c), None)
+            if one is None:
+                continue
+            two = isolated_cell(model_name=name, method=method, layers=2, device=device, dtype=dtype)
             if "error" not in two:
-                checks.append({"one": one, "two": two})
-    return scale_table(cells, checks)
+                twos.append(two)
+                if method in SCALE_CHECKS:
+                    checks.append({"one": one, "two": two})
+    return scale_table(cells, checks, twos)
 
 
 def _scale_line(cell: dict[str, Any]) -> None:
@@ -576,24 +585,27 @@ def _scale_line(cell: dict[str, Any]) -> None:
           f"{fmt_seconds(est.seconds)}", flush=True)
 
 
-def scale_table(cells: list[dict[str, Any]], checks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The scale bench's table and self-check from its cells (depth 1) and check pairs (depth 1 and 2), printed
-    and returned as benchmarks/scale.json holds them."""
+def scale_table(cells: list[dict[str, Any]], checks: list[dict[str, Any]], twos: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """The scale bench's table and self-check from its cells (depth 1), check pairs (depth 1 and 2: the upper
+    bound's prediction against the measurement) and depth-2 cells (their measured slope replaces the bound),
+    printed and returned as benchmarks/scale.json holds them."""
     from suite.scale import FORMULAS, SCALE_VOCAB, extrapolate, fmt_bytes, fmt_seconds, measured_device_bytes
 
     print("\n" + "\n".join(FORMULAS))
     print(f"\n{'model':<14} {'method':<13} {'per layer':>9} {'W(1)':>8} {'CPU, full depth':>15} "
-          f"{'device peak':>11} {'host RAM':>9} {'1x80GB':>6} {'8x80GB':>6}  dominated by")
+          f"{'device peak':>11} {'basis':>9} {'host RAM':>9} {'1x80GB':>6} {'8x80GB':>6}  dominated by")
     estimates = []
+    slopes = {(t["model"], t["method"], json.dumps(t.get("settings") or {})): t for t in twos}
     for c in cells:
         if "error" in c:
             print(f"{c['model']:<14} {c['method']:<13} not measured: {c['error']}")
             continue
-        e = extrapolate(c)
+        e = extrapolate(c, two=slopes.get((c["model"], c["method"], json.dumps(c.get("settings") or {}))))
         estimates.append(e)
         print(f"{e.model:<14} {e.method:<13} {fmt_seconds(c['scaled_seconds']):>9} "
               f"{fmt_bytes(c['tensor_bytes']):>8} {fmt_seconds(e.seconds):>15} {fmt_bytes(e.device_bytes):>11} "
-              f"{fmt_bytes(e.host_bytes) if e.host_bytes else '-':>9} {'yes' if e.fits(1) else 'no':>6} "
+              f"{e.basis:>9} {fmt_bytes(e.host_bytes) if e.host_bytes else '-':>9} {'yes' if e.fits(1) else 'no':>6} "
               f"{'yes' if e.fits(8) else 'no':>6}  {e.dominant}")
     summary = []
     for k in checks:
@@ -608,7 +620,7 @@ def scale_table(cells: list[dict[str, Any]], checks: list[dict[str, Any]]) -> di
               f"predicted ({row['measured_device_bytes'] / row['predicted_device_bytes']:.2f}x); time "
               f"{row['measured_seconds']:.0f} s vs {row['predicted_seconds']:.0f} s")
     return {"formulas": FORMULAS, "vocab_measured": SCALE_VOCAB, "calibration": "8 x 2048 random tokens, seed 0",
-            "sparsity": 0.5, "cells": cells, "checks": summary,
+            "sparsity": 0.5, "cells": cells, "checks": summary, "depth2": twos,
             "estimates": [e.__dict__ | {"fits_1x80GB": e.fits(1), "fits_8x80GB": e.fits(8)} for e in estimates]}
 
 

@@ -216,6 +216,7 @@ class Estimate:
     device_bytes: float  # what the compute device holds at the peak
     host_bytes: float  # CPU RAM holding the model while an offloading method works on one layer (0 otherwise)
     dominant: str
+    basis: str = "one layer"  # whole-model methods: "bound" (W(1) per layer) or "slope" (measured at depth 2)
 
     def fits(self, gpus: int) -> bool:
         """Whether the device peak fits `gpus` x 80 GB, with 5% kept for the CUDA context and fragmentation (a
@@ -227,16 +228,20 @@ GPU_BYTES = 80 * GB
 FORMULAS = (
     "time T(L) = L x T(1)  (T(1) includes the fixed part once per layer: an upper bound)",
     "offloading methods: device = layer + W(1);  host RAM = L x layer + E(V)",
-    "whole-model methods: device = L x layer + E(V) + L x (W(1) - Z(V_b)) + Z(V)",
+    "whole-model methods: device = L x layer + E(V) + L x (W(1) - Z(V_b)) + Z(V)  (every layer assumed to keep "
+    "the whole working set: an upper bound); with a depth-2 cell, the measured slope instead: "
+    "W(1) - Z(V_b) + (L - 1) x (W(2) - W(1)) in place of L x (W(1) - Z(V_b))",
     "layer: one decoder layer's weights; W(1): peak tensor bytes above the model at depth 1; E(V): embeddings, head "
     "and final norm at the real vocabulary V; Z(v): the logits the method holds at once over v tokens of "
     "vocabulary (fp32, x2 with their gradient); V_b = the measured models' vocabulary",
 )
 
 
-def extrapolate(cell: dict[str, Any], layers: int | None = None, vocab: int | None = None) -> Estimate:
+def extrapolate(cell: dict[str, Any], layers: int | None = None, vocab: int | None = None,
+                two: dict[str, Any] | None = None) -> Estimate:
     """The full-depth estimate of a depth-1 cell (FORMULAS); `layers` and `vocab` default to the real model's (the
-    bench's self-check predicts its own depth-2 cells with vocab = SCALE_VOCAB)."""
+    bench's self-check predicts its own depth-2 cells with vocab = SCALE_VOCAB); `two`, the same method's depth-2
+    cell, replaces the upper bound on the per-layer state by the measured slope."""
     from suite.methods.pruner import get_method
 
     spec = SCALE_MODELS[cell["model"]]
@@ -256,9 +261,12 @@ def extrapolate(cell: dict[str, Any], layers: int | None = None, vocab: int | No
     batch = getattr(get_method(cell["method"]).Config(), "batch_size", None)
     measured_logits = logits_bytes(cell["method"], batch, SCALE_VOCAB, cell["seq_len"])
     logits = logits_bytes(cell["method"], batch, vocab, cell["seq_len"])
+    state = work - measured_logits
+    per_layer = state if two is None else two["tensor_bytes"] - work
     parts = {"model weights": depth * cell["layer_bytes"] + rest,
-             "method state": depth * max(0.0, work - measured_logits), "logits": logits}
-    return Estimate(cell["model"], label, depth, seconds, sum(parts.values()), 0.0, max(parts, key=parts.get))
+             "method state": max(0.0, state + (depth - 1) * per_layer), "logits": logits}
+    return Estimate(cell["model"], label, depth, seconds, sum(parts.values()), 0.0, max(parts, key=parts.get),
+                    "bound" if two is None else "slope")
 
 
 def measured_device_bytes(cell: dict[str, Any]) -> float:

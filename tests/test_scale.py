@@ -160,6 +160,10 @@ def test_a_scale_cell_measures_and_extrapolates_by_its_formulas(tiny_scale):
     assert e.device_bytes == pytest.approx(4 * layer + rest + 4 * (learner["tensor_bytes"] - logits(256))
                                            + logits(1000))
     assert e.fits(1) and not scale.Estimate("m", "x", 1, 0, 700e9, 0, "").fits(8)
+    # a depth-2 cell replaces the bound by the measured slope: no growth here, so the state is counted once
+    flat = scale.extrapolate(learner, two=learner)
+    assert flat.basis == "slope" and flat.device_bytes == pytest.approx(
+        4 * layer + rest + learner["tensor_bytes"] - logits(256) + logits(1000))
 
 
 def test_the_gpu_smoke_script_is_skipped_and_says_so_without_a_gpu():
