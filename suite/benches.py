@@ -532,7 +532,8 @@ def isolated_cell(seconds: int = CELL_SECONDS, **kwargs: Any) -> dict[str, Any]:
 # the memory options of the mask learners, measured beside their defaults
 SCALE_VARIANTS = [("ddp", {"gradient_checkpointing": True})]
 # whole-model methods measured at 2 layers too on every model (cheap: their per-layer working set is transient, and
-# the upper bound would count it once per layer), and on the first model only, as a check of the formulas
+# the upper bound would count it once per layer; the variants: checkpointing keeps one layer's activations, which
+# the bound cannot see), and on the first model only, as a check of the formulas
 SCALE_SLOPES = ("magnitude", "random")
 SCALE_CHECKS = ("llm_pruner", "ddp")
 
@@ -560,14 +561,17 @@ def scale_bench(models: list[str] | None = None, device: str = "cpu", dtype: str
             _scale_line(cells[-1])
     checks, twos = [], []
     for name in names:
-        for method in (*SCALE_SLOPES, *(SCALE_CHECKS if name == names[0] else ())):
-            one = next((c for c in cells if c["method"] == method and c["model"] == name and "error" not in c), None)
+        for method, settings in [*((m, None) for m in (*SCALE_SLOPES, *(SCALE_CHECKS if name == names[0] else ()))),
+                                 *SCALE_VARIANTS]:
+            one = next((c for c in cells if c["method"] == method and c["model"] == name and "error" not in c
+                        and c.get("settings") == (settings or {})), None)
             if one is None:
                 continue
-            two = isolated_cell(model_name=name, method=method, layers=2, device=device, dtype=dtype)
+            two = isolated_cell(model_name=name, method=method, layers=2, device=device, dtype=dtype,
+                                settings=settings)
             if "error" not in two:
                 twos.append(two)
-                if method in SCALE_CHECKS:
+                if method in SCALE_CHECKS and not settings:
                     checks.append({"one": one, "two": two})
     return scale_table(cells, checks, twos)
 

@@ -49,7 +49,7 @@ def test_ray_trials_complete_once_each_and_a_killed_workers_trial_is_retried(pos
     cfg = {"name": "raytune", "models": [str(model)],
            # long enough per trial (a few seconds) for the test to kill one mid-run; no intermediate reports, so the
            # MedianPruner stops none and every trial that is not killed completes
-           "methods": [{"name": "ddp", "params": {"steps": 400, "batch_size": 2, "valid_batches": 1}}],
+           "methods": [{"name": "ddp", "params": {"steps": 200, "batch_size": 2, "valid_batches": 1}}],
            "sparsities": [0.3], "calibration": {"n": 8, "seq_len": 32, "valid_n": 2},
            "evaluation": {"ppl": ["embedded:test@128/8"], "tasks": ["pb_next_line"], "limit": 4},
            "tracking": {"uri": f"{postgres}/mlflow"}, "executor": {"num_cpus": 1},

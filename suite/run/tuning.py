@@ -161,7 +161,6 @@ def _trial(trial: Any, study: _Study, tracker: Tracker) -> float:
     target = Target(**exp.target.model_dump(), sparsity=study.sparsity)
     params = entry.params | suggest(trial, exp.search_spaces()[study.label])
     trial.set_user_attr("sampler_seed", study.sampler_seed)  # which invocation's sampler proposed it
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     run_id = tracker.start(f"tune/{study.label}/{study.model.removeprefix('zoo:')}/trial{trial.number}",
                            _trial_identity(study.name, trial.number), {KIND: "trial"})
     config = method.Config(**params)
@@ -170,6 +169,7 @@ def _trial(trial: Any, study: _Study, tracker: Tracker) -> float:
         granularity=exp.granularity, dtype=exp.dtype, hyperparameters=config.model_dump(mode="json"),
         target=target.model_dump(mode="json"), calibration=exp.calibration.model_dump(mode="json"),
     ) | {"trial": trial.number})
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # once its run exists: a kill is seen
 
     def report(step: int, curves: dict[str, list[float]]) -> None:
         if (step + 1) % exp.tuning.report_every == 0:
