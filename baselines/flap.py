@@ -3,7 +3,7 @@ arXiv 2312.11983)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -33,6 +33,8 @@ class FlapConfig(MethodConfig):
         "al_am", description="al_am: standardised scores ranked globally; ul_um: uniform ratio per layer")
     bias: bool = Field(True, description="compensate removed columns with their calibration mean (new biases)")
     batch_size: int = Field(8, ge=1)
+
+    budget: ClassVar[frozenset[str]] = frozenset({"batch_size"})
 
 
 def column_metric(metric: str, weight: Tensor, stats: InputStats) -> Tensor:

@@ -56,6 +56,8 @@ class GispConfig(MethodConfig):
             raise ValueError("nested sparsities must lie in (0, 1)")
         return sorted(set(values))
 
+    budget: ClassVar[frozenset[str]] = frozenset({"iterations", "batch_size"})
+
 
 def schedule(kind: str, target: float, iterations: int) -> list[float]:
     """Sparsity after each iteration, ending exactly at `target`."""

@@ -1,7 +1,10 @@
 """Hard-concrete L0 with a Lagrangian (Louizos et al. 2018 -> CoFi -> Sheared-LLaMA;
 docs/methods.md, hard-concrete):
 log-alpha per unit, stochastic stretched-and-clamped gates in training, expected L0 in the regulariser, and a
-deterministic test-time mask. Mask-only by default so that the comparison with DDP isolates the relaxation."""
+deterministic test-time mask. The defaults are Sheared-LLaMA's reference code (log alpha 5 clamped to +-4.6, the
+target ramped from 0 over the first 20% of steps, plain gradient ascent on the multipliers), mask-only (weights
+frozen, as in DDP) so that the comparison with DDP isolates the relaxation; the learning rates follow the engine's
+one reading for every mask learner (travel / steps)."""
 
 from __future__ import annotations
 
@@ -21,12 +24,17 @@ class HardConcreteConfig(MaskLearningConfig):
     beta: float = Field(2 / 3, gt=0, description="temperature of the concrete distribution")
     l: float = Field(-0.1, lt=0, description="stretch lower end (gamma)")  # noqa: E741 - the papers' name
     r: float = Field(1.1, gt=1, description="stretch upper end (zeta)")
-    log_alpha_init: float = Field(3.0, description="initial log alpha (3: every unit kept with p = 0.99)")
+    log_alpha_init: float = Field(5.0, description="initial log alpha (Sheared-LLaMA's 5, clamped to 4.6 after the "
+                                  "first step: every unit kept with p = 0.998)")
     init_std: float = Field(0.01, ge=0, description="std of the log alpha initialisation")
     clamp: float = Field(4.6, ge=0, description="clamp log alpha to [-c, c] after each step (0 = off)")
     test_mask: Literal["sheared", "louizos"] = Field(
         "sheared", description="deterministic mask: Sheared-LLaMA soft values, or Louizos's clamp rule")
     mismatch_samples: int = Field(4, ge=1, description="sampled training masks averaged in the mismatch")
+    target_warmup: float = Field(0.2, ge=0, le=1, description="fraction of steps to ramp the target from 0 "
+                                 "(Sheared-LLaMA's Lagrangian warm-up, 20% of its pruning steps)")
+
+    budget: ClassVar[frozenset[str]] = MaskLearningConfig.budget | {"mismatch_samples"}
 
 
 def keep_probability(log_alpha: Tensor, cfg: HardConcreteConfig) -> Tensor:

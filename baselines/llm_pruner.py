@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -23,6 +23,8 @@ class LLMPrunerConfig(SelectionConfig):
     taylor: Literal["param_first", "param_mix"] = Field(
         "param_first", description="sum |W g| (the reference scripts' choice) or sum |W g - W^2 F / 2|")
     batch_size: int = Field(4, ge=1, description="sequences per backward pass (param_mix: one per sequence)")
+
+    budget: ClassVar[frozenset[str]] = frozenset({"batch_size"})
 
 
 @register("llm_pruner")

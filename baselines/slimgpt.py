@@ -3,6 +3,8 @@ NeurIPS 2024)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -24,6 +26,8 @@ class SlimGPTConfig(LayerwiseConfig):
     damp: float = Field(0.01, ge=0, description="H += damp * mean(diag H) * I (SlimGPT's percdamp)")
     rounds: int = Field(16, ge=1, description="greedy OBS rounds for channels (heads: one unit per round)")
     refit: bool = Field(True, description="exact least-squares refit of the kept columns after selection")
+
+    budget: ClassVar[frozenset[str]] = LayerwiseConfig.budget | {"rounds"}
 
 
 @register("slimgpt")

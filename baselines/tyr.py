@@ -100,6 +100,10 @@ class TyrConfig(MethodConfig):
             raise ValueError("stage budgets and keeps must be positive")
         return self
 
+    # the search's size, scaled down from Týr's (levels 4, rounds 4, generations 50, offspring 128) to fit a CPU
+    budget: ClassVar[frozenset[str]] = frozenset({"levels", "rounds", "generations", "offspring", "stage_tokens",
+                                                  "stage_keep", "kl_topk", "obs_rounds", "batch_size", "cache"})
+
 
 @dataclass
 class Ladder:

@@ -3,10 +3,13 @@ s = sigmoid(mu z) that feeds only the regulariser; mu is annealed so that sum(s)
 (docs/methods.md, DDP). The final mask keeps z > 0 and tops up or trims by z to hit the budget exactly; the kept
 gate values are folded into the consumer weights at compaction.
 
-Each fix to the failure modes of a short run is a setting, measured alone and together (README, DDP ablation):
-`wait` holds mu low until the hard count reaches the target, `dense_start` makes the dense start count as dense,
-the engine's `overshoot` resets or damps the multipliers when the gap changes sign and its `polish`
-re-fits the kept gates after a top-up or trim."""
+The defaults are the paper's method (relu and sigmoid are this project's reading of its "soft sigmoid projection"
+and "expanded mask range"; the paper's learning rates and mu schedule are not public). Each fix this project tried
+against the failure modes of a short run is a setting that is off by default and names itself in a row's label:
+`wait` holds mu low until the hard count reaches the target, `dense_start` makes the dense start count as dense, the
+engine's `overshoot` resets or damps the multipliers when the gap changes sign and its `polish` re-fits the kept
+gates after a top-up or trim. `preset: budget-safe` turns on the combination the DDP ablation supported (wait,
+dense_start, overshoot reset)."""
 
 from __future__ import annotations
 
@@ -31,13 +34,18 @@ class DDPConfig(MaskLearningConfig):
     mu_end: float = Field(100.0, gt=0, description="retention sharpness at the last step")
     adapt_tol: float = Field(0.01, gt=0, description="adaptive schedule: |hard sparsity - target| below which mu "
                              "grows")
-    wait: bool = Field(True, description="hold mu at mu_start until the hard sparsity is within wait_tol of the "
-                       "target or wait_cap of the run has passed, then anneal to mu_end over the remaining steps")
+    wait: bool = Field(False, description="project addition: hold mu at mu_start until the hard sparsity is within "
+                       "wait_tol of the target or wait_cap of the run has passed, then anneal to mu_end over the "
+                       "remaining steps")
     wait_tol: float = Field(0.02, gt=0, description="wait: hard-sparsity distance to the target that starts the anneal")
     wait_cap: float = Field(0.6, gt=0, le=1, description="wait and adaptive: fraction of the run after which mu "
                             "anneals whatever the hard count")
-    dense_start: bool = Field(True, description="rescale the retention so that z_init counts as kept and -z_init "
-                              "as removed at every mu (the dense start counts as dense, not 1 - sigmoid(mu z_init))")
+    dense_start: bool = Field(False, description="project addition: rescale the retention so that z_init counts as "
+                              "kept and -z_init as removed at every mu (the dense start counts as dense, not "
+                              "1 - sigmoid(mu z_init))")
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "budget-safe": MaskLearningConfig.presets["budget-safe"] | {"wait": True, "dense_start": True}}
 
 
 def mu_at(step: int, steps: int, cfg: DDPConfig, start: int = 0) -> float:

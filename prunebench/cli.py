@@ -47,6 +47,11 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """`a,b` -> ("a", "b"); an empty string is an empty tuple (which the target refuses by name)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 MODEL_HELP = "zoo:NAME (embedded, offline), a local checkpoint directory, or a hub id"
 
 
@@ -62,6 +67,8 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="store_true", help=field.description)
         elif field.annotation == tuple[int, ...]:
             p.add_argument(flag, type=_layers, default=field.default, help=f"{field.description} (comma-separated)")
+        elif name == "units":
+            p.add_argument(flag, type=_names, default=None, help=f"{field.description} (comma-separated)")
         else:
             p.add_argument(flag, type=field.annotation, default=field.default, help=field.description)
     p.add_argument("--granularity", default=GRANULARITIES[0], help=f"attention unit: {' or '.join(GRANULARITIES)}")
@@ -120,7 +127,8 @@ def method_info(name: str) -> dict[str, Any]:
                            "default": None if default is PydanticUndefined else default,
                            "description": info.description or ""}
     return {"name": name, "summary": (cls.__doc__ or "").strip().splitlines()[0],
-            "needs_calibration": cls.needs_calibration, "settings": settings}
+            "needs_calibration": cls.needs_calibration, "settings": settings,
+            "budget_settings": sorted(cls.Config.budget), "presets": cls.Config.presets}
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -138,16 +146,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
             kind = f"{s['type']}: {' | '.join(map(str, s['choices']))}" if s["choices"] else s["type"]
             value = "required" if s["required"] else f"= {s['default']!r}"
             print(f"    {field} ({kind}) {value}    {s['description']}".rstrip())
+        for preset, values in info["presets"].items():
+            print(f"    preset {preset}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from suite.model.load import load_model
-    from suite.model.structures import build_structure
+    from suite.model.structures import default_units, full_structure, unit_kinds
 
     model, _ = load_model(args.model, args.dtype, trust_remote_code=args.trust_remote_code, device=args.device)
-    s = build_structure(model, args.granularity)
+    s = full_structure(model, args.granularity)
+    default = default_units(unit_kinds(s))
     print(f"family {s.family}  granularity {s.granularity}  layers {s.n_layers}  fingerprint {s.fingerprint}")
+    print(f"pruned by default: {', '.join(default)} (target.units / --units to choose)")
     print(f"{'layer':>5}  {'group':<16} {'units':>6} {'params/unit':>12} {'params':>12}")
     for g in s.groups:
         print(f"{g.layer:>5}  {g.name:<16} {g.n_units:>6} {g.unit_params:>12} {g.params:>12}")
@@ -177,7 +189,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if method.needs_calibration:
         if tokenizer is None:
             raise PruneBenchError(f"{args.method} needs calibration text, and {args.model} has no tokenizer")
-        calibration = calib_spec.build(tokenizer)
+        calibration = calib_spec.build(tokenizer, args.seed)
     outcome = prune_model(model, method(hyper), target, seed=args.seed, granularity=args.granularity,
                           calibration=calibration, device=args.device)
     outcome.metrics |= {"model": args.model, "calibration_source": calib_spec.source if calibration else None}
@@ -607,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         _close_bars()
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `prunebench methods --json | head`: the reader left; end quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 def _close_bars() -> None:

@@ -32,6 +32,7 @@ from reports.build import (
     STAGE_WORDS,
     STYLE,
     board_display,
+    calibration_words,
     protocol_difference,
     protocol_words,
     recovery_words,
@@ -86,11 +87,12 @@ def gather(stores: list[Store], experiments: list[str], stage: str = "pruned") -
 
 @dataclass
 class Board:
-    """The runs of one protocol, one calibration set and (ranking the recovered stage) one recovery stage, with the
-    dense references of that protocol."""
+    """The runs of one protocol, one calibration specification (source, splits, n, length, draw rule: the seeds of
+    one experiment, each with its own draw, share it) and (ranking the recovered stage) one recovery stage, with
+    the dense references of that protocol."""
 
     protocol: str
-    calibration_hash: str
+    calibration: str  # the specification as JSON; every run also records its own sample's hash
     runs: pd.DataFrame
     recovery: str = ""
 
@@ -100,10 +102,10 @@ class Board:
 
 
 def boards(df: pd.DataFrame, stage: str = "pruned") -> list[Board]:
-    """One board per (protocol, calibration set), and at the recovered stage per recovery stage too; largest
-    first."""
+    """One board per (protocol, calibration specification), and at the recovered stage per recovery stage too;
+    largest first."""
     pruned, dense = df[df["kind"] == "pruned"], df[df["kind"] == "dense"]
-    keys = ["protocol", "calibration_hash"] + (["recovery"] if stage == "recovered" else [])
+    keys = ["protocol", "calibration"] + (["recovery"] if stage == "recovered" else [])
     out = [Board(key[0], key[1], pd.concat([dense[dense["protocol"] == key[0]], runs]), *key[2:])
            for key, runs in pruned.groupby(keys, sort=True)]
     return sorted(out, key=lambda b: -len(b.pruned))
@@ -114,12 +116,10 @@ def difference(board: Board, first: Board) -> str:
     parts = []
     if board.protocol != first.protocol:
         parts.append("protocol " + protocol_difference(board.runs.iloc[0], first.runs.iloc[0]).split(": ", 1)[-1])
-    if board.calibration_hash != first.calibration_hash:
-        mine, theirs = (json.loads(b.pruned["calibration"].iloc[0] or "{}") for b in (board, first))
-        changed = [f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
-                   if mine.get(k) != theirs.get(k)]
-        parts.append("calibration " + (", ".join(changed) if changed else
-                                       f"text {first.calibration_hash[:12]} -> {board.calibration_hash[:12]}"))
+    if board.calibration != first.calibration:
+        mine, theirs = (json.loads(b.calibration or "{}") for b in (board, first))
+        parts.append("calibration " + ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in
+                                                sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)))
     if board.recovery != first.recovery:
         mine, theirs = (flatten("", json.loads(b.recovery or "{}")) for b in (board, first))
         parts.append("recovery " + ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}"
@@ -167,7 +167,7 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
         grid = leaderboard.matrix(leaderboard.significance(board.pruned, order), order) if len(order) > 1 else None
         cover = leaderboard.coverage(board.pruned)
         differs = difference(board, found[0]) if i > 1 else ""
-        title = f"board {i}: protocol {board.protocol}, calibration {board.calibration_hash[:12]}"
+        title = f"board {i}: protocol {board.protocol}, calibration {calibration_words(board.calibration)}"
         sections += [f"<h2>{html.escape(title)}</h2>",
                      f'<p class="warn">differs from board 1 in: {html.escape(differs)}</p>' if differs else "",
                      protocol_words(board.runs),
@@ -181,10 +181,10 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
                      "<h3>coverage: runs per method and cell (0: never ran there)</h3>", cover.to_html(),
                      *(["<h3>paired tests: row − column, accuracy points (Holm-corrected Wilcoxon p)</h3>",
                         grid.to_html()] if grid is not None else [])]
-        rankings.append(rank.assign(board=i, protocol=board.protocol, calibration_hash=board.calibration_hash))
-        cell_rows.append(cells.assign(board=i, protocol=board.protocol, calibration_hash=board.calibration_hash))
+        rankings.append(rank.assign(board=i, protocol=board.protocol, calibration=board.calibration))
+        cell_rows.append(cells.assign(board=i, protocol=board.protocol, calibration=board.calibration))
         records.append({"board": i, "stage": stage, "protocol": board.protocol,
-                        "calibration_hash": board.calibration_hash, "recovery": board.recovery,
+                        "calibration": json.loads(board.calibration or "{}"), "recovery": board.recovery,
                         "differs_from_board_1": differs, "experiments": records_of(board),
                         "ranking": _records(rank), "cells": _records(cells), "coverage": _records(cover.reset_index())})
     summary = {"experiments": experiments, "stage": stage, "stage_words": STAGE_WORDS[stage],

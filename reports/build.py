@@ -328,6 +328,18 @@ text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100
 .warn{background:#fee;border:1px solid #c00;padding:.6em}"""
 
 
+def calibration_words(spec: str) -> str:
+    """A calibration specification in a few words: source:split, n x length, and its draw rule."""
+    c = json.loads(spec or "{}")
+    if not c:
+        return "none"
+    seed = c.get("seed")
+    fixed = c.get("fixed_draw", True)  # runs recorded before the setting existed all used one draw
+    draw = f"one draw for every run seed (seed {seed})" if fixed else f"each run seed s its own draw (seed {seed} + s)"
+    return (f"{c.get('source')}:{c.get('split')}, {c.get('n')} sequences x {c.get('seq_len')} tokens "
+            f"(+{c.get('valid_n')} held out), {draw}")
+
+
 def protocol_words(runs: pd.DataFrame) -> str:
     """The evaluation protocol and calibration of these runs, in words (HTML)."""
     try:
@@ -348,10 +360,11 @@ def protocol_words(runs: pd.DataFrame) -> str:
     pruned = runs[runs["kind"] == "pruned"]
     if "calibration" in pruned and len(pruned):
         for text in sorted(pruned["calibration"].dropna().unique()):
-            c = json.loads(text) if text else {}
-            if c:
-                parts.append(f"calibration {c.get('source')}:{c.get('split')}, {c.get('n')} sequences x "
-                             f"{c.get('seq_len')} tokens (+{c.get('valid_n')} held out), seed {c.get('seed')}")
+            if json.loads(text or "{}"):
+                parts.append(f"calibration {calibration_words(text)}")
+    if "units" in pruned and len(pruned):
+        for (model, units), _ in pruned.groupby(["model", "units"], sort=True):
+            parts.append(f"{model}: pruned unit kinds {units.replace(',', ' + ') or 'not recorded'}")
     return ("<p class=\"protocol\"><b>protocol</b> " + html.escape(runs["protocol"].iloc[0]) + ": "
             + html.escape("; ".join(parts)) + ".</p>")
 

@@ -61,6 +61,7 @@ def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
                 "artifacts": str(tracker.artifact_dir(run.info.artifact_uri) or ""),
                 "code": tags.get(PREFIX + "code", tags.get(PREFIX + "suite_version", "")),
                 "calibration_hash": params.get("calibration.hash", ""),
+                "units": params.get("units", ""),
                 "sweep": tags.get(SWEEP, ""), "identity": tags.get(IDENTITY, ""), "pruning": tags.get(PRUNING, ""),
                 "recovery": tags.get(RECOVERY, ""),
                 "calibration": json.dumps({k.removeprefix("calibration."): _value(v) for k, v in sorted(params.items())
@@ -113,13 +114,13 @@ def stage_view(df: pd.DataFrame, stage: str) -> pd.DataFrame:
 
 
 def distinguish(df: pd.DataFrame) -> pd.DataFrame:
-    """Runs that share a label but not their configuration (hyperparameters, calibration data, code) are different
-    methods, never seeds of one: their `method` becomes `label[key=value,...]`, naming what differs. A grid point
-    recorded twice (the same configuration, sparsity, seed and protocol) counts once, and so does a dense model
+    """Runs that share a label but not their configuration (hyperparameters, calibration specification, code) are
+    different methods, never seeds of one (each seed may draw its own calibration sample): their `method` becomes
+    `label[key=value,...]`, naming what differs. A grid point recorded twice (the same configuration, sparsity, seed and protocol) counts once, and so does a dense model
     measured again under one protocol: the latest run."""
     if df.empty:
         return df
-    config = [c for c in df.columns if c.startswith("hp.")] + ["calibration_hash", "code"]
+    config = [c for c in df.columns if c.startswith("hp.")] + ["calibration", "code"]
     config = [c for c in config if c in df.columns]
     df = df.copy()
     pruned = df["kind"] == "pruned"

@@ -174,8 +174,9 @@ def test_a_run_that_cannot_move_its_gates_reports_a_projection_result():
 def test_dense_start_counts_the_dense_model_as_dense():
     """At a 20% target the first multiplier step must push toward sparsity (lambda1 < 0): with sigmoid(mu z_init)
     = 0.73 the dense start would count as 27% sparse and lambda1 would first push toward density."""
-    cfg = DDPConfig(steps=6, batch_size=4, valid_batches=1)
-    assert cfg.dense_start
+    cfg = DDPConfig(steps=6, batch_size=4, valid_batches=1, preset="budget-safe")
+    assert cfg.dense_start and cfg.wait and cfg.overshoot == "reset"  # the preset's additions
+    assert not DDPConfig().dense_start  # off by default: the paper's sigmoid retention
     _, r = _prune(DDP, cfg, sparsity=0.2)
     assert r.curves["expected_sparsity"][0] == pytest.approx(0.0, abs=1e-6)
     assert r.curves["lambda1"][0] < 0
@@ -231,6 +232,9 @@ def test_polish_refits_the_kept_gates_after_a_trim():
 
 
 def test_hard_concrete_relaxed_count_is_the_expected_l0_rounded_per_group():
-    cfg = HardConcreteConfig(steps=10, batch_size=4, valid_batches=1)
+    # no target warm-up and log alpha from 3 (not Sheared's 20% ramp from 5): ten steps then end with the gates at
+    # their decision, where the rounded count and the parameter-weighted expectation must agree (mid-ramp, the
+    # per-group rounding of half-open gates need not)
+    cfg = HardConcreteConfig(steps=10, batch_size=4, valid_batches=1, log_alpha_init=3.0, target_warmup=0.0)
     _, r = _prune(HardConcrete, cfg)
     assert r.diagnostics["relaxed_sparsity"] == pytest.approx(r.diagnostics["final_expected_sparsity"], abs=0.05)

@@ -4,12 +4,13 @@ and the same seed gives the same masks. A new method joins this matrix by being 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 
 from suite.methods.pruner import get_method, methods
-from suite.model.compact import load_pruned, save_pruned, verified_compact
+from suite.model.compact import load_pruned, save_pruned, stock_widths, verified_compact
 from suite.model.masks import Target
 from suite.model.structures import build_structure
 from suite.testing import quick_config, tiny_calibration, tiny_model
@@ -32,8 +33,11 @@ def test_method_contract(method, family, granularity, tmp_path):
     model, s, result = _run(method, family, granularity, 0.5)
     masks = result.masks
     unit = max(g.unit_params + g.kv_params for g in s.groups)
-    if method == "maskprune":  # one width per kind in every layer: the budget is met to one unit per layer
-        unit *= s.n_layers
+    if method == "maskprune":  # one stock width per kind in every layer: the budget is met to one unit per layer,
+        unit *= s.n_layers  # or to half a step between stock widths taken in every group of a kind
+        for kind, widths in stock_widths(model.config, s).items():
+            step = max(b - a for a, b in itertools.pairwise([0, *widths]))
+            unit = max(unit, step * sum(g.unit_params for g in s.groups if g.kind == kind) // 2)
     assert abs(masks.removed_params(s) - Target(sparsity=0.5).budget(s)) <= unit
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     added = sum(p.numel() for p in model.parameters()) - s.total_params  # only FLAP adds (its biases)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from suite.errors import UnsupportedModel
-from suite.model.structures import build_structure, unit_sum
+from suite.model.structures import build_structure, full_structure, unit_sum
 from suite.testing import tiny_model
 
 
@@ -14,7 +14,7 @@ def _params(module) -> int:
 
 @pytest.mark.parametrize("granularity", ["kv_group", "query_head"])
 def test_prunable_params_are_exactly_the_projection_weights(model, granularity):
-    s = build_structure(model, granularity)
+    s = full_structure(model, granularity)
     expected = 0
     for layer in model.model.layers:
         a = layer.self_attn
@@ -28,8 +28,8 @@ def test_prunable_params_are_exactly_the_projection_weights(model, granularity):
 def test_group_counts_follow_the_config(family):
     m = tiny_model(family)
     cfg = m.config
-    kv = build_structure(m, "kv_group")
-    qh = build_structure(m, "query_head")
+    kv = full_structure(m, "kv_group")
+    qh = full_structure(m, "query_head")
     attn_kv = [g for g in kv.groups if g.kind == "attn"]
     attn_q = [g for g in qh.groups if g.kind == "attn"]
     assert {g.n_units for g in attn_kv} == {cfg.num_key_value_heads}
@@ -45,7 +45,7 @@ def test_group_counts_follow_the_config(family):
 
 
 def test_qwen3_moe_dense_layers_are_mlp_groups():
-    s = build_structure(tiny_model("qwen3_moe"))  # mlp_only_layers=[1]
+    s = full_structure(tiny_model("qwen3_moe"))  # mlp_only_layers=[1]
     assert [g.kind for g in s.layer_groups(1)] == ["attn", "mlp"]
     assert {g.kind for g in s.layer_groups(0)} == {"attn", "expert"}
 
@@ -76,3 +76,26 @@ def test_unit_sum_matches_a_direct_sum_of_each_units_weights():
         assert float(sq[u]) == pytest.approx(float(direct), rel=1e-5)
     assert torch.all(sq > 0)
     torch.set_grad_enabled(True)
+
+
+def test_units_choose_the_prunable_groups_and_default_to_experts_on_moe(family):
+    """A target's unit kinds filter the groups (sparsity is a fraction of theirs); by default a model with experts
+    prunes expert channels only (as the DDP paper does), a dense model attention and MLP channels; a kind the model
+    lacks is refused by name."""
+    from suite.errors import ConfigError
+
+    m = tiny_model(family)
+    full = full_structure(m)
+    kinds = {g.kind for g in full.groups}
+    default = build_structure(m)
+    if "expert" in kinds:
+        assert {g.kind for g in default.groups} == {"expert"} and default.units == ("expert",)
+        both = build_structure(m, units=("attention", "expert"))
+        assert {g.kind for g in both.groups} == {"attn", "expert"}
+        assert both.prunable_params == sum(g.params for g in full.groups if g.kind in ("attn", "expert"))
+    else:
+        assert default.groups == full.groups and default.fingerprint == full.fingerprint
+        with pytest.raises(ConfigError, match="target.units: .* has no expert units"):
+            build_structure(m, units=("expert",))
+    attn = build_structure(m, units=("attention",))
+    assert {g.kind for g in attn.groups} == {"attn"} and attn.fingerprint != full.fingerprint

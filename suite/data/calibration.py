@@ -79,15 +79,22 @@ class CalibrationSpec(BaseModel):
     seq_len: int = Field(256, ge=2, description="tokens per sequence")
     valid_n: int = Field(16, ge=0, description="held-out sequences (tuning objective, mismatch diagnostic)")
     valid_split: str = Field("valid", description="split the held-out sequences come from (never test)")
-    seed: int = Field(0, description="seed of the window sampling")
+    seed: int = Field(0, description="seed of the window sampling; a run with seed s draws with seed + s")
+    fixed_draw: bool = Field(False, description="every run seed uses the same draw (`seed`), so seed-to-seed spread "
+                             "leaves out the variance of the calibration sample; default: each run seed draws its own")
     tasks: tuple[str, ...] = Field((), description="embedded tasks whose train items feed margin objectives (GISP)")
     task_items: int = Field(32, ge=1, description="train items per task for margin objectives")
 
-    def build(self, tokenizer: Any) -> Calibration:
+    def draw_seed(self, run_seed: int = 0) -> int:
+        """The window-sampling seed of a run with seed `run_seed`: its own draw, unless `fixed_draw`."""
+        return self.seed if self.fixed_draw else self.seed + run_seed
+
+    def build(self, tokenizer: Any, run_seed: int = 0) -> Calibration:
+        """The calibration sample of a run with seed `run_seed` (`draw_seed`)."""
         if self.valid_split == "test":
             raise DataError("calibration.valid_split: the test split is reserved for evaluation")
-        cal = calibration(load_source(self.source), tokenizer, self.n, self.seq_len, self.seed, self.split,
-                          self.valid_n, self.valid_split)
+        cal = calibration(load_source(self.source), tokenizer, self.n, self.seq_len, self.draw_seed(run_seed),
+                          self.split, self.valid_n, self.valid_split)
         if not self.tasks:
             return cal
 

@@ -54,6 +54,8 @@ class LayerwiseConfig(MethodConfig):
         "per_layer", description="same parameter fraction removed per group, or one width per kind everywhere")
     batch_size: int = Field(8, ge=1, description="calibration sequences per forward pass")
 
+    budget: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+
 
 class LayerwisePruner(Pruner):
     """Walks the decoder once; `prune_group` chooses (and may refit) one group given its consumer's input stats."""

@@ -62,10 +62,12 @@ class MaskLearningConfig(MethodConfig):
     lambda_lr: float | None = Field(None, gt=0, description="learning rate of the Lagrange multipliers (ascent); "
                                     "default travel / steps")
     overshoot: Literal["none", "reset", "damp"] = Field(
-        "reset", description="when the sparsity gap changes sign, zero the multipliers (reset) or halve them (damp), "
-        "and clear their Adam moments either way; none = plain ascent")
-    polish: float = Field(0.0, ge=0, le=1, description="gates-only phase on the final keep-set after a top-up or "
-                          "trim, as a fraction of steps (0 = off)")
+        "none", description="project addition: when the sparsity gap changes sign, zero the multipliers (reset) or "
+        "halve them (damp), and clear their Adam moments either way; none = plain ascent, as published")
+    polish: float = Field(0.0, ge=0, le=1, description="project addition: gates-only phase on the final keep-set "
+                          "after a top-up or trim, as a fraction of steps (0 = off)")
+    preset: str | None = Field(None, description="a named bundle of project additions (`prunebench methods NAME` "
+                               "lists them); explicit params override its values")
     weighting: Literal["params", "count"] = Field("params", description="weight units by parameters or count")
     target_warmup: float = Field(0.0, ge=0, le=1, description="fraction of steps to ramp the target from 0")
     kd_weight: float = Field(0.0, ge=0, description="weight of KL(dense || gated) next to the LM loss")
@@ -80,6 +82,12 @@ class MaskLearningConfig(MethodConfig):
     autocast: Literal["off", "bfloat16", "float16"] = Field(
         "off", description="run the model's forward under torch.autocast in this dtype (gates, multipliers and the "
         "loss stay fp32)")
+
+    budget: ClassVar[frozenset[str]] = frozenset({
+        "steps", "batch_size", "grad_accum", "valid_batches", "gradient_checkpointing", "autocast"})
+    # the engine's multiplier reset: the one addition that, in the DDP ablation, brought every learner to its budget
+    # at 120 steps; a method adds its own additions to it
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"budget-safe": {"overshoot": "reset"}}
 
     def gate_lr(self) -> float:
         """The gates' learning rate: explicit, or the run's travel spread over its steps."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from suite.data.calibration import Calibration
@@ -33,9 +33,42 @@ ENTRY_POINT_GROUP = "prunebench.methods"
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's hyperparameters: unknown keys are refused, values are type-checked."""
+    """Base of every method's hyperparameters: unknown keys are refused, values are type-checked.
+
+    Defaults are the published method (its paper, or its reference code where the paper is silent; a documented
+    reading where neither says: docs/methods.md has one table per method). A setting that departs from them names
+    itself in the row's label (`departures`), so a table row called by a method's bare name is the published
+    method. Two kinds of setting never do: `budget` settings size the computation (steps, batch, search sizes) and
+    are recorded as hyperparameters like every setting; and a `preset` names a bundle of departures at once."""
 
     model_config = ConfigDict(extra="forbid")
+    # settings that size the computation rather than choose the algorithm: a row does not name them in its label
+    budget: ClassVar[frozenset[str]] = frozenset()
+    # named bundles of departures (`preset: NAME` in params); a config with presets declares a `preset` field
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        """`preset: NAME` sets that preset's values under any the params give explicitly."""
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in cls.presets:
+                raise ValueError(f"preset: unknown preset {name!r}; allowed: {', '.join(cls.presets) or 'none'}")
+            data = cls.presets[name] | data
+        return data
+
+    def departures(self) -> dict[str, Any]:
+        """The settings in which this config departs from the method's published defaults, as a row's label shows
+        them: every non-default setting outside `budget`, with a preset's own values folded into `preset=NAME`."""
+        preset = self.presets.get(getattr(self, "preset", None) or "", {})
+        out = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            reference = preset[name] if name in preset else info.get_default(call_default_factory=True)
+            if name not in self.budget and value != reference:
+                out[name] = value
+        return out
 
 
 class SelectionConfig(MethodConfig):

@@ -39,7 +39,7 @@ from suite.model.modeling_prunebench import (
     ragged_experts,
 )
 from suite.model.modules import expert_weights
-from suite.model.structures import Group, Structure
+from suite.model.structures import Group, Structure, full_structure
 
 # HF's grouped_mm expert kernels need 16-byte aligned strides: a fused width must be a multiple of 8 (bf16);
 # other uniform widths use RaggedExperts, so a stock-loadable MoE checkpoint always runs (round_to: 8 keeps it).
@@ -140,11 +140,15 @@ def _compact_experts(block: nn.Module, groups: list[Group], masks: Masks) -> dic
 def compact(model: nn.Module, structure: Structure, masks: Masks) -> dict[str, Any]:
     """Fold scales and slice every pruned unit out of `model`, in place; returns the per-layer layout."""
     masks.check(structure)
+    # the unit kinds a target left alone keep every unit, and still describe their layer's shape
+    full = full_structure(model, structure.granularity)
+    masks = Masks({g.name: masks.keep.get(g.name, torch.ones(g.n_units, dtype=torch.bool)) for g in full.groups},
+                  masks.scale, full.fingerprint)
     was_trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     family = family_of(model)
     layout: list[dict[str, Any]] = []
     for i, layer in enumerate(family.layers(model)):
-        groups = structure.layer_groups(i)
+        groups = full.layer_groups(i)
         spec: dict[str, Any] = {}
         for g in groups:
             if g.kind == "attn":

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from suite.errors import ConfigError, MaskMismatch, TargetUnreachable
-from suite.model.structures import Group, Structure
+from suite.model.structures import UNIT_KINDS, Group, Structure, UnitKind
 
 SelectionMode = Literal["global", "per_layer", "uniform"]
 Normalize = Literal["per_param", "raw"]
@@ -52,6 +52,21 @@ class Target(BaseModel):
     skip_layers: tuple[int, ...] = Field((), description="decoder layers that are never pruned")
     min_keep: int = Field(1, ge=1, description="minimum kept units in every group")
     round_to: int = Field(1, ge=1, description="kept MLP/expert widths are a multiple of this (or the full width)")
+    units: tuple[UnitKind, ...] | None = Field(
+        None, description="unit kinds that may be pruned, the same for every method (attention, mlp, expert); "
+        "sparsity is a fraction of their parameters. Default: attention + mlp on a dense model, expert channels only "
+        "on an MoE model (as the DDP paper prunes them)")
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(f"an empty list: name at least one unit kind ({', '.join(UNIT_KINDS)})")
+        if len(set(value)) < len(value):
+            raise ValueError(f"repeated unit kinds {list(value)}")
+        return tuple(k for k in UNIT_KINDS if k in value)  # one spelling per set, so one identity
 
     @classmethod
     def parse(cls, **values: Any) -> Target:

@@ -12,8 +12,8 @@ shared by several units and is freed only when all of them go, which `Group.remo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -26,6 +26,9 @@ from suite.model.modules import RepeatedHeadsLinear, expert_weights, expert_widt
 
 Granularity = Literal["kv_group", "query_head"]
 GRANULARITIES: tuple[str, ...] = ("kv_group", "query_head")
+UnitKind = Literal["attention", "mlp", "expert"]
+UNIT_KINDS: tuple[str, ...] = ("attention", "mlp", "expert")
+KIND_OF_UNIT = {"attention": "attn", "mlp": "mlp", "expert": "expert"}  # a target's unit kind -> Group.kind
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Structure:
     n_layers: int
     groups: tuple[Group, ...]
     total_params: int
+    units: tuple[str, ...] = UNIT_KINDS  # the unit kinds whose groups are listed (the target's `units`)
 
     @property
     def prunable_params(self) -> int:
@@ -141,8 +145,34 @@ def check_granularity(granularity: str) -> str:
     return granularity
 
 
-def build_structure(model: nn.Module, granularity: str = "kv_group") -> Structure:
-    """Read the prunable units of `model`; refuse unknown families with the list of supported ones."""
+def default_units(kinds: Iterable[str]) -> tuple[str, ...]:
+    """The unit kinds pruned when a target names none: expert channels only on a model with experts (as the DDP
+    paper prunes MoE models), attention and MLP channels otherwise."""
+    return ("expert",) if "expert" in set(kinds) else ("attention", "mlp")
+
+
+def build_structure(model: nn.Module, granularity: str = "kv_group", units: Iterable[str] | None = None) -> Structure:
+    """Read the prunable units of `model`, keeping the groups of the unit kinds in `units` (None: the model's
+    default, `default_units`); refuse unknown families with the list of supported ones, and a unit kind the model
+    does not have with the ones it has."""
+    full = full_structure(model, granularity)
+    present = unit_kinds(full)
+    chosen = default_units(present) if units is None else tuple(k for k in UNIT_KINDS if k in set(units))
+    missing = [k for k in chosen if k not in present]
+    if missing:
+        raise ConfigError(f"target.units: this {full.family} model has no {' or '.join(missing)} units "
+                          f"(it has {', '.join(present)})")
+    kinds = {KIND_OF_UNIT[k] for k in chosen}
+    return replace(full, groups=tuple(g for g in full.groups if g.kind in kinds), units=chosen)
+
+
+def unit_kinds(structure: Structure) -> tuple[str, ...]:
+    """The unit kinds (attention, mlp, expert) that `structure` has groups of."""
+    return tuple(k for k in UNIT_KINDS if any(g.kind == KIND_OF_UNIT[k] for g in structure.groups))
+
+
+def full_structure(model: nn.Module, granularity: str = "kv_group") -> Structure:
+    """Every unit group of `model`, whatever a target would prune (what `inspect` shows)."""
     check_granularity(granularity)
     family = family_of(model)
     groups: list[Group] = []

@@ -143,7 +143,16 @@ class MethodEntry(Strict):
 
     @property
     def key(self) -> str:
-        return self.label or self.name
+        """The row's name in every table, plot, CSV and leaderboard: the label (default: the method name), followed
+        by what departs from the published method (`ddp[preset=budget-safe]`, `hard_concrete[overshoot=reset]`)
+        where a params grid's label does not already name it."""
+        base = self.label or self.name
+        config = get_method(self.name).Config.model_validate(self.params)
+        extra = {k: v for k, v in config.departures().items() if k not in self.sweep}
+        if not extra:
+            return base
+        shown = ",".join(f"{k}={_shown(v)}" for k, v in sorted(extra.items()))
+        return f"{base[:-1]},{shown}]" if self.sweep and base.endswith("]") else f"{base}[{shown}]"
 
 
 GRID = "grid"

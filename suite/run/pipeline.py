@@ -77,7 +77,7 @@ def prune_model(
         else:
             place(model, device)
     torch.manual_seed(seed)
-    structure = build_structure(model, granularity)
+    structure = build_structure(model, granularity, target.units)
     before = weights_digest(model)
     start = time.perf_counter()
     result = pruner.prune(model, structure, calibration, target, seed=seed)
@@ -109,8 +109,10 @@ def stamp(masks: Masks, method: str, seed: int, target: dict[str, Any], **extra:
 
 def apply_masks(model: nn.Module, masks: Masks, granularity: Granularity, seed: int = 0) -> dict[str, Any]:
     """Compact a freshly loaded dense `model` to known masks (a nested subset, or a re-evaluated pruning) and
-    measure it, with the same compact == gated check as a fresh prune."""
-    return compact_and_measure(model, build_structure(model, granularity), masks, seed)
+    measure it, with the same compact == gated check as a fresh prune (over the unit kinds the masks' target
+    pruned)."""
+    units = masks.meta.get("target", {}).get("units")
+    return compact_and_measure(model, build_structure(model, granularity, units), masks, seed)
 
 
 def compact_and_measure(model: nn.Module, structure: Structure, masks: Masks, seed: int = 0) -> dict[str, Any]:
@@ -140,6 +142,7 @@ def compact_and_measure(model: nn.Module, structure: Structure, masks: Masks, se
         "compact_vs_gated_max_abs_diff": diff,
         "structure_fingerprint": structure.fingerprint,
         "family": structure.family,
+        "units": ",".join(structure.units),
     }
 
 

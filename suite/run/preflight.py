@@ -38,6 +38,7 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
                                                                          for p in exp.evaluation.ppl}
             try:
                 check_positions(SimpleNamespace(**config), lengths)
+                check_units(config, exp.target.units)
             except ConfigError as err:
                 raise ConfigError(f"{spec}: {err}") from None
         elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
@@ -58,3 +59,15 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
         except ConfigError as err:
             raise ConfigError(f"methods.{spec.label}: {err}") from None
     return specs
+
+
+def check_units(config: dict, units: tuple[str, ...] | None) -> None:
+    """Refuse a target's unit kind that the model (read from its config.json) does not have, as `build_structure`
+    would once the model is loaded: expert channels need experts, MLP channels need a dense MLP layer."""
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    dense_layers = not experts or bool(config.get("mlp_only_layers")) or (config.get("decoder_sparse_step") or 1) > 1
+    present = ("attention",) + (("mlp",) if dense_layers else ()) + (("expert",) if experts else ())
+    missing = [k for k in units or () if k not in present]
+    if missing:
+        raise ConfigError(f"target.units: this {config.get('model_type')} model has no {' or '.join(missing)} "
+                          f"units (it has {', '.join(present)})")

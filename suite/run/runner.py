@@ -73,7 +73,7 @@ class Runner:
         self.tracker = Tracker(workdir, exp.tracking.experiment or exp.name, exp.tracking.uri)
         self.protocol = exp.evaluation
         self.claims: Claims | None = None  # while a sweep (or a Ray task) runs
-        self._calibration: dict[str, Calibration] = {}
+        self._calibration: dict[tuple[str, int], Calibration] = {}
         self._recovery_windows: dict[str, Any] = {}
         self._dense_reference: tuple[str | None, Any] = (None, None)
 
@@ -230,11 +230,13 @@ class Runner:
 
     # -- one grid point
 
-    def _calibration_for(self, model: str, tokenizer: Any) -> Calibration:
-        """One calibration set per model, identical (same hash) for every method."""
-        if model not in self._calibration:
-            self._calibration[model] = self.exp.calibration.build(tokenizer)
-        return self._calibration[model]
+    def _calibration_for(self, model: str, tokenizer: Any, seed: int) -> Calibration:
+        """One calibration sample per model and run seed, identical (same hash) for every method: each seed draws
+        its own unless `calibration.fixed_draw`."""
+        key = (model, self.exp.calibration.draw_seed(seed))
+        if key not in self._calibration:
+            self._calibration[key] = self.exp.calibration.build(tokenizer, seed)
+        return self._calibration[key]
 
     def _execute(self, spec: RunSpec, identity: str, point: Point, fence: Callable[[], None]) -> Any:
         """Prune (or reuse an earlier pruning), evaluate and record one grid point; `fence` raises ClaimLost once
@@ -254,7 +256,7 @@ class Runner:
                 model, tokenizer = load_model(spec.model, spec.dtype)  # prune_model places it
                 method = get_method(spec.method)
                 pruner = method(method.Config(**spec.hyperparameters))
-                calibration = self._calibration_for(spec.model, tokenizer)  # data-free methods ignore it
+                calibration = self._calibration_for(spec.model, tokenizer, spec.seed)  # data-free methods ignore it
                 outcome = prune_model(model, pruner, Target(**spec.target), seed=spec.seed,
                                       granularity=spec.granularity, calibration=calibration, device=self.exp.device)
             self._record(run_id, spec, model, tokenizer, outcome, point, fence)
@@ -343,6 +345,7 @@ class Runner:
                                 hyperparameters=spec.hyperparameters, target=spec.target,
                                 calibration=spec.calibration, recovery=spec.recovery)
             params["calibration.hash"] = outcome.metrics["calibration_hash"]
+            params["units"] = outcome.metrics["units"]  # the target's unit kinds, resolved for this model
             tags = protocol_tags(result.evaluation["protocol"]) | {PREFIX + "device": self.exp.device}
             if spec.sweep:
                 tags[SWEEP] = json.dumps(spec.sweep)

@@ -129,7 +129,7 @@ class _Study:
         """The calibration set (the same for every trial: the same content hash in every process)."""
         from suite.model.load import load_tokenizer
 
-        self.calibration = self.exp.calibration.build(load_tokenizer(self.model))
+        self.calibration = self.exp.calibration.build(load_tokenizer(self.model), self.exp.tuning.seed)
         return self
 
 
