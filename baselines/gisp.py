@@ -56,7 +56,8 @@ class GispConfig(MethodConfig):
             raise ValueError("nested sparsities must lie in (0, 1)")
         return sorted(set(values))
 
-    budget: ClassVar[frozenset[str]] = frozenset({"iterations", "batch_size"})
+    # `nested` only chooses which masks met on the way are kept as rows of their own: the run's masks are the same
+    budget: ClassVar[frozenset[str]] = frozenset({"iterations", "batch_size", "nested"})
 
 
 def schedule(kind: str, target: float, iterations: int) -> list[float]:

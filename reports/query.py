@@ -116,8 +116,8 @@ def stage_view(df: pd.DataFrame, stage: str) -> pd.DataFrame:
 def distinguish(df: pd.DataFrame) -> pd.DataFrame:
     """Runs that share a label but not their configuration (hyperparameters, calibration specification, code) are
     different methods, never seeds of one (each seed may draw its own calibration sample): their `method` becomes
-    `label[key=value,...]`, naming what differs. A grid point recorded twice (the same configuration, sparsity, seed and protocol) counts once, and so does a dense model
-    measured again under one protocol: the latest run."""
+    `label[key=value,...]`, naming what differs. A grid point recorded twice (the same configuration, sparsity, seed
+    and protocol) counts once, and so does a dense model measured again under one protocol: the latest run."""
     if df.empty:
         return df
     config = [c for c in df.columns if c.startswith("hp.")] + ["calibration", "code"]

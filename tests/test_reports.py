@@ -10,11 +10,14 @@ import yaml
 
 from prunebench.cli import main
 from reports import heatmaps, leaderboard, tables
-from reports.build import build_report
+from reports.build import build_report, slug
 from reports.query import load_results
 from suite.errors import ConfigError
 from suite.run.tracking import Tracker
 from suite.testing import tiny_text_model
+
+# the frozen-gate ddp row is a departure from DDP's defaults, and its label says so
+DDP = "ddp[lambda_lr=0.0001,lr=0.0001]"
 
 
 def _experiment(root, model, name, ppl="embedded:test@128/32", **extra):
@@ -67,20 +70,20 @@ def test_report_has_every_part(report, store):
     assert "**" in md and "±" in md  # best in bold, 95% CI over the two seeds
     csv = pd.read_csv(report / "tables" / f"{model}.csv")
     df = load_results(store / "runs", ["unit"])
-    ddp = df[(df["method"] == "ddp") & (df["sparsity"] == 0.5)]
-    row = csv[(csv["method"] == "ddp") & (csv["sparsity"] == 0.5)].iloc[0]
+    ddp = df[(df["method"] == DDP) & (df["sparsity"] == 0.5)]
+    row = csv[(csv["method"] == DDP) & (csv["sparsity"] == 0.5)].iloc[0]
     assert row["mean_acc"] == pytest.approx(ddp["mean_acc"].mean())
     assert row["mean_acc.n"] == 2
     for stem in ("pareto", "cost", "curves"):
         assert (report / "figures" / f"{model}_{stem}.png").is_file()
         assert (report / "figures" / f"{model}_{stem}.pdf").is_file()
     heat = report / "heatmaps" / model
-    for method in ("random", "ddp"):
-        assert (heat / f"{method}_sp0.5_seed1.png").is_file()
+    for method in ("random", DDP):
+        assert (heat / f"{slug(method)}_sp0.5_seed1.png").is_file()
     assert (heat / "profiles_sp0.3_seed0.png").is_file() and (heat / "jaccard_sp0.3_seed0.png").is_file()
     board = pd.read_csv(report / "tables" / "leaderboard.csv")
     # two seeds per cell: t-intervals wide enough to overlap, so both share the band 1–2
-    assert sorted(board["method"]) == ["ddp", "random"] and list(board["rank"]) == ["1–2", "1–2"]
+    assert sorted(board["method"]) == [DDP, "random"] and list(board["rank"]) == ["1–2", "1–2"]
     assert list(board["cells"]) == ["2/2", "2/2"] and list(board["runs"]) == [4, 4]
     summary = pd.read_csv(report / "tables" / "summary.csv")
     assert list(summary["sparsity"]) == [0.3, 0.5] and set(summary["n"]) == {2}
@@ -106,20 +109,20 @@ def _tabular_rows(tex):
 
 def test_a_run_that_missed_its_budget_is_marked_in_the_table_and_the_leaderboard(report, store):
     df = load_results(store / "runs", ["unit"])
-    ddp = df[df["method"] == "ddp"]
+    ddp = df[df["method"] == DDP]
     assert (ddp["diag_relaxed_sparsity"] == 0.0).all() and (ddp["diag_projection_share"] > 0.9).all()
     name = next(p.stem for p in (report / "tables").glob("*.md") if p.stem not in ("leaderboard", "summary"))
     table = (report / "tables" / f"{name}.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ddp")]
-    assert len(rows) == 2 and all(r.startswith("| ddp † |") for r in rows)
+    assert len(rows) == 2 and all(r.startswith(f"| {DDP} † |") for r in rows)
     assert not any(line.startswith("| random †") for line in table.splitlines())
     assert tables.MISS_NOTE in table and "relaxed sp." in table
     board = (report / "tables" / "leaderboard.md").read_text()
     assert tables.MISS_NOTE in board
     rank = pd.read_csv(report / "tables" / "leaderboard.csv").set_index("method")
-    assert rank.loc["ddp", "missed_budget"] == 4 and rank.loc["random", "missed_budget"] == 0
+    assert rank.loc[DDP, "missed_budget"] == 4 and rank.loc["random", "missed_budget"] == 0
     missed = pd.read_csv(report / "tables" / "missed_budget.csv")
-    assert set(missed["method"]) == {"ddp"} and len(missed) == 4
+    assert set(missed["method"]) == {DDP} and len(missed) == 4
     assert "runs whose relaxation missed its budget" in (report / "index.html").read_text()
     assert r"\dag{}" in (report / "tables" / f"{name}.tex").read_text()
 
@@ -348,9 +351,10 @@ def test_wilcoxon_is_scipys_exact_null_with_ties_and_zeros_and_its_approximation
 
 
 def test_one_label_with_two_configurations_is_two_rows_and_a_non_finite_metric_is_flagged(tmp_path):
-    """The review's case: one label run with `selection=global`, then `per_layer`, one seed: two methods named by what
-    differs, never one cell averaged over both. A point recorded twice counts once. An infinite perplexity is shown
-    as inf (MLflow alone would clamp it to its largest float) and its row is marked ‡."""
+    """The review's case: one method run with `selection=global`, then `per_layer`, one seed: two methods named by
+    what differs (the departure from the default names itself), never one cell averaged over both. A point recorded
+    twice counts once. An infinite perplexity is shown as inf (MLflow alone would clamp it to its largest float) and
+    its row is marked ‡."""
     model = tiny_text_model(tmp_path / "tiny")
     cfg = {"name": "mix", "models": [str(model)], "methods": [{"name": "magnitude", "params": {"selection": "global"}}],
            "sparsities": [0.3], "calibration": {"n": 4, "seq_len": 32, "valid_n": 0},
@@ -362,7 +366,7 @@ def test_one_label_with_two_configurations_is_two_rows_and_a_non_finite_metric_i
     assert main(["run", str(path), "--workdir", str(workdir), "--set", "methods.0.params.selection=per_layer"]) == 0
     df = load_results(workdir, ["mix"])
     pruned = df[df["kind"] == "pruned"]
-    assert sorted(pruned["method"]) == ["magnitude[selection=global]", "magnitude[selection=per_layer]"]
+    assert sorted(pruned["method"]) == ["magnitude", "magnitude[selection=global]"]
     assert list(pruned["hp.selection"].sort_values()) == ["global", "per_layer"]
 
     t = Tracker(workdir, "mix")

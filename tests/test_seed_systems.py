@@ -48,7 +48,7 @@ def test_stock_widths_follow_the_family_validators():
     llama = tiny_model("llama")  # hidden 64, 8 heads: Llama's config wants hidden % heads == 0
     assert stock_widths(llama.config, build_structure(llama))["attn"] == [1, 2, 4, 8]
     moe = tiny_model("qwen3_moe")  # experts of 24 channels: fused widths in multiples of 8
-    widths = stock_widths(moe.config, build_structure(moe))
+    widths = stock_widths(moe.config, build_structure(moe, units=("attention", "expert")))
     assert widths["expert"] == [8, 16, 24] and widths["attn"] == [1, 2, 3, 4]
 
 

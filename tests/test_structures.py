@@ -95,7 +95,7 @@ def test_units_choose_the_prunable_groups_and_default_to_experts_on_moe(family):
         assert both.prunable_params == sum(g.params for g in full.groups if g.kind in ("attn", "expert"))
     else:
         assert default.groups == full.groups and default.fingerprint == full.fingerprint
-        with pytest.raises(ConfigError, match="target.units: .* has no expert units"):
+        with pytest.raises(ConfigError, match=r"target\.units: .* has no expert units"):
             build_structure(m, units=("expert",))
     attn = build_structure(m, units=("attention",))
     assert {g.kind for g in attn.groups} == {"attn"} and attn.fingerprint != full.fingerprint

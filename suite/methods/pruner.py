@@ -42,7 +42,8 @@ class MethodConfig(BaseModel):
     are recorded as hyperparameters like every setting; and a `preset` names a bundle of departures at once."""
 
     model_config = ConfigDict(extra="forbid")
-    # settings that size the computation rather than choose the algorithm: a row does not name them in its label
+    # settings that size the computation (or keep extra outputs) rather than choose the algorithm: a row does not name
+    # them in its label
     budget: ClassVar[frozenset[str]] = frozenset()
     # named bundles of departures (`preset: NAME` in params); a config with presets declares a `preset` field
     presets: ClassVar[dict[str, dict[str, Any]]] = {}

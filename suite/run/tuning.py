@@ -192,8 +192,8 @@ def _trial(trial: Any, study: _Study, tracker: Tracker) -> float:
     except Exception:
         tracker.finish(run_id, "FAILED")
         raise
-    tracker.log(run_id, metrics={"valid_loss": value} | ({"diag_relaxed_sparsity": relaxed}
-                                                         if relaxed is not None else {}))
+    tracker.log(run_id, params={"units": outcome.metrics["units"]},  # as a grid run records them
+                metrics={"valid_loss": value} | ({"diag_relaxed_sparsity": relaxed} if relaxed is not None else {}))
     tracker.finish(run_id)
     return value
 
