@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also save the table (JSON) here (a new file, or an earlier bench output)")
     p.add_argument("--models", help="comma-separated models for model-comparing benches")
     p.add_argument("--jobs", type=int, default=1, help="single-threaded processes for the independent cells of "
-                   "ddp-vs-hc and ddp-ablation (default 1: one process)")
+                   "ddp-ablation (default 1: one process)")
     _add_device_args(p, dtype=False)
     p.add_argument("--dtype", help="weights' dtype of the benches that take one (scale, depth: default bfloat16)")
     p.set_defaults(func=cmd_bench)

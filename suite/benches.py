@@ -147,64 +147,7 @@ def run_cells(cells: Sequence[tuple], jobs: int) -> list[dict[str, Any]]:
         return list(pool.map(_cell, *zip(*cells, strict=True)))
 
 
-def _aggregate(rows: list[dict[str, Any]], keys: Sequence[str], dense: dict[str, dict[str, float]]) -> list[dict]:
-    """Mean and 95% CI over seeds of each group of rows sharing `keys`."""
-    from suite.stats import ci95
-
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    out = []
-    for key, runs in groups.items():
-        agg: dict[str, Any] = dict(zip(keys, key, strict=True)) | {"seeds": [r["seed"] for r in runs]}
-        for metric in ("test_ppl", "mean_acc", "mismatch", "convergence_step", "relaxed_sparsity",
-                       "projection_share", "effective_sparsity", "wall_seconds"):
-            values = [float(r[metric]) for r in runs if r.get(metric) is not None]
-            agg[metric] = sum(values) / len(values) if values else None
-            agg[f"{metric}_ci95"] = ci95(values)
-        agg["relaxed_miss_max"] = max(abs(r["relaxed_sparsity"] - r["sparsity"]) for r in runs)
-        agg |= retained({"mean_acc": agg["mean_acc"]}, dense[agg["model"]])
-        out.append(agg)
-    return out
-
-
-def _pm(mean: float | None, ci: float | None, fmt: str) -> str:
-    if mean is None:
-        return "-"
-    return format(mean, fmt) + ("" if ci is None or ci != ci else " ± " + format(ci, fmt))
-
-
 BENCH_CALIBRATION = (64, 128, 8)  # the quickstart's: embedded train, 64 x 128 tokens, 8 held out
-
-
-@bench("ddp-vs-hc")
-def ddp_vs_hc(models: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
-    """DDP vs hard-concrete on identical footing (model, calibration, steps, Lagrangian, seeds) at the quickstart's
-    budget (120 steps) and at 300, seeds 0-2, 20% and 50%: test perplexity and mean embedded-task accuracy (full test
-    split, all items), train-test mismatch, convergence step, the sparsity the relaxation reached before the final
-    projection and the share of the budget the projection decided; mean and 95% t-interval over the seeds."""
-    from suite.evaluation.evaluate import EvalSpec
-
-    spec = EvalSpec()
-    dense = {m: dense_reference(m, spec, BENCH_CALIBRATION[2], *BENCH_CALIBRATION[:2])[1]
-             for m in models or ("zoo:tiny-llama", "zoo:tiny-qwen3")}
-    cells = [(m, method, {"steps": steps, "batch_size": 8}, sparsity, seed, BENCH_CALIBRATION, spec)
-             for m in dense for sparsity in (0.2, 0.5) for steps in (120, 300) for seed in (0, 1, 2)
-             for method in ("ddp", "hard_concrete")]
-    rows = run_cells(cells, jobs)
-    for r in rows:
-        r["steps"] = r["overrides"]["steps"]
-    table = _aggregate(rows, ("model", "sparsity", "steps", "method"), dense)
-    print(f"{'model':<11} {'sp':>4} {'steps':>5} {'method':<14} {'test ppl':>15} {'mean acc':>16} {'kept':>6} "
-          f"{'mismatch':>8} {'conv.':>5} {'relaxed sp':>10} {'proj.':>5} {'sec':>5}")
-    for a in table:
-        ppl, acc = _pm(a["test_ppl"], a["test_ppl_ci95"], ".2f"), _pm(a["mean_acc"], a["mean_acc_ci95"], ".4f")
-        print(f"{a['model'].removeprefix('zoo:'):<11} {a['sparsity']:>4} {a['steps']:>5} {a['method']:<14} "
-              f"{ppl:>15} {acc:>16} "
-              f"{a['retained.mean_acc']:>5.1f}% {a['mismatch']:>8.4f} {a['convergence_step']:>5.0f} "
-              f"{a['relaxed_sparsity']:>10.4f} {a['projection_share']:>5.3f} {a['wall_seconds']:>5.0f}")
-    return {"calibration": "embedded train 64 x 128 (+8 held out), seed 0", "eval": "embedded test ppl@256, all "
-            "items of 3 tasks", "batch_size": 8, "dense": dense, "table": table, "rows": rows}
 
 
 # each DDP change alone on the budget-invariant base, then all together; "fixed lr" is the old 0.05 default

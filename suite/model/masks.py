@@ -14,10 +14,10 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -42,6 +42,15 @@ def pydantic_message(err: ValidationError) -> str:
     return f"{loc}: {msg}"
 
 
+def _unit_set(value: tuple[str, ...]) -> tuple[str, ...]:
+    """A target's unit kinds: at least one, none twice, in one canonical order (so one set has one identity)."""
+    if not value:
+        raise ValueError(f"an empty list: name at least one unit kind ({', '.join(UNIT_KINDS)})")
+    if len(set(value)) < len(value):
+        raise ValueError(f"repeated unit kinds {list(value)}")
+    return tuple(k for k in UNIT_KINDS if k in value)
+
+
 class Target(BaseModel):
     """What a pruner must reach: parameter sparsity over prunable params, plus constraints shared by all methods."""
 
@@ -52,21 +61,10 @@ class Target(BaseModel):
     skip_layers: tuple[int, ...] = Field((), description="decoder layers that are never pruned")
     min_keep: int = Field(1, ge=1, description="minimum kept units in every group")
     round_to: int = Field(1, ge=1, description="kept MLP/expert widths are a multiple of this (or the full width)")
-    units: tuple[UnitKind, ...] | None = Field(
+    units: Annotated[tuple[UnitKind, ...], AfterValidator(_unit_set)] | None = Field(
         None, description="unit kinds that may be pruned, the same for every method (attention, mlp, expert); "
         "sparsity is a fraction of their parameters. Default: attention + mlp on a dense model, expert channels only "
         "on an MoE model (as the DDP paper prunes them)")
-
-    @field_validator("units")
-    @classmethod
-    def _units(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError(f"an empty list: name at least one unit kind ({', '.join(UNIT_KINDS)})")
-        if len(set(value)) < len(value):
-            raise ValueError(f"repeated unit kinds {list(value)}")
-        return tuple(k for k in UNIT_KINDS if k in value)  # one spelling per set, so one identity
 
     @classmethod
     def parse(cls, **values: Any) -> Target:
