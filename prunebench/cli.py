@@ -323,7 +323,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from suite.run.preflight import preflight
 
     exp = load_experiment(args.config, _settings(args))
-    specs = preflight(exp, Path(args.workdir))
+    specs = preflight(exp, Path(args.workdir), confirmed=True)
+    if len(specs) > exp.max_runs:
+        print(f"warning: {len(specs)} runs is more than max_runs {exp.max_runs}: `run` will ask for --yes",
+              file=sys.stderr)
     print(f"{args.config}: ok ({exp.name}: {len(exp.models)} models x {len(exp.methods)} methods x "
           f"{len(exp.sparsities)} sparsities x {len(exp.seeds)} seeds = {len(specs)} runs)")
     if exp.recovery is not None:
@@ -347,7 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.config, _settings(args))
     quiet_transformers()
-    rows = Runner(exp, Path(args.workdir), fail_fast=args.fail_fast, writers=[run_heatmap]).run()
+    rows = Runner(exp, Path(args.workdir), fail_fast=args.fail_fast, writers=[run_heatmap], confirmed=args.yes).run()
     print(results_table(rows))
     failed = sum(r["status"] != "FINISHED" for r in rows)
     if failed:
@@ -383,14 +386,23 @@ def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow server runs in its own process group, and SIGTERM or Ctrl-C here stops all of it: a stopped `ui`
     never leaves a server behind holding the port."""
     import signal
+    import socket
     import subprocess
 
     from suite.run.tracking import store_uri
 
+    if not 1 <= args.port <= 65535:
+        raise PruneBenchError(f"--port {args.port} is outside 1..65535")
     uri = store_uri(Path(args.workdir), args.tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.split("///", 1)[1]).is_file():
         raise PruneBenchError(f"no tracking store at {uri.split('///', 1)[1]}; run an experiment first, or name a "
                               "store with --tracking-uri")
+    with socket.socket() as probe:  # a taken port is one line here, not a server traceback later
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as err:
+            raise PruneBenchError(f"--port {args.port} on 127.0.0.1 is not free ({err.strerror}); choose "
+                                  "another") from None
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]
     server = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
@@ -553,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "`dtype` key (--set dtype=bfloat16)")
         if verb == "run":
             p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+            p.add_argument("--yes", action="store_true", help="run a grid larger than the experiment's max_runs")
         p.set_defaults(func=func)
 
     p = sub.add_parser("report", help="tables, heatmaps, plots and a leaderboard from the tracking store")

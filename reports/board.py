@@ -38,7 +38,7 @@ from reports.build import (
     recovery_words,
     stage_note,
 )
-from reports.query import LOCAL, STAGES, load_results, stage_view
+from reports.query import LOCAL, STAGES, export, load_results, stage_view
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
 from suite.run.record import flatten
@@ -191,8 +191,8 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
                "stores": [s.name for s in stores],
                "runs": int((df["kind"] == "pruned").sum()), "duplicates_counted_once": duplicates, "boards": records}
     with output_dir(out, "leaderboard") as tmp:
-        pd.concat(rankings).to_csv(tmp / "leaderboard.csv", index=False)
-        pd.concat(cell_rows).to_csv(tmp / "cells.csv", index=False)
+        export(pd.concat(rankings), tmp / "leaderboard.csv")
+        export(pd.concat(cell_rows), tmp / "cells.csv")
         (tmp / "leaderboard.json").write_text(json.dumps(summary, indent=1, default=str))
         head = (f"{summary['runs']} pruned runs of {html.escape(', '.join(experiments))} from "
                 f"{html.escape(', '.join(s.name for s in stores))}; {duplicates} found twice, counted once; "

@@ -147,14 +147,25 @@ def _value(text: str) -> Any:
         return text
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def neutralise(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (`=HYPERLINK(...)`, a label or path starting with
+    + - @), behind a leading quote, the usual rule (OWASP, CSV injection); numbers and other text as they are."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
 def export(df: pd.DataFrame, path: Path) -> Path:
-    """CSV or parquet by suffix (without the machine-local columns)."""
+    """CSV or parquet by suffix (without the machine-local columns). CSV text cells are neutralised against formula
+    injection (user-controlled labels, model paths and errors reach them); parquet keeps the data as it is."""
     df = df.drop(columns=[c for c in LOCAL if c in df.columns])
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         df.to_parquet(path, index=False)
     elif path.suffix == ".csv":
-        df.to_csv(path, index=False)
+        text = df.select_dtypes(include=["object", "string"]).columns
+        df.assign(**{c: df[c].map(neutralise) for c in text}).to_csv(path, index=False)
     else:
         raise ConfigError(f"cannot export to {path.name}: use .csv or .parquet")
     return path

@@ -150,11 +150,20 @@ def cells(summary: Summary) -> tuple[list[str], list[list[str]], set[tuple[int, 
     return header, body, summary.best()
 
 
+def md_cell(value: object) -> str:
+    """Text safe in one Markdown table cell: a `|` cannot end the cell, HTML in a label or path is shown, not
+    rendered, and a line break cannot end the row."""
+    text = " ".join(str(value).splitlines())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def markdown(summary: Summary) -> str:
     header, body, bold = cells(summary)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    lines = ["| " + " | ".join(map(md_cell, header)) + " |",
+             "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for i, row in enumerate(body):
-        out = row[:2] + [f"**{v}**" if (i, c) in bold else v for c, v in zip(summary.columns, row[2:], strict=True)]
+        out = [md_cell(v) for v in row[:2]] + [f"**{md_cell(v)}**" if (i, c) in bold else md_cell(v)
+                                               for c, v in zip(summary.columns, row[2:], strict=True)]
         lines.append("| " + " | ".join(out) + " |")
     for note in summary.notes():
         lines += ["", note]
@@ -215,8 +224,8 @@ def csv_frame(summary: Summary) -> pd.DataFrame:
 def frame_markdown(df: pd.DataFrame) -> str:
     """Any small frame as a Markdown table (floats to 4 significant digits)."""
     def fmt(v: object) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        return f"{v:.4g}" if isinstance(v, float) else md_cell(v)
 
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "|".join(["---"] * len(df.columns)) + "|"]
+    lines = ["| " + " | ".join(map(md_cell, df.columns)) + " |", "|" + "|".join(["---"] * len(df.columns)) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"

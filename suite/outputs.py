@@ -26,6 +26,20 @@ WORKDIR_SIGNS = ("mlflow.db", ".tracking.lock", "claims", "mlartifacts", "mlruns
 _SQLITE = b"SQLite format 3\x00"
 
 
+def check_workdir(workdir: Path) -> None:
+    """A workdir must be a folder or become one: refuse, with one line, a path that is a file, lies under a file,
+    or whose nearest existing folder cannot be written (before anything is created)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} is a file, not a folder; name a folder with --workdir")
+    existing = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ConfigError(f"workdir {workdir} lies under {existing}, which is a file; name a folder with --workdir")
+    if existing != workdir and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {workdir} cannot be created: {existing} is not writable")
+
+
 def _store_inside(folder: Path) -> Path | None:
     """The first workdir sign or sqlite database at or below `folder`, if any."""
     for root, dirs, files in os.walk(folder):

@@ -354,3 +354,80 @@ def test_a_malformed_claim_setting_is_one_line_before_the_store(store, name, tmp
         assert main([command, str(path), "--workdir", str(root / "w")]) == 2
         _one_error_line(capsys, name)
     assert _snapshot(root / "w") == before
+
+
+def test_workdirs_that_cannot_be_folders_and_bad_ports_are_one_line(store, tmp_path, capsys):
+    """F3 and F4: a workdir that is a file or lies under one, and a UI port out of range or taken, are refused with
+    one line and exit 2 (no traceback, nothing created)."""
+    import socket
+
+    root, model = store
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_config(model)))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for command in ("validate", "run", "tune"):
+        for workdir, words in ((afile, "is a file"), (afile / "sub", "lies under")):
+            capsys.readouterr()
+            assert main([command, str(path), "--workdir", str(workdir)]) == 2
+            _one_error_line(capsys, words)
+    assert afile.read_text() == "not a folder"
+    capsys.readouterr()
+    assert main(["ui", "--workdir", str(root / "w"), "--port", "99999"]) == 2
+    _one_error_line(capsys, "outside 1..65535")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["ui", "--workdir", str(root / "w"), "--port", str(taken.getsockname()[1])]) == 2
+        _one_error_line(capsys, "is not free")
+
+
+def test_a_grid_above_max_runs_needs_yes(store, tmp_path, capsys):
+    """F5: a grid larger than `max_runs` is refused by run (before the store changes) unless --yes; validate says
+    the count and warns."""
+    root, model = store
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_config(model, seeds=[0, 1, 2], max_runs=2)))
+    before = _snapshot(root / "w")
+    assert main(["run", str(path), "--workdir", str(root / "w")]) == 2
+    _one_error_line(capsys, "the grid has 3 runs, more than max_runs 2: run with --yes")
+    assert _snapshot(root / "w") == before
+    assert main(["validate", str(path), "--workdir", str(root / "w")]) == 0
+    assert "3 runs is more than max_runs 2" in capsys.readouterr().err
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w2"), "--yes"]) == 0
+
+
+def test_user_text_is_safe_in_every_csv_and_markdown_output(tmp_path, capsys):
+    """A label that is a spreadsheet formula and a model folder named with HTML and a pipe: quoted in every CSV,
+    escaped in every Markdown table (JSON keeps the data as it is)."""
+    import pandas as pd
+
+    model = tiny_text_model(tmp_path / "m <b>x</b> | y")
+    capsys.readouterr()  # the model's save progress
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_config(model, methods=[{"name": "random", "label": '=HYPERLINK("x")'}])))
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 2  # a label is one plain name
+    _one_error_line(capsys, "must be one plain name")
+    path.write_text(yaml.safe_dump(_config(model, methods=[{"name": "random", "label": "=1+1"}])))
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 0
+    out = tmp_path / "report"
+    assert main(["report", "--experiment", "bad", "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 0
+    board = tmp_path / "board"
+    assert main(["leaderboard", "--experiment", "bad", "--workdir", str(tmp_path / "w"), "--out", str(board)]) == 0
+    csvs = [*out.rglob("*.csv"), *board.rglob("*.csv")]
+    assert len(csvs) >= 4
+    for csv in csvs:
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        for value in frame.to_numpy().ravel():
+            assert not value.startswith(("=", "+", "@")), (csv.name, value)
+    labelled = [c for c in csvs if "'=1+1" in c.read_text()]
+    assert labelled, "the label is kept, behind a quote"
+    rows_with_the_path = 0
+    for md in [*out.rglob("*.md"), *board.rglob("*.md")]:
+        text = md.read_text()
+        assert "<b>" not in text, md.name
+        for line in text.splitlines():
+            if line.startswith("|") and "x&lt;/b&gt;" in line:
+                assert "x&lt;/b&gt; \\| y" in line, (md.name, line)  # the pipe does not end the cell
+                rows_with_the_path += 1
+    assert rows_with_the_path

@@ -298,6 +298,8 @@ class Experiment(Strict):
     recovery: RecoverySpec | None = Field(None, description="a fine-tune after pruning, the same for every method: "
                                           "each run records its pruned.* (w/o tune) and recovered.* (w/ tune) metrics")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_runs: int = Field(1000, ge=1, description="a grid with more runs is refused unless `run --yes` (a typo in a "
+                          "grid can start weeks of compute)")
     device: str = Field("cpu", description="where to compute: cpu, cuda, cuda:N, mps, or auto (accelerate's "
                         "device_map); offloading methods keep the model in CPU RAM and hold one layer on it")
 

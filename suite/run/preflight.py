@@ -15,17 +15,20 @@ from suite.model.families import FAMILIES
 from suite.model.load import resolve
 from suite.model.masks import Target
 from suite.model.modeling_prunebench import MODEL_TYPE_PREFIX
+from suite.outputs import check_workdir
 from suite.run.claims import lease_seconds, wait_seconds
 from suite.run.config import Experiment
 from suite.run.grid import RunSpec, data_fingerprint, expand
 
 
-def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunSpec]:
+def preflight(exp: Experiment, workdir: Path, tuning: bool = False, confirmed: bool = False) -> list[RunSpec]:
     """`validate`, `run` and `tune` call this first, so validate says ok exactly when run will start: every model
     resolves (a local checkpoint of a supported family, a zoo model, or a hub id that is cached or reachable now),
     the calibration and evaluation texts load, the tasks exist, every method accepts its hyperparameters and target,
     tuned methods have their tuning results, and the tuning section (when given, or for `tune`) names real labels
-    and hyperparameters. A sweep that cannot start fails here with one line and leaves the store as it was."""
+    and hyperparameters. A sweep that cannot start fails here with one line and leaves the store as it was; so
+    does a grid larger than `max_runs` unless `confirmed` (`run --yes`): a typo in a grid is weeks of compute."""
+    check_workdir(workdir)
     for spec in exp.models:
         where = resolve(spec)
         if isinstance(where, Path):
@@ -52,6 +55,9 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False) -> list[RunS
     if tuning or exp.tuning != type(exp.tuning)():  # a tuning section that says anything is checked
         exp.search_spaces()
     specs = expand(exp, workdir, require_tuned=not tuning, data=data)
+    if len(specs) > exp.max_runs and not confirmed:
+        raise ConfigError(f"the grid has {len(specs)} runs, more than max_runs {exp.max_runs}: run with --yes, or "
+                          "set max_runs in the experiment, if that is meant")
     for spec in {(s.label, s.method, s.sparsity): s for s in specs}.values():
         method = get_method(spec.method)
         try:

@@ -63,8 +63,8 @@ class Runner:
     """Executes an experiment against one tracking store, in this process or one Ray task per grid point."""
 
     def __init__(self, exp: Experiment, workdir: Path, fail_fast: bool = False, progress: bool = True,
-                 writers: Iterable[ArtifactWriter] = ()) -> None:
-        self.specs = preflight(exp, workdir)  # before the store is opened (or created)
+                 writers: Iterable[ArtifactWriter] = (), confirmed: bool = False) -> None:
+        self.specs = preflight(exp, workdir, confirmed=confirmed)  # before the store is opened (or created)
         self.exp = exp
         self.workdir = workdir
         self.fail_fast = fail_fast
@@ -147,7 +147,8 @@ class Runner:
         from suite.model.load import quiet_transformers
 
         quiet_transformers()
-        runner = Runner(Experiment.model_validate(config), Path(workdir), progress=False, writers=writers)
+        runner = Runner(Experiment.model_validate(config), Path(workdir), progress=False, writers=writers,
+                        confirmed=True)  # the driver's preflight already passed the grid
         with open_claims(runner.workdir, runner.tracker.uri) as claims:
             runner.claims = claims
             return runner.point(spec, point)

@@ -204,7 +204,7 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    preflight(exp, workdir, tuning=True)  # every refusal before the stores are opened
+    preflight(exp, workdir, tuning=True, confirmed=True)  # every refusal before the stores are opened
     tracker = Tracker(workdir, exp.tracking.experiment or exp.name, exp.tracking.uri)
     summaries = []
     for label in exp.search_spaces():
