@@ -82,22 +82,67 @@ def test_identity_changes_with_what_determines_the_result(tmp_path, model_dir):
     assert {s.identity("fp2") for s in expand(base, tmp_path)}.isdisjoint(ids)
 
 
+def _with_sources(monkeypatch, edit, measure):
+    """`measure()` with every source file read through `edit(path, text)`, the fingerprints' caches cleared around
+    it, so the result is what edited code would fingerprint."""
+    import suite.run.grid as grid
+
+    read = grid._read
+    caches = (grid.code_fingerprint, grid.source_digest)
+    for cache in caches:
+        cache.cache_clear()
+    monkeypatch.setattr(grid, "_read", lambda path: edit(path, read(path)))
+    try:
+        return measure()
+    finally:
+        monkeypatch.setattr(grid, "_read", read)
+        for cache in caches:
+            cache.cache_clear()
+
+
+def test_a_docstring_edit_keeps_every_identity_and_a_method_edit_renews_only_its_own(monkeypatch):
+    """Issue 32 (6): the code fingerprint is the syntax a run executes, docstrings left out. A reworded docstring
+    (or comment) anywhere in suite/ or in a method keeps every identity; a changed line of suite/ renews them all;
+    a changed scoring line of one method renews that method's and no other method's."""
+    import suite.run.grid as grid
+    from suite.methods.pruner import methods
+
+    names = sorted(methods())
+    before = {m: grid.method_fingerprint(m) for m in names}
+
+    def reworded(path, text):  # every module docstring and every comment line, reworded
+        lines = [line + " (reworded)" if line.lstrip().startswith("#") else line for line in text.splitlines()]
+        text = "\n".join(lines) + "\n"
+        return text.replace('"""', '"""Reworded. ', 1) if text.startswith('"""') else text
+
+    assert sum(reworded(p, grid._read(p)) != grid._read(p) for m in names for p in grid.method_modules(m)) > 5
+    assert _with_sources(monkeypatch, reworded, lambda: {m: grid.method_fingerprint(m) for m in names}) == before
+
+    def score_line(path, text):  # wanda_sp's score: the mean |W| times the input norm, squared instead
+        if path.name != "wanda_sp.py":
+            return text
+        assert "abs().mean(0)" in text
+        return text.replace("abs().mean(0)", "abs().mean(0) ** 2", 1)
+
+    after = _with_sources(monkeypatch, score_line, lambda: {m: grid.method_fingerprint(m) for m in names})
+    assert {m for m in names if after[m] != before[m]} == {"wanda_sp"}
+    suite_edit = _with_sources(monkeypatch, lambda path, text: text + "\nEDITED = 1\n" if path.name == "select.py"
+                               or path.name == "masks.py" else text, lambda: grid.method_fingerprint("random"))
+    assert suite_edit != before["random"]
+
+
 def test_identity_changes_with_the_code_and_the_data(tmp_path, model_dir, monkeypatch):
     """A source edit (the code fingerprint), other calibration text or other evaluation text: new identities, so a
     resumed sweep never reuses a result made by older code or from other data. The evaluation text leaves the
     pruning identity (masks are reused) alone; calibration text changes both."""
     from dataclasses import replace
 
-    import suite.run.grid as grid
 
     exp = load_experiment(_config(tmp_path, model_dir))
     spec = expand(exp, tmp_path)[0]
     assert spec.code.startswith("0.1.0+") and spec.calibration_data and spec.evaluation_data["ppl"]
-    grid.code_fingerprint.cache_clear()
-    monkeypatch.setattr(grid.Path, "read_bytes", lambda self: b"edited " + self.name.encode())
-    edited = expand(exp, tmp_path)[0]
-    monkeypatch.undo()
-    grid.code_fingerprint.cache_clear()
+    edited = _with_sources(monkeypatch, lambda path, text: text + "\nEDITED = 1\n" if path.name == "masks.py" else text,
+                           lambda: expand(exp, tmp_path)[0])
     assert edited.code != spec.code and edited.identity("fp") != spec.identity("fp")
     assert expand(exp, tmp_path)[0].identity("fp") == spec.identity("fp")  # the same code: the same identity
     text = tmp_path / "corpus"

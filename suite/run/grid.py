@@ -1,11 +1,13 @@
 """The grid and its identities: an experiment expands to RunSpecs, and each point's identity is a hash of all
 that determines its result (model weights fingerprint, method and resolved hyperparameters, target, seed,
 calibration spec and the content hash of its text, the recovery stage and the content hash of its data, evaluation
-spec and the content hashes of its texts and task items, and a fingerprint of the code: version and source hash).
+spec and the content hashes of its texts and task items, and a fingerprint of the code it executes: the version, the
+syntax of `suite` and of the method's own modules, docstrings left out).
 A FINISHED run with the same identity is never repeated, so a crashed sweep resumes where it stopped."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import inspect
@@ -20,11 +22,9 @@ from suite.data.sources import load_source
 from suite.data.tasks import task_dir
 from suite.errors import ConfigError
 from suite.hashing import digest, json_digest
-from suite.methods.pruner import get_method
+from suite.methods.pruner import METHOD_PACKAGES, get_method
 from suite.model.load import resolve
 from suite.run.config import Experiment
-
-CODE_PACKAGES = ("suite", "ddp", "baselines")  # what a result's code fingerprint covers
 
 
 @dataclass(frozen=True)
@@ -71,27 +71,66 @@ def dense_identity(exp: Experiment, model: str, fingerprint: str, evaluation_dat
                         "dtype": exp.dtype, "code": code_fingerprint(), "data": evaluation_data})
 
 
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+@functools.cache
+def source_digest(path: Path) -> str:
+    """What a module executes: its syntax tree with every docstring left out (comments and layout never reach the
+    tree), so a docstring, comment or formatting edit keeps every identity, and any change to the code does not."""
+    tree = ast.parse(_read(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
 @functools.cache
 def code_fingerprint() -> str:
-    """The code a result came from: the package version and a hash of every source file of prunebench's packages
-    (suite, ddp, baselines), so a resumed sweep never reuses a result that older code produced. Method plugins
-    outside these packages add their own module's hash in `method_fingerprint`."""
+    """The code every run executes: the package version and the syntax of every module of `suite` (the engine,
+    capture, compaction, evaluation, the runner), docstrings left out. A method's own code is added by
+    `method_fingerprint`, so a change to one method renews that method's identities only."""
     h = hashlib.sha256(suite.__version__.encode())
     root = Path(suite.__file__).resolve().parent.parent
-    for package in CODE_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted((root / "suite").rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + source_digest(path).encode())
     return f"{suite.__version__}+{h.hexdigest()[:12]}"
 
 
-def method_fingerprint(name: str) -> str:
-    """`code_fingerprint()`, plus the source of the method's own module when a plugin defines it elsewhere."""
-    base = code_fingerprint()
+def method_modules(name: str) -> list[Path]:
+    """The source files of method `name`: the module that registers it, and every module of the method packages
+    it imports (the code a run of it executes beyond `suite`)."""
     source = inspect.getsourcefile(get_method(name))
+    if source is None:
+        return []
     root = Path(suite.__file__).resolve().parent.parent
-    if source is None or Path(source).resolve().is_relative_to(root):
-        return base
-    return f"{base}+{digest(Path(source).read_bytes(), length=12)}"
+    seen: list[Path] = []
+    todo = [Path(source).resolve()]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.append(path)
+        for node in ast.walk(ast.parse(_read(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for module in names:
+                if module.split(".")[0] in METHOD_PACKAGES:
+                    found = root / (module.replace(".", "/") + ".py")
+                    todo += [found] if found.is_file() else []
+    return sorted(seen)
+
+
+def method_fingerprint(name: str) -> str:
+    """`code_fingerprint()`, plus the syntax of the method's own modules (`method_modules`)."""
+    h = hashlib.sha256()
+    for path in method_modules(name):
+        h.update(source_digest(path).encode())
+    return f"{code_fingerprint()}+{h.hexdigest()[:12]}"
 
 
 def data_fingerprint(exp: Experiment) -> tuple[str, dict[str, Any]]:
