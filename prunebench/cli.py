@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import suite
+from suite import progress
 from suite.errors import PruneBenchError
 from suite.outputs import check_dir, check_file, write_json
 
@@ -488,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     from suite.benches import BENCHES
     parser = _Parser(prog="prunebench", description="Compare LLM structured-pruning methods fairly.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines (they replace the progress "
+                        "bars where standard error is not a terminal: log files, nohup, CI)")
     parser.add_argument("--version", action="version", version=f"prunebench {suite.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -622,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    progress.configure(quiet=args.quiet)
     try:
         return args.func(args)
     except PruneBenchError as err:

@@ -205,3 +205,31 @@ def test_out_dot_and_a_huge_seed_are_one_line(tmp_path, monkeypatch, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("error:"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_a_logged_run_says_each_grid_point_and_beats_during_a_prune(tmp_path, capsys, monkeypatch):
+    """Where no progress bar shows (standard error not a terminal: a log file, nohup, CI), `run` says one line per
+    finished grid point, in order, with its numbers and an ETA, a heartbeat during a long prune, and `already done`
+    for a point a resumed run finds; `--quiet` says none of it."""
+    import re
+
+    from suite.testing import tiny_experiment, tiny_text_model
+
+    monkeypatch.setenv("PRUNEBENCH_HEARTBEAT_S", "0")  # a heartbeat at every step of the 4-step prune
+    path = tiny_experiment(tmp_path, tiny_text_model(tmp_path / "tiny"))
+    capsys.readouterr()
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    points = [line for line in err if line.startswith("[")]
+    assert len(points) == 2
+    point = r"\[(\d)/2\] \S+ (\S+) sp=0\.3 seed=0: ppl [\d.]+, acc [\d.]+, prune [\d.]+ s"
+    assert [re.fullmatch(point + r"( \(eta \d+ s\))?", line).group(1, 2) for line in points] == [("1", "random"),
+                                                                                                ("2", "ddp")]
+    beats = [line for line in err if line.startswith("  ddp: step")]
+    assert len(beats) == 4 and all(re.fullmatch(r"  ddp: step \d/4, hard sparsity [\d.]+ \(target [\d.]+\), "
+                                                r"loss [\d.]+", line) for line in beats)
+    assert err.index(beats[-1]) < err.index(points[1])  # the beats come while the point runs
+    assert main(["run", str(path), "--workdir", str(tmp_path / "w")]) == 0
+    assert [line.endswith("already done") for line in capsys.readouterr().err.splitlines()] == [True, True]
+    assert main(["--quiet", "run", str(path), "--workdir", str(tmp_path / "w")]) == 0
+    assert capsys.readouterr().err == ""

@@ -45,6 +45,7 @@ from suite.model.loss import next_token_nll
 from suite.model.masks import Masks, Target, select
 from suite.model.modules import eval_mode, model_device
 from suite.model.structures import Group, Structure
+from suite.progress import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ class MaskLearner(Pruner):
             from tqdm import tqdm
 
             bar = tqdm(range(cfg.steps), desc=f"{self.name}", leave=False, disable=None)
+            heartbeat = Heartbeat(self.name, shown=not bar.disable)
             checkpointing = checkpointed(model) if cfg.gradient_checkpointing else contextlib.nullcontext()
             with Gates(model, structure) as gates, checkpointing:
                 for step in bar:
@@ -301,6 +303,8 @@ class MaskLearner(Pruner):
                         self.step_callback(step, curves)
                     keep_history.append(b"".join(hard[n].numpy().tobytes() for n in sorted(hard)))
                     bar.set_postfix(loss=f"{float(lm.detach()):.3f}", sp=f"{hard_sparsity:.3f}")
+                    heartbeat.beat(lambda step=step, lm=lm, sp=hard_sparsity, t=t_now: f"step {step + 1}/{cfg.steps}, "
+                                   f"hard sparsity {sp:.3f} (target {t:.3f}), loss {float(lm.detach()):.3f}")
                     stable = len(keep_history) - convergence_step(keep_history)
                     if cfg.early_stop and stable > cfg.early_stop and abs(hard_sparsity - target.sparsity) < 5e-3:
                         stopped_at = step + 1

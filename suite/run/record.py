@@ -168,7 +168,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
     if not rows:
         return "(no runs)"
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).drop(columns=["found"], errors="ignore")  # progress bookkeeping, not a result
     swept = [c for c in df.columns if c.startswith("hp.")]
     df[swept] = df[swept].astype(object).where(df[swept].notna(), "-")  # methods without that knob
     rest = [c for c in df.columns if c not in swept]

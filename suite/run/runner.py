@@ -23,6 +23,7 @@ from suite.model.compact import load_pruned, save_pruned
 from suite.model.load import load_model, load_tokenizer, parse_dtype, place
 from suite.model.masks import Masks, Target
 from suite.model.structures import param_count
+from suite.progress import Counter
 from suite.recovery.train import recovery_windows
 from suite.run.claims import ClaimLost, Claims, open_claims, wait_seconds
 from suite.run.config import Experiment
@@ -100,23 +101,26 @@ class Runner:
 
         started = int(time.time() * 1000)
         bar = tqdm(total=len(self.specs), desc=f"{self.exp.name}", unit="run", disable=None if self.progress else True)
+        counter = Counter(len(self.specs)) if bar.disable and self.progress else None  # lines where no bar shows
         executor = executor_for(self.exp.executor)
         for model in dict.fromkeys(s.model for s in self.specs):
             fingerprint = model_fingerprint(model)
             point = Point(fingerprint, self._dense_metrics(model, fingerprint), started)
             pending = [s for s in self.specs if s.model == model]
             waiting = Waiting(self._claims)
-            held = self._collect(executor.map(self, pending, point), rows, bar)
+            held = self._collect(executor.map(self, pending, point), rows, bar, counter)
             while held:
                 waiting.on({s.name: s.identity(fingerprint) for s in held})
-                held = self._collect(LocalExecutor().map(self, held, point), rows, bar)
+                held = self._collect(LocalExecutor().map(self, held, point), rows, bar, counter)
         bar.close()
         grid = {(s.model, s.label, s.sparsity, s.seed): i for i, s in enumerate(self.specs)}
         rows.sort(key=lambda r: grid[(r["model"], r["method"], r["sparsity"], r["seed"])])
 
     @staticmethod
-    def _collect(results: Iterator[tuple[RunSpec, Row | None]], rows: list[Row], bar: Any) -> list[RunSpec]:
-        """Rows into `rows` as they come; the specs that came back without one."""
+    def _collect(results: Iterator[tuple[RunSpec, Row | None]], rows: list[Row], bar: Any,
+                 counter: Counter | None) -> list[RunSpec]:
+        """Rows into `rows` as they come (and a progress line each, where no bar shows); the specs that came back
+        without one."""
         held = []
         for spec, row in results:
             bar.set_postfix_str(spec.name)
@@ -125,6 +129,8 @@ class Runner:
                 continue
             rows.append(row)
             bar.update(1)
+            if counter is not None:
+                counter.finished(point_line(spec, row), worked=not row.get("found", False))
         return held
 
     @property
@@ -137,7 +143,10 @@ class Runner:
         """One grid point's table row (None while another worker holds it)."""
         identity = spec.identity(point.fingerprint)
         run = self._claimed(identity, point.started, partial(self._execute, spec, identity, point))
-        return None if run is None else table_row(spec, run)
+        if run is None:
+            return None
+        found = point.started is not None and run.info.start_time < point.started  # done before this sweep
+        return table_row(spec, run) | {"found": found}
 
     @staticmethod
     def in_task(config: dict[str, Any], workdir: str, spec: RunSpec, point: Point,
@@ -372,6 +381,16 @@ class Runner:
             write(d, spec, outcome.result)
         if outcome.metrics.get("weights_changed") and self.exp.tracking.store_models:  # masks cannot replay it
             save_pruned(model, d / MODEL_ARTIFACT)
+
+
+def point_line(spec: RunSpec, row: Row) -> str:
+    """A finished grid point in one line: what ran, its headline numbers, and how long it took (or that it was
+    already done)."""
+    what = f"{spec.model} {spec.label} sp={spec.sparsity:g} seed={spec.seed}"
+    if row["status"] != "FINISHED":
+        return f"{what}: {row['status']} ({row.get('error') or 'see the table'})"
+    numbers = f"ppl {row['ppl']:.2f}, acc {100 * row['mean_acc']:.1f}"
+    return f"{what}: {numbers}, " + ("already done" if row.get("found") else f"prune {row['prune_s']:.1f} s")
 
 
 class Waiting:

@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 from suite import atomic
 from suite.hashing import digest
+from suite.progress import Counter
 from suite.run.config import Experiment, SearchDim
 from suite.run.grid import tuned_path
 from suite.run.preflight import preflight
@@ -217,12 +219,32 @@ def tune(exp: Experiment, workdir: Path, progress: bool = True) -> list[dict[str
                 _optimize_on_ray(optuna_study, study, workdir)
             else:
                 optuna_study.optimize(partial(_trial, study=study, tracker=tracker), n_trials=exp.tuning.n_trials,
-                                      catch=(ValueError, RuntimeError), show_progress_bar=progress)
+                                      catch=(ValueError, RuntimeError), show_progress_bar=progress,
+                                      callbacks=[_trial_line(study, exp.tuning.n_trials)] if progress else [])
             summaries.append(_summary(workdir, study, optuna_study, before))
     parent = tracker.parent()  # the trials' parent: left RUNNING only while a sweep is still going
     if tracker.client.get_run(parent).info.status == "RUNNING":
         tracker.finish(parent)
     return summaries
+
+
+def _trial_line(study: _Study, total: int) -> Callable[[Any, Any], None]:
+    """An Optuna callback: `[k/K] tune LABEL on MODEL: trial N STATE, value V (best B)` where no bar shows."""
+    counter = Counter(total)
+    shown = sys.stderr.isatty()
+
+    def line(optuna_study: Any, trial: Any) -> None:
+        if shown:
+            return
+        try:
+            best = f"{optuna_study.best_value:.4f}"
+        except ValueError:  # no finished trial yet
+            best = "none yet"
+        value = f", value {trial.value:.4f}" if trial.value is not None else ""
+        counter.finished(f"tune {study.label} on {study.model}: trial {trial.number} {trial.state.name.lower()}"
+                         f"{value} (best {best})")
+
+    return line
 
 
 def _summary(workdir: Path, study: _Study, optuna_study: Any, before: int) -> dict[str, Any]:
