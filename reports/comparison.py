@@ -109,7 +109,8 @@ def cells(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _pm(mean: float, half: float, fmt: str) -> str:
-    return format(mean, fmt) + ("" if half != half else f" ± {format(half, fmt)}")
+    """`mean ± half`, the half-width unsigned whatever the mean's format (a difference shows its sign)."""
+    return format(mean, fmt) + ("" if half != half else f" ± {format(half, fmt.lstrip('+'))}")
 
 
 def _reading(line: dict[str, Any]) -> str:
