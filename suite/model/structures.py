@@ -193,7 +193,8 @@ def full_structure(model: nn.Module, granularity: str = "kv_group") -> Structure
             groups.append(Group(f"L{i:02d}.mlp", i, "mlp", mlp.down.in_features, per_channel))
         else:
             raise UnsupportedModel(f"layer {i}: unrecognised MLP module {type(family.mlp(layer)).__name__}")
-    return Structure(family.model_type, granularity, len(layers), tuple(groups), param_count(model))
+    full = Structure(family.model_type, granularity, len(layers), tuple(groups), param_count(model))
+    return replace(full, units=unit_kinds(full))  # the kinds it has, not every kind there is
 
 
 def param_count(model: nn.Module, compute_only: bool = False) -> int:
