@@ -64,13 +64,17 @@ def perplexity(
         if len(y) % seq_len:
             pieces.append((x[n * seq_len :][None], y[n * seq_len :][None]))
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    window_nll: list[float] = []  # each window's summed token NLL: the items a perplexity's interval resamples
+    window_tokens: list[int] = []
     for inputs, targets in pieces:
         for xb, yb in zip(inputs.split(batch_size), targets.split(batch_size), strict=True):
             logits = model(xb.to(device)).logits.float()
-            nll += float(token_nll(logits, yb.to(device), reduction="sum"))
-            count += yb.numel()
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "seq_len": seq_len, "mode": mode}
+            per_token = token_nll(logits, yb.to(device), reduction="none").view(yb.shape)
+            window_nll += per_token.sum(dim=1).tolist()
+            window_tokens += [yb.shape[1]] * len(yb)
+    nll, count = math.fsum(window_nll), sum(window_tokens)
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "seq_len": seq_len, "mode": mode,
+            "windows": {"nll": window_nll, "tokens": window_tokens}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,16 +209,24 @@ def run_tasks(
     try:
         with context, _quiet_datasets(), _quiet_lm_eval(), _no_environment_report():
             out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          log_samples=False, bootstrap_iters=STDERR_BOOTSTRAP, verbosity="ERROR")
+                                          log_samples=True, bootstrap_iters=STDERR_BOOTSTRAP, verbosity="ERROR")
     except (ConnectionError, OSError) as err:
         raise DataError(f"cannot load data for tasks {standard}: {reason or str(err).splitlines()[0]}") from None
     scores, info = {}, {}
     for task in tasks:
         r = out["results"][task]
         scores[task] = {"acc": r["acc,none"], "acc_norm": r.get("acc_norm,none", r["acc,none"]),
-                        "n": int(out["n-samples"][task]["effective"]), "acc_stderr": _number(r.get("acc_stderr,none"))}
+                        "n": int(out["n-samples"][task]["effective"]), "acc_stderr": _number(r.get("acc_stderr,none")),
+                        "items": _items(out["samples"][task])}
         info[task] = {"version": out["versions"].get(task), "data_hash": hashes.get(task, "hub")}
     return scores, info
+
+
+def _items(samples: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each scored item's accuracy by its document id, in id order: what an interval over items, and a comparison
+    paired on the same items, are computed from (every run of a protocol scores the same documents)."""
+    ordered = sorted(samples, key=lambda s: s["doc_id"])
+    return {"doc_id": [int(s["doc_id"]) for s in ordered], "acc": [float(s["acc"]) for s in ordered]}
 
 
 def _number(value: Any) -> float:
