@@ -9,7 +9,10 @@ What makes it sound, where merging results naively would not be:
 - a run found twice (the same identity: the same model, method, hyperparameters, target, seed, data, protocol and
   code, recorded by two experiments or copied into two stores) counts once;
 - methods are ranked only on the (model, sparsity) cells they all cover; coverage is shown, never averaged over;
-- every cell has its number of runs and a 95% interval, and methods whose intervals overlap share a rank band.
+- every cell has its number of seeds, a 95% interval over seeds and evaluation items (with one seed: items only,
+  and it says so) and a 95% rank interval from a joint bootstrap of seeds and items; comparisons are paired on the
+  same seeds and items and Holm-corrected; a best method is named only where it is significantly better than the
+  runner-up, and broken models (perplexity above the vocabulary size) are marked and never named best.
 
 Output: a static, self-contained index.html (DataTables embedded by itables, so it sorts and filters from file://
 with no server or network), leaderboard.json and leaderboard.csv (rankings) and cells.csv for a website.
@@ -28,17 +31,23 @@ import pandas as pd
 
 from reports import leaderboard
 from reports.build import (
+    BEST_NOTE,
     BOARD_NOTE,
+    CELLS_NOTE,
+    MATRIX_NOTE,
     STAGE_WORDS,
     STYLE,
     board_display,
     calibration_words,
+    cells_display,
+    measure_words,
     protocol_difference,
     protocol_words,
     recovery_words,
     stage_note,
 )
 from reports.query import LOCAL, STAGES, export, load_results, stage_view
+from reports.uncertainty import measures
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
 from suite.run.record import flatten
@@ -127,14 +136,6 @@ def difference(board: Board, first: Board) -> str:
     return "; ".join(parts)
 
 
-def cells_display(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per cell and method: 'mean ± ci', n, where the interval comes from, the rank band within the cell."""
-    frame = leaderboard.ranked_cells(scores)
-    frame["retained acc %"] = [leaderboard.interval_text(m, c)
-                               for m, c in zip(frame["retained_acc_%"], frame["ci95"], strict=True)]
-    return frame[["model", "sparsity", "rank", "method", "retained acc %", "n", "ci_from", "missed_budget"]]
-
-
 def interactive(df: pd.DataFrame, caption: str) -> str:
     """A sortable, filterable table (DataTables through itables, offline: the page loads it once)."""
     from itables import to_html_datatable
@@ -160,11 +161,12 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
         raise ConfigError(f"no pruned runs in experiment(s) {', '.join(experiments)}")
     sections, records, rankings, cell_rows = [], [], [], []
     for i, board in enumerate(found, start=1):
-        rank = leaderboard.ranking(board.pruned)
-        scores = leaderboard.cell_scores(board.pruned)
-        cells = cells_display(scores)
+        rank = leaderboard.ranking(board.runs)
+        scores = leaderboard.cell_scores(board.runs)
+        cells = cells_display(scores, mark=False)
         order = [m for m in rank["method"] if m in set(rank.loc[rank["rank"] != "–", "method"])]
-        grid = leaderboard.matrix(leaderboard.significance(board.pruned, order), order) if len(order) > 1 else None
+        grid = leaderboard.matrix(leaderboard.significance(board.runs, order), order) if len(order) > 1 else None
+        tests = [(measure, leaderboard.cell_significance(board.runs, measure)) for measure in measures(board.runs)]
         cover = leaderboard.coverage(board.pruned)
         differs = difference(board, found[0]) if i > 1 else ""
         title = f"board {i}: protocol {board.protocol}, calibration {calibration_words(board.calibration)}"
@@ -174,13 +176,18 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
                      f"<p>{len(board.pruned)} runs from {html.escape(', '.join(records_of(board)))}. "
                      f"{html.escape(stage_note(stage))} {html.escape(BOARD_NOTE)} {HOW_TO}</p>",
                      f"<p>{html.escape(recovery_words(json.loads(board.recovery)))}</p>" if board.recovery else "",
-                     "<h3>best method per model and sparsity</h3>",
-                     leaderboard.best_per_cell(board.pruned).to_html(index=False),
+                     f"<h3>best method per model and sparsity</h3><p>{html.escape(BEST_NOTE)}</p>",
+                     leaderboard.best_per_cell(board.runs).to_html(index=False),
                      "<h3>ranking</h3>", interactive(board_display(rank), f"board {i}: ranking"),
-                     "<h3>every cell</h3>", interactive(cells, f"board {i}: (model, sparsity) cells"),
+                     f"<h3>every cell</h3><p>{html.escape(CELLS_NOTE)}</p>",
+                     interactive(cells_display(scores), f"board {i}: (model, sparsity) cells"),
                      "<h3>coverage: runs per method and cell (0: never ran there)</h3>", cover.to_html(),
-                     *(["<h3>paired tests: row − column, accuracy points (Holm-corrected Wilcoxon p)</h3>",
-                        grid.to_html()] if grid is not None else [])]
+                     *([f"<h3>paired tests: row − column, pooled over cells</h3><p>{html.escape(MATRIX_NOTE)}</p>",
+                        grid.to_html()] if grid is not None else []),
+                     *[part for measure, t in tests if len(t) for part in (
+                         f"<h3>paired tests in each cell: {html.escape(measure_words(measure))}</h3>",
+                         interactive(leaderboard.cell_significance_display(t, measure),
+                                     f"board {i}: paired tests per cell, {measure}"))]]
         rankings.append(rank.assign(board=i, protocol=board.protocol, calibration=board.calibration))
         cell_rows.append(cells.assign(board=i, protocol=board.protocol, calibration=board.calibration))
         records.append({"board": i, "stage": stage, "protocol": board.protocol,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports import ablation, heatmaps, leaderboard, plots, tables
+from reports import ablation, heatmaps, leaderboard, plots, tables, uncertainty
 from reports.query import STAGES, export, load_results, read_masks, stage_view
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
@@ -248,20 +248,24 @@ def stage_note(stage: str) -> str:
 
 def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
     pruned = runs[runs["kind"] == "pruned"]
-    rank = leaderboard.ranking(pruned)
+    rank = leaderboard.ranking(runs)
     if rank.empty:
         return ""
     order = list(rank["method"])
     win = leaderboard.win_rate(pruned, order)
-    sig = leaderboard.significance(pruned, order)
+    sig = leaderboard.significance(runs, order)
     grid = leaderboard.matrix(sig, order)
+    cells = leaderboard.cell_scores(runs)
+    tests = [(measure, leaderboard.cell_significance(runs, measure)) for measure in uncertainty.measures(runs)]
     files = [export(rank, page.out / "tables" / f"{prefix}leaderboard.csv"),
              page.write(f"tables/{prefix}leaderboard.md", tables.frame_markdown(board_display(rank))
                         + missed_markdown(pruned)),
              page.write(f"tables/{prefix}leaderboard.tex", leaderboard_latex(rank)),
+             export(cells, page.out / "tables" / f"{prefix}cells.csv"),
              export(win.reset_index(names="method"), page.out / "tables" / f"{prefix}win_rate.csv"),
              export(sig, page.out / "tables" / f"{prefix}significance.csv"),
              export(grid.reset_index(), page.out / "tables" / f"{prefix}significance_matrix.csv")]
+    files += [export(t, page.out / "tables" / f"{prefix}tests_{measure}.csv") for measure, t in tests if len(t)]
     missed = leaderboard.missed_runs(pruned)
     if len(missed):
         files.append(export(missed, page.out / "tables" / f"{prefix}missed_budget.csv"))
@@ -272,39 +276,90 @@ def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
         f"<h2>leaderboard ({html.escape(STAGES[page.stage])})</h2>",
         f"<p>{html.escape(stage_note(page.stage))} {html.escape(BOARD_NOTE)} Files: {page.links(*files)}</p>",
         board_display(rank).to_html(index=False), *missed_html,
-        page.figure(png, "win rate: share of shared (model, sparsity, seed) cells where the row beats the column"),
-        f"<h3>paired tests: effect and Holm-corrected p</h3><p>{html.escape(MATRIX_NOTE)}</p>", grid.to_html(),
-        leaderboard.significance_display(sig).to_html(index=False)])
+        f"<h3>every cell</h3><p>{html.escape(CELLS_NOTE)}</p>", cells_display(cells).to_html(index=False),
+        page.figure(png, "win rate: share of shared (model, sparsity, seed) cells where the row beats the column "
+                         "(descriptive: no test)"),
+        f"<h3>paired tests, pooled over cells: effect and Holm-corrected p</h3><p>{html.escape(MATRIX_NOTE)}</p>",
+        grid.to_html(), leaderboard.significance_display(sig).to_html(index=False),
+        *[f"<h3>paired tests in each cell: {html.escape(measure_words(m))}</h3>"
+          + leaderboard.cell_significance_display(t, m).to_html(index=False) for m, t in tests if len(t)]])
 
 
-BOARD_NOTE = ("Methods ranked by retained accuracy (mean task accuracy as % of the dense model's), averaged over the "
-              "(model, sparsity) cells every ranked method covers, each cell weighing the same; ± is a 95% interval "
-              "(over seeds where a cell has several, else from the items: lm-eval's stderr); methods whose intervals "
-              "overlap share a rank band (1–3). A method missing a cell is listed unranked with its coverage.")
-MATRIX_NOTE = ("Row minus column, in accuracy points, over the (model, sparsity, seed, task) pairs both ran; p: the "
-               "two-sided Wilcoxon signed-rank test, Holm-corrected over all pairs tested (* below 0.05). The table "
-               "below also gives the paired bootstrap p, at its resolution (< 1/B for B draws).")
+INTERVAL_WORDS = ("a 95% interval over seeds and evaluation items together (each seed prunes with its own calibration "
+                  "draw, so seed spread includes calibration spread; items are a task's documents or a perplexity's "
+                  "windows); with one seed it covers the items only and says so (n = 1 seed): what another seed would "
+                  "change is not in it")
+RANK_WORDS = ("a rank is a 95% rank interval: the ranks the method took in 95% of 1,000 bootstrap draws that resample "
+              "seeds and items jointly (the same items for every method), so 1–3 means the data cannot place it "
+              "more precisely than first to third")
+BOARD_NOTE = ("Methods ranked by retained accuracy (mean task accuracy as % of the dense model's on the same items), "
+              "averaged over the (model, sparsity) cells every ranked method covers, each cell weighing the same. "
+              f"Each cell's ± is {INTERVAL_WORDS}; the ranking's ± is the mean of its cells' (a bound: the cells share "
+              f"their items). {RANK_WORDS.capitalize()}. A method missing a cell is listed unranked with its "
+              f"coverage; broken: runs whose perplexity is above the vocabulary size (✗).")
+CELLS_NOTE = (f"Per cell, best first: ± and [low, high] are {INTERVAL_WORDS}; perplexity is exp of the mean token NLL "
+              f"over windows and seeds, its interval exp of the NLL's; {RANK_WORDS}. "
+              + uncertainty.BROKEN_NOTE)
+MATRIX_NOTE = ("Row minus column, in accuracy points, each cell's difference paired on the seeds both ran and the "
+               "items every run scored (a crossed seeds x items test, t with Satterthwaite's degrees of freedom, "
+               "calibrated by simulation in the test suite), pooled over the cells both ran with the mean of their "
+               "standard errors (conservative); p is Holm-corrected over all pairs (* below 0.05). With one seed a "
+               "test says the two pruned models differ on these items' population, not that the methods would at "
+               "another seed.")
+BEST_NOTE = ("A method is named best in a cell only where its paired test against the runner-up is significant after "
+             "Holm's correction over every pair of every cell; otherwise the cell says no separation and lists the "
+             "tied set: the highest and every method it is not significantly better than. Broken models are never "
+             "named best.")
+
+
+def measure_words(measure: str) -> str:
+    """A measure as a heading reads it."""
+    return "accuracy (points)" if measure == uncertainty.ACC else f"{measure.removeprefix('ppl.')} perplexity (NLL)"
 
 
 def summary_block(page: Page, runs: pd.DataFrame, prefix: str) -> str:
-    """First in the report: the best method per model and sparsity, with its 95% interval, and who ties with it."""
-    best = leaderboard.best_per_cell(runs[runs["kind"] == "pruned"])
+    """First in the report: the best method per model and sparsity where the data separate it, with its 95%
+    interval, or no separation and the tied set."""
+    best = leaderboard.best_per_cell(runs)
     if best.empty:
         return ""
     files = [export(best, page.out / "tables" / f"{prefix}summary.csv"),
              page.write(f"tables/{prefix}summary.md", tables.frame_markdown(best))]
-    return (f"<h2>summary: best method per model and sparsity ({html.escape(STAGES[page.stage])})</h2><p>retained "
-            "accuracy (% of dense mean task "
-            "accuracy), mean ± 95% interval (n runs); methods whose interval overlaps the best's rank 1 with it. "
-            f"Files: {page.links(*files)}</p>" + best.to_html(index=False))
+    return (f"<h2>summary: best method per model and sparsity ({html.escape(STAGES[page.stage])})</h2>"
+            f"<p>{html.escape(BEST_NOTE)} Retained accuracy (% of dense mean task accuracy) and perplexity of the "
+            f"highest, with {html.escape(INTERVAL_WORDS)}. Files: {page.links(*files)}</p>"
+            + best.to_html(index=False))
+
+
+def cells_display(scores: pd.DataFrame, mark: bool = True) -> pd.DataFrame:
+    """Per cell and method: retained accuracy and perplexity, each with its 95% interval and 95% rank interval within
+    the cell, the seeds (n) and what the intervals cover; broken models marked ✗ (`mark`: for reading; the data files
+    keep the plain name beside the `broken` count)."""
+    frame = scores.copy()
+    if mark:
+        frame["method"] = [marked(m, b) for m, b in zip(frame["method"], frame["broken"], strict=True)]
+    frame["retained acc %"] = [leaderboard.interval_text(m, c)
+                               for m, c in zip(frame["retained_acc_%"], frame["ci95"], strict=True)]
+    frame["ppl [95%]"] = [leaderboard.ppl_text(v, lo, hi)
+                          for v, lo, hi in zip(frame["ppl"], frame["ppl_low"], frame["ppl_high"], strict=True)]
+    frame = frame.rename(columns={"rank": "rank (95%)", "ppl_rank": "ppl rank (95%)", "ci_from": "covers"})
+    return frame[["model", "sparsity", "rank (95%)", "method", "retained acc %", "ppl [95%]", "ppl rank (95%)", "n",
+                  "covers", "missed_budget", "broken"]]
+
+
+def marked(method: str, broken: int) -> str:
+    """A method's name as tables show it: with ✗ when a run of it is broken (reports.uncertainty.BROKEN_NOTE)."""
+    return f"{method} ✗" if broken else str(method)
 
 
 def board_display(rank: pd.DataFrame) -> pd.DataFrame:
-    """A ranking as read: 'mean ± ci' in one column, '–' where there is no number."""
-    out = rank[["rank", "method"]].copy()
+    """A ranking as read: the 95% rank interval, 'mean ± ci' in one column, '–' where there is no number, ✗ on a
+    method with a broken run."""
+    out = pd.DataFrame({"rank (95%)": rank["rank"],
+                        "method": [marked(m, b) for m, b in zip(rank["method"], rank["broken"], strict=True)]})
     out["retained acc %"] = [leaderboard.interval_text(m, c)
                              for m, c in zip(rank["retained_acc_%"], rank["ci95"], strict=True)]
-    return out.join(rank[["cells", "runs", "missed_budget"]])
+    return out.join(rank[["cells", "runs", "missed_budget", "broken"]])
 
 
 def missed_markdown(pruned: pd.DataFrame) -> str:
@@ -315,8 +370,8 @@ def missed_markdown(pruned: pd.DataFrame) -> str:
 
 def leaderboard_latex(rank: pd.DataFrame) -> str:
     shown = board_display(rank)
-    lines = [r"\begin{tabular}{llrrrr}", r"\toprule",
-             r"rank & method & retained acc (\%) & cells & runs & missed budget \\", r"\midrule"]
+    lines = [r"\begin{tabular}{llrrrrr}", r"\toprule",
+             r"rank (95\%) & method & retained acc (\%) & cells & runs & missed budget & broken \\", r"\midrule"]
     for _, r in shown.iterrows():
         lines.append(" & ".join(tables.tex_escape(str(r[c])) for c in shown.columns) + r" \\")
     return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"

@@ -35,7 +35,8 @@ from suite.run.tracking import Tracker
 ID_COLUMNS = ["experiment", "run_id", "kind", "status", "model", "method", "method_name", "sparsity", "seed",
               "protocol", "protocol_body", "artifact_uri", "error", "achieved_sparsity", "start_time", "nonfinite",
               "sweep", "identity", "pruning", "calibration", "recovery"]
-LOCAL = ["artifacts"]  # where this machine finds a run's files: used by the report, never exported
+LOCAL = ["artifacts", "items_stage"]  # where this machine finds a run's files (and which stage's item scores to read
+# there): used by the report, never exported
 
 
 def load_results(workdir: Path, experiments: list[str], uri: str | None = None,
@@ -104,6 +105,7 @@ def stage_view(df: pd.DataFrame, stage: str) -> pd.DataFrame:
         raise ConfigError("no run of these experiments has a recovery stage (set `recovery:` in the experiment); "
                           "--stage recovered has nothing to rank")
     pruned = recovered["kind"] == "pruned"
+    recovered.loc[pruned, "items_stage"] = stage  # whose stored item scores the intervals read
     for column in [c for c in recovered.columns if c.startswith(prefix)]:
         recovered.loc[pruned, column.removeprefix(prefix)] = recovered.loc[pruned, column]
     for _, block in recovered[pruned].groupby(["model", "method"], sort=False):

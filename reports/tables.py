@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from reports import uncertainty
 from reports.query import STAGES
 from suite.run.record import MISS_TOLERANCE, metric
 from suite.stats import ci95
@@ -20,6 +21,10 @@ FIXED = ["mean_acc", "retained.mean_acc", "params_compact", RELAXED, SPEED, "pru
 MISS_NOTE = ("† the method's relaxation missed the target by more than 2 points of sparsity (relaxed sp.): the "
              "exact-budget projection decided the rest of the budget, so the row measures the projection as much as "
              "the method.")
+INTERVAL_NOTE = ("Perplexities and accuracies: mean and 95% interval over seeds and evaluation items together "
+                 "(documents, windows), each seed with its own calibration draw; a row of one seed covers the items "
+                 "only. Perplexity is exp of the mean token NLL, its interval exp of the NLL's. Other columns: the "
+                 "t-interval over seeds.")
 NONFINITE_NOTE = ("‡ a run's metric was not finite (inf or nan: the loss diverged); it is recorded as such, and a mean "
                   "that includes it is inf or nan.")
 
@@ -54,12 +59,15 @@ class Summary:
 
     model: str
     columns: list[str]
-    frame: pd.DataFrame  # index (method, sparsity); columns (column, 'mean'|'ci'|'n')
+    frame: pd.DataFrame  # index (method, sparsity); columns (column, 'mean'|'low'|'high'|'n')
+    seeds: pd.Series  # index (method, sparsity): the runs (seeds) of each row
     missed: frozenset[tuple[str, float]] = frozenset()  # (method, sparsity) rows with a run that missed its budget
     nonfinite: frozenset[tuple[str, float]] = frozenset()  # (method, sparsity) rows with a non-finite metric
+    broken: frozenset[tuple[str, float]] = frozenset()  # (method, sparsity) rows with a broken model
 
     def notes(self) -> list[str]:
-        return [n for n, rows in ((MISS_NOTE, self.missed), (NONFINITE_NOTE, self.nonfinite)) if rows]
+        return [INTERVAL_NOTE] + [n for n, rows in ((MISS_NOTE, self.missed), (NONFINITE_NOTE, self.nonfinite),
+                                                    (uncertainty.BROKEN_NOTE, self.broken)) if rows]
 
     def best(self) -> set[tuple[int, str]]:
         """(row position, column) pairs to bold: best pruned mean per column within each sparsity."""
@@ -95,58 +103,103 @@ def both_stages(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return pd.concat(rows), order
 
 
-def stderr_column(column: str) -> str:
-    """Where lm-eval's item-level stderr of an accuracy column is recorded (acc.X -> acc_stderr.X)."""
-    return "mean_acc_stderr" if column == "mean_acc" else column.replace("acc.", "acc_stderr.", 1)
+LEAD = 3  # method, sparsity, seeds: the text columns before the numbers
+ITEM_COLUMNS = ("ppl.", "acc.", "mean_acc", "retained.mean_acc")  # measured on evaluation items: crossed intervals
 
 
 def summarize(df: pd.DataFrame, model: str, methods: list[str] | None = None) -> Summary:
-    """`model`'s table: dense first, then by sparsity, methods alphabetically or in the order `methods` gives."""
+    """`model`'s table: dense first, then by sparsity, methods alphabetically or in the order `methods` gives.
+
+    Perplexities and accuracies carry their interval over seeds and evaluation items (`reports.uncertainty`), every
+    other column (prune time, sparsity, speed: one number per run) the t-interval over seeds."""
     runs = df[df["model"] == model]
     cols = columns(runs)
     grouped = runs.groupby(["method", "sparsity"], sort=False)[cols]
-    parts = {"mean": grouped.mean(), "ci": grouped.agg(ci95), "n": grouped.count()}
-    errors = {c: stderr_column(c) for c in cols if c.startswith(("acc.", "mean_acc")) and stderr_column(c) in runs}
-    se = runs.groupby(["method", "sparsity"], sort=False)[list(errors.values())].mean()
-    parts["se"] = se.rename(columns={v: k for k, v in errors.items()}).reindex(columns=cols)
+    mean, half = grouped.mean(), grouped.agg(ci95)
+    parts = {"mean": mean, "low": mean - half, "high": mean + half, "n": grouped.count()}
+    seeds = grouped.size().rename("seeds")
+    dense = runs[runs["kind"] == "dense"]
+    for (method, sparsity), block in runs.groupby(["method", "sparsity"], sort=False):
+        for column in [c for c in cols if c.startswith(ITEM_COLUMNS)]:
+            found = _item_interval(block, dense, column)
+            if found is None:
+                continue
+            if found.value == found.value:
+                parts["mean"].loc[(method, sparsity), column] = found.value
+            parts["low"].loc[(method, sparsity), column] = found.low
+            parts["high"].loc[(method, sparsity), column] = found.high
     frame = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1).sort_index(axis=1)
     rank = {m: i for i, m in enumerate(methods or [])}
     order = sorted(frame.index, key=lambda k: (k[0] != "dense", k[1], rank.get(k[0], len(rank)), k[0]))
     missed = runs[missed_budget(runs)]
     flagged = runs[runs["nonfinite"].fillna("").astype(bool)] if "nonfinite" in runs else runs.iloc[:0]
-    return Summary(model, cols, frame.loc[order], frozenset(zip(missed["method"], missed["sparsity"], strict=True)),
-                   frozenset(zip(flagged["method"], flagged["sparsity"], strict=True)))
+    broken = runs[uncertainty.broken(runs)]
+    return Summary(model, cols, frame.loc[order], seeds.loc[order],
+                   frozenset(zip(missed["method"], missed["sparsity"], strict=True)),
+                   frozenset(zip(flagged["method"], flagged["sparsity"], strict=True)),
+                   frozenset(zip(broken["method"], broken["sparsity"], strict=True)))
 
 
-def _cell(column: str, mean: float, ci: float, se: float = float("nan")) -> str:
-    """The mean, ± the 95% CI over seeds (where there are several), and for an accuracy lm-eval's item-level
-    stderr (se, mean over seeds): with 100 items a task's accuracy is good to about ±5 points."""
+def _item_interval(block: pd.DataFrame, dense: pd.DataFrame, column: str) -> uncertainty.Interval | None:
+    """A (method, sparsity) group's number in `column` from its stored item scores; without them, no interval (the
+    table shows the mean over seeds, never an interval from another unit); None: the dense row's retained %."""
+    measure = column if column.startswith("ppl.") else uncertainty.ACC
+    if column == "retained.mean_acc" and (block["kind"] == "dense").all():
+        return None  # the reference itself: 100 by definition
+    cell = uncertainty.cell_of(block, dense, measure)
+    method = str(block["method"].iloc[0])
+    if method not in cell.runs:
+        return uncertainty.NO_INTERVAL
+    if column.startswith("acc."):
+        task = column.removeprefix("acc.")
+        if task not in cell.strata:
+            return uncertainty.NO_INTERVAL
+        found = uncertainty.interval(cell, method, [cell.strata.index(task)], retained=False)
+    else:
+        found = uncertainty.interval(cell, method, retained=column == "retained.mean_acc")
+    if column.startswith("acc.") or column == "mean_acc":  # the table's accuracies are fractions
+        return uncertainty.Interval(found.value / 100, found.low / 100, found.high / 100, found.se, found.df,
+                                    found.seeds)
+    return found
+
+
+def _cell(column: str, mean: float, low: float, high: float) -> str:
+    """The mean and its 95% interval: '± half' for accuracies and run-level numbers, '[low, high]' for a perplexity
+    (exp of an interval on the NLL: not symmetric)."""
     if mean != mean:
         return "–"
     if column == "params_compact":
         return f"{mean / 1e6:.2f}M"
     if column == RELAXED:
         return f"{mean:.3f}"
+    if column.startswith("ppl."):
+        text = f"{mean:.2f}" if mean < 100 else f"{mean:.4g}"
+        return text if low != low else f"{text} [{low:.4g}, {high:.4g}]"
+    half = (high - low) / 2
     if column.startswith(("acc.", "mean_acc")):
-        text, half = f"{100 * mean:.1f}", f"{100 * ci:.1f}"
-    elif column.startswith(("retained", "ppl.")) or column == "prune_seconds":
-        text, half = f"{mean:.2f}" if mean < 100 else f"{mean:.1f}", f"{ci:.2f}"
+        text, half_text = f"{100 * mean:.1f}", f"{100 * half:.1f}"
+    elif column.startswith("retained") or column == "prune_seconds":
+        text, half_text = f"{mean:.2f}" if mean < 100 else f"{mean:.1f}", f"{half:.2f}"
     else:
-        text, half = f"{mean:.2f}", f"{ci:.2f}"
-    text = text if ci != ci else f"{text} ± {half}"
-    return f"{text} (se {100 * se:.1f})" if se == se else text
+        text, half_text = f"{mean:.2f}", f"{half:.2f}"
+    return text if half != half else f"{text} ± {half_text}"
+
+
+def seeds_text(seeds: int) -> str:
+    """The seeds a row's intervals rest on: one seed covers the items only, and says so."""
+    return "1 (items only)" if seeds == 1 else str(seeds)
 
 
 def cells(summary: Summary) -> tuple[list[str], list[list[str]], set[tuple[int, str]]]:
     """Header, string cells, and which cells are bold (as (row, column) pairs)."""
-    header = ["method", "sparsity", *(label(c) for c in summary.columns)]
+    header = ["method", "sparsity", "seeds", *(label(c) for c in summary.columns)]
     body = []
     for (method, sparsity), row in summary.frame.iterrows():
-        flags = (("†", summary.missed), ("‡", summary.nonfinite))
+        flags = (("†", summary.missed), ("‡", summary.nonfinite), ("✗", summary.broken))
         marks = "".join(mark for mark, rows in flags if (method, sparsity) in rows)
         name = f"{method} {marks}" if marks else str(method)
-        body.append([name, f"{sparsity:.2f}"] +
-                    [_cell(c, row[(c, "mean")], row[(c, "ci")], row[(c, "se")]) for c in summary.columns])
+        body.append([name, f"{sparsity:.2f}", seeds_text(int(summary.seeds.loc[(method, sparsity)]))] +
+                    [_cell(c, row[(c, "mean")], row[(c, "low")], row[(c, "high")]) for c in summary.columns])
     return header, body, summary.best()
 
 
@@ -160,10 +213,10 @@ def md_cell(value: object) -> str:
 def markdown(summary: Summary) -> str:
     header, body, bold = cells(summary)
     lines = ["| " + " | ".join(map(md_cell, header)) + " |",
-             "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+             "|" + "|".join(["---"] * LEAD + ["---:"] * (len(header) - LEAD)) + "|"]
     for i, row in enumerate(body):
-        out = [md_cell(v) for v in row[:2]] + [f"**{md_cell(v)}**" if (i, c) in bold else md_cell(v)
-                                               for c, v in zip(summary.columns, row[2:], strict=True)]
+        out = [md_cell(v) for v in row[:LEAD]] + [f"**{md_cell(v)}**" if (i, c) in bold else md_cell(v)
+                                                  for c, v in zip(summary.columns, row[LEAD:], strict=True)]
         lines.append("| " + " | ".join(out) + " |")
     for note in summary.notes():
         lines += ["", note]
@@ -181,15 +234,15 @@ def tex_escape(text: str) -> str:
 def latex(summary: Summary) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs}); a rule between sparsity levels."""
     header, body, bold = cells(summary)
-    lines = [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+    lines = [r"\begin{tabular}{" + "l" * LEAD + "r" * (len(header) - LEAD) + "}", r"\toprule",
              " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
     previous = None
     for i, row in enumerate(body):
         if previous is not None and row[1] != previous:
             lines.append(r"\midrule")
         previous = row[1]
-        out = [tex_escape(v) for v in row[:2]]
-        for c, v in zip(summary.columns, row[2:], strict=True):
+        out = [tex_escape(v) for v in row[:LEAD]]
+        for c, v in zip(summary.columns, row[LEAD:], strict=True):
             out.append(r"\textbf{" + tex_escape(v) + "}" if (i, c) in bold else tex_escape(v))
         lines.append(" & ".join(out) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -201,23 +254,24 @@ def html_table(summary: Summary) -> str:
     out = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
            "<tbody>"]
     for i, row in enumerate(body):
-        tds = [f"<td>{html.escape(v)}</td>" for v in row[:2]]
+        tds = [f"<td>{html.escape(v)}</td>" for v in row[:LEAD]]
         tds += [f"<td><b>{html.escape(v)}</b></td>" if (i, c) in bold else f"<td>{html.escape(v)}</td>"
-                for c, v in zip(summary.columns, row[2:], strict=True)]
+                for c, v in zip(summary.columns, row[LEAD:], strict=True)]
         out.append("<tr>" + "".join(tds) + "</tr>")
     note = [f'<p class="note">{html.escape(n)}</p>' for n in summary.notes()]
     return "\n".join([*out, "</tbody>", "</table>", *note]) + "\n"
 
 
 def csv_frame(summary: Summary) -> pd.DataFrame:
-    """Flat numbers: `<column>` (mean), `<column>.ci95`, `<column>.n`."""
+    """Flat numbers: `<column>` (mean), `<column>.low` and `<column>.high` (the 95% interval), `<column>.n`, and
+    the row's seeds."""
     flat = pd.DataFrame(index=summary.frame.index)
+    flat["seeds"] = summary.seeds
     for c in summary.columns:
         flat[c] = summary.frame[(c, "mean")]
-        flat[f"{c}.ci95"] = summary.frame[(c, "ci")]
+        flat[f"{c}.low"] = summary.frame[(c, "low")]
+        flat[f"{c}.high"] = summary.frame[(c, "high")]
         flat[f"{c}.n"] = summary.frame[(c, "n")]
-        if summary.frame[(c, "se")].notna().any():
-            flat[f"{c}.stderr"] = summary.frame[(c, "se")]
     return flat.reset_index()
 
 

@@ -58,7 +58,8 @@ def test_the_leaderboard_counts_duplicates_once_respects_coverage_and_keeps_cali
     cells = pd.DataFrame(main_board["cells"])
     at_half = cells[cells["sparsity"] == 0.5].set_index("method")
     assert set(at_half.index) == {"random", "magnitude", "wanda_sp"} and set(at_half["n"]) == {1}
-    assert at_half["ci_from"].eq("items").all()  # one seed: the interval comes from lm-eval's item stderr
+    assert at_half["covers"].eq("items (n = 1 seed)").all()  # one seed: the items only, and it says so
+    assert at_half["ppl [95%]"].str.contains(r"\[").all()  # perplexity with its interval
     coverage = pd.DataFrame(main_board["coverage"]).set_index("method")
     assert coverage.loc["wanda_sp"].tolist() == [0, 1]
     csv = pd.read_csv(out / "leaderboard.csv")

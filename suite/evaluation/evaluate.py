@@ -313,6 +313,8 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: bool = 
         result["tasks"], info = run_tasks(model, tokenizer, spec.tasks, spec.limit, spec.batch_size)
         accs = [v["acc"] for v in result["tasks"].values()]
         result["mean_acc"] = sum(accs) / len(accs)
+    # a uniform guess over the vocabulary has perplexity exactly this: a model above it is broken (reports mark it)
+    result["vocab_size"] = getattr(model.config, "vocab_size", None)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # what the numbers were computed in
     result["protocol"] = protocol(spec, info, ppl_hashes, dtype)
     return result
