@@ -3,8 +3,9 @@
 A grid variant's runs carry its knobs in `sweep` (JSON) and their values in `hp.<knob>`; the variants of one grid
 share a base label (`ddp` for `ddp[forward_map=identity,mu_end=20]`). Per knob, the other knobs are either
 marginalised (their runs pooled: the knob's average effect) or held (one row per combination of their values: the
-knob's effect at each of them), as the user chooses. Every cell is a mean with its 95% t-interval over the runs in
-it and their count; a cell holding a run whose relaxation missed its budget is marked †, so a knob's apparent effect
+knob's effect at each of them), as the user chooses. Every cell is a mean with its 95% interval over the runs in
+it and their count (perplexity and accuracies over those runs and the evaluation items, `reports.uncertainty`; one
+run: the items only); a cell holding a run whose relaxation missed its budget is marked †, so a knob's apparent effect
 that is really the exact-budget projection's is never read as the method's.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reports import uncertainty
 from reports.tables import RELAXED, label, missed_budget
 from suite.stats import ci95
 
@@ -59,16 +61,18 @@ def _ordered(values: pd.Series) -> list[object]:
     return sorted(unique) if numeric else unique
 
 
-def knob_table(block: pd.DataFrame, knobs: list[str], knob: str, columns: list[str], mode: str) -> pd.DataFrame:
-    """Rows: sparsity, (held: the other knobs' values), this knob's value; per metric its mean, CI and n, and
-    how many of the cell's runs missed their budget."""
+def knob_table(block: pd.DataFrame, knobs: list[str], knob: str, columns: list[str], mode: str,
+               dense: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows: sparsity, (held: the other knobs' values), this knob's value; per metric its mean, 95% half-width and
+    n, and how many of the cell's runs missed their budget. `dense`: the dense references (retained % on items)."""
     held = [f"knob.{k}" for k in knobs if k != knob] if mode == "held" else []
     keys = ["sparsity", *held, f"knob.{knob}"]
     rows = []
     for values, cell in block.groupby(keys, sort=False, dropna=False):
         row = dict(zip(keys, values, strict=True))
         for c in columns:
-            row |= {c: cell[c].mean(), f"{c}.ci95": ci95(cell[c]), f"{c}.n": int(cell[c].notna().sum())}
+            mean, half = summary(cell, c, dense)
+            row |= {c: mean, f"{c}.ci95": half, f"{c}.n": int(cell[c].notna().sum())}
         rows.append(row | {"missed_budget": int(cell["missed"].sum())})
     out = pd.DataFrame(rows)
     order = {v: i for i, v in enumerate(_ordered(block[f"knob.{knob}"]))}
@@ -76,7 +80,8 @@ def knob_table(block: pd.DataFrame, knobs: list[str], knob: str, columns: list[s
     return out.sort_values(["sparsity", *held, "_order"]).drop(columns="_order").reset_index(drop=True)
 
 
-def interaction(block: pd.DataFrame, a: str, b: str, column: str) -> dict[float, pd.DataFrame]:
+def interaction(block: pd.DataFrame, a: str, b: str, column: str,
+                dense: pd.DataFrame | None = None) -> dict[float, pd.DataFrame]:
     """Per sparsity, knob a's values x knob b's values: 'mean ± ci (n)' of `column` over the runs in each cell
     (the other knobs pooled), † where a run of the cell missed its budget."""
     out = {}
@@ -84,14 +89,25 @@ def interaction(block: pd.DataFrame, a: str, b: str, column: str) -> dict[float,
         rows, cols = _ordered(at[f"knob.{a}"]), _ordered(at[f"knob.{b}"])
         table = pd.DataFrame("–", index=pd.Index(rows, name=a), columns=pd.Index(cols, name=b))
         for (va, vb), cell in at.groupby([f"knob.{a}", f"knob.{b}"]):
-            table.loc[va, vb] = cell_text(column, cell[column], int(cell["missed"].sum()))
+            table.loc[va, vb] = cell_text(column, cell, int(cell["missed"].sum()), dense)
         out[float(sparsity)] = table
     return out
 
 
-def cell_text(column: str, values: pd.Series, missed: int = 0) -> str:
-    v = values.dropna()
-    return fmt(column, float(v.mean()) if len(v) else np.nan, ci95(v), len(v)) + (" †" if missed else "")
+def summary(cell: pd.DataFrame, column: str, dense: pd.DataFrame | None) -> tuple[float, float]:
+    """A cell's mean and 95% half-width: over its runs and the evaluation items for a perplexity or an accuracy
+    (a perplexity's half-width is the mean of its asymmetric interval's two sides), over its runs otherwise."""
+    values = cell[column].dropna()
+    if not column.startswith(uncertainty.ITEM_COLUMNS):
+        return (float(values.mean()) if len(values) else np.nan), ci95(values)
+    found = uncertainty.column_interval(cell, dense if dense is not None else cell.iloc[:0], column)
+    mean = found.value if found.value == found.value else (float(values.mean()) if len(values) else np.nan)
+    return mean, (found.high - found.low) / 2
+
+
+def cell_text(column: str, cell: pd.DataFrame, missed: int = 0, dense: pd.DataFrame | None = None) -> str:
+    mean, half = summary(cell, column, dense)
+    return fmt(column, mean, half, int(cell[column].notna().sum())) + (" †" if missed else "")
 
 
 def fmt(column: str, mean: float, half: float, n: int) -> str:

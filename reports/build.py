@@ -182,14 +182,16 @@ def ablation_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
     """Per params grid: each metric against each knob (tables and a plot), and every two-knob interaction."""
     parts = []
     columns = ablation.metrics(runs)
+    dense = runs[runs["kind"] == "dense"]
     for base, (knobs, block) in ablation.swept(runs).items():
         other = {"marginal": "the other knobs pooled (<code>--ablation held</code>: one row per value of each)",
                  "held": "one row per value of the other knobs (<code>--ablation marginal</code>: pooled)"}
         parts.append(f"<h3>ablation: {html.escape(base)} over {html.escape(', '.join(knobs))}</h3>"
-                     f"<p>mean ± 95% CI over the runs of each cell (n), {other[page.ablation]}; † a run of the cell "
+                     f"<p>mean ± 95% interval over the runs of each cell (n) and, for perplexity and accuracies, "
+                     f"the evaluation items too (one run: the items only), {other[page.ablation]}; † a run of the cell "
                      f"missed its budget: {html.escape(tables.MISS_NOTE.removeprefix('† '))}</p>")
         for knob in knobs:
-            table = ablation.knob_table(block, knobs, knob, columns, page.ablation)
+            table = ablation.knob_table(block, knobs, knob, columns, page.ablation, dense)
             stem = f"{name}_ablation_{slug(base)}_{slug(knob)}"
             shown = ablation.display(table, columns)
             files = [export(table, page.out / "tables" / f"{stem}.csv"),
@@ -200,7 +202,7 @@ def ablation_view(page: Page, runs: pd.DataFrame, model: str, name: str) -> str:
                       shown.to_html(index=False), page.figure(png, f"{base}: each metric against {knob}")]
         for a, b in combinations(knobs, 2):
             for column in columns[:2]:
-                for sparsity, table in ablation.interaction(block, a, b, column).items():
+                for sparsity, table in ablation.interaction(block, a, b, column, dense).items():
                     stem = f"{name}_ablation_{slug(base)}_{slug(a)}_x_{slug(b)}_{slug(column)}_sp{sparsity:g}"
                     md = page.write(f"tables/{stem}.md", tables.frame_markdown(table.reset_index()))
                     parts += [f"<h4>{html.escape(a)} x {html.escape(b)}: {html.escape(tables.label(column))}, "

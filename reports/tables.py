@@ -104,7 +104,6 @@ def both_stages(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 LEAD = 3  # method, sparsity, seeds: the text columns before the numbers
-ITEM_COLUMNS = ("ppl.", "acc.", "mean_acc", "retained.mean_acc")  # measured on evaluation items: crossed intervals
 
 
 def summarize(df: pd.DataFrame, model: str, methods: list[str] | None = None) -> Summary:
@@ -120,8 +119,10 @@ def summarize(df: pd.DataFrame, model: str, methods: list[str] | None = None) ->
     seeds = grouped.size().rename("seeds")
     dense = runs[runs["kind"] == "dense"]
     for (method, sparsity), block in runs.groupby(["method", "sparsity"], sort=False):
-        for column in [c for c in cols if c.startswith(ITEM_COLUMNS)]:
-            found = _item_interval(block, dense, column)
+        for column in [c for c in cols if c.startswith(uncertainty.ITEM_COLUMNS)]:
+            if column == "retained.mean_acc" and method == "dense":
+                continue  # the reference itself: 100 by definition
+            found = uncertainty.column_interval(block, dense, column)
             if found is None:
                 continue
             if found.value == found.value:
@@ -138,29 +139,6 @@ def summarize(df: pd.DataFrame, model: str, methods: list[str] | None = None) ->
                    frozenset(zip(missed["method"], missed["sparsity"], strict=True)),
                    frozenset(zip(flagged["method"], flagged["sparsity"], strict=True)),
                    frozenset(zip(broken["method"], broken["sparsity"], strict=True)))
-
-
-def _item_interval(block: pd.DataFrame, dense: pd.DataFrame, column: str) -> uncertainty.Interval | None:
-    """A (method, sparsity) group's number in `column` from its stored item scores; without them, no interval (the
-    table shows the mean over seeds, never an interval from another unit); None: the dense row's retained %."""
-    measure = column if column.startswith("ppl.") else uncertainty.ACC
-    if column == "retained.mean_acc" and (block["kind"] == "dense").all():
-        return None  # the reference itself: 100 by definition
-    cell = uncertainty.cell_of(block, dense, measure)
-    method = str(block["method"].iloc[0])
-    if method not in cell.runs:
-        return uncertainty.NO_INTERVAL
-    if column.startswith("acc."):
-        task = column.removeprefix("acc.")
-        if task not in cell.strata:
-            return uncertainty.NO_INTERVAL
-        found = uncertainty.interval(cell, method, [cell.strata.index(task)], retained=False)
-    else:
-        found = uncertainty.interval(cell, method, retained=column == "retained.mean_acc")
-    if column.startswith("acc.") or column == "mean_acc":  # the table's accuracies are fractions
-        return uncertainty.Interval(found.value / 100, found.low / 100, found.high / 100, found.se, found.df,
-                                    found.seeds)
-    return found
 
 
 def _cell(column: str, mean: float, low: float, high: float) -> str:

@@ -332,6 +332,33 @@ def rank_intervals(found: dict[tuple[str, float], Cell], methods: list[str], dra
     return pd.DataFrame(per_cell, columns=["model", "sparsity", "method", "rank_low", "rank_high"]), board
 
 
+ITEM_COLUMNS = ("ppl.", "acc.", "mean_acc", "retained.mean_acc")  # measured on evaluation items
+
+
+def column_interval(block: pd.DataFrame, dense: pd.DataFrame, column: str) -> Interval:
+    """The mean of `column` over the runs of `block` (one model; its rows the replicates: one method's seeds, or
+    an ablation cell's runs) with its interval over those runs and the items, from their stored item scores;
+    accuracies as fractions, like the metric. No interval without item scores or across models (never one from
+    another unit)."""
+    if block["model"].nunique() != 1:
+        return NO_INTERVAL
+    measure = column if column.startswith("ppl.") else ACC
+    rows = block.assign(method="rows", seed=range(len(block)))
+    cell = cell_of(rows, dense[dense["model"] == block["model"].iloc[0]], measure)
+    if "rows" not in cell.runs or cell.missing:
+        return NO_INTERVAL
+    if column.startswith("acc."):
+        task = column.removeprefix("acc.")
+        if task not in cell.strata:
+            return NO_INTERVAL
+        found = interval(cell, "rows", [cell.strata.index(task)], retained=False)
+    else:
+        found = interval(cell, "rows", retained=column == "retained.mean_acc")
+    if column.startswith("acc.") or column == "mean_acc":
+        return Interval(found.value / 100, found.low / 100, found.high / 100, found.se, found.df, found.seeds)
+    return found
+
+
 def rank_text(low: float, high: float) -> str:
     """'2' when the 95% rank interval is one rank, '1–3' otherwise, '–' without one."""
     if low != low:
