@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html
 import json
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from reports.build import (
     board_display,
     calibration_words,
     cells_display,
+    marked,
     measure_words,
     protocol_difference,
     protocol_words,
@@ -47,10 +49,12 @@ from reports.build import (
     stage_note,
 )
 from reports.query import LOCAL, STAGES, export, load_results, stage_view
+from reports.tables import frame_markdown
 from reports.uncertainty import measures
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
 from suite.run.record import flatten
+from suite.run.tracking import git_commit
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,9 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
         scores = leaderboard.cell_scores(board.runs)
         cells = cells_display(scores, mark=False)
         order = [m for m in rank["method"] if m in set(rank.loc[rank["rank"] != "–", "method"])]
-        grid = leaderboard.matrix(leaderboard.significance(board.runs, order), order) if len(order) > 1 else None
+        sig = leaderboard.significance(board.runs, order)
+        grid = leaderboard.matrix(sig, order) if len(order) > 1 else None
+        best = leaderboard.best_per_cell(board.runs)
         tests = [(measure, leaderboard.cell_significance(board.runs, measure)) for measure in measures(board.runs)]
         cover = leaderboard.coverage(board.pruned)
         differs = difference(board, found[0]) if i > 1 else ""
@@ -177,7 +183,7 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
                      f"{html.escape(stage_note(stage))} {html.escape(BOARD_NOTE)} {HOW_TO}</p>",
                      f"<p>{html.escape(recovery_words(json.loads(board.recovery)))}</p>" if board.recovery else "",
                      f"<h3>best method per model and sparsity</h3><p>{html.escape(BEST_NOTE)}</p>",
-                     leaderboard.best_per_cell(board.runs).to_html(index=False),
+                     best.to_html(index=False),
                      "<h3>ranking</h3>", interactive(board_display(rank), f"board {i}: ranking"),
                      f"<h3>every cell</h3><p>{html.escape(CELLS_NOTE)}</p>",
                      interactive(cells_display(scores), f"board {i}: (model, sparsity) cells"),
@@ -193,18 +199,23 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
         records.append({"board": i, "stage": stage, "protocol": board.protocol,
                         "calibration": json.loads(board.calibration or "{}"), "recovery": board.recovery,
                         "differs_from_board_1": differs, "experiments": records_of(board),
-                        "ranking": _records(rank), "cells": _records(cells), "coverage": _records(cover.reset_index())})
+                        "ranking": _records(rank), "cells": _records(cells), "coverage": _records(cover.reset_index()),
+                        "best": _records(best), "pairs": _records(leaderboard.significance_display(sig))})
     summary = {"experiments": experiments, "stage": stage, "stage_words": STAGE_WORDS[stage],
                "stores": [s.name for s in stores],
+               "built": {"date": time.strftime("%Y-%m-%d"), "code": git_commit()[:12],
+                         "machine": platform.node() or "unknown"},
                "runs": int((df["kind"] == "pruned").sum()), "duplicates_counted_once": duplicates, "boards": records}
     with output_dir(out, "leaderboard") as tmp:
         export(pd.concat(rankings), tmp / "leaderboard.csv")
         export(pd.concat(cell_rows), tmp / "cells.csv")
         (tmp / "leaderboard.json").write_text(json.dumps(summary, indent=1, default=str))
+        (tmp / "leaderboard.md").write_text(markdown(json.loads(json.dumps(summary, default=str))))
         head = (f"{summary['runs']} pruned runs of {html.escape(', '.join(experiments))} from "
                 f"{html.escape(', '.join(s.name for s in stores))}; {duplicates} found twice, counted once; "
                 f"{len(found)} board(s). Data: <a href=\"leaderboard.json\">json</a> · "
-                f"<a href=\"leaderboard.csv\">csv</a> · <a href=\"cells.csv\">cells csv</a>")
+                f"<a href=\"leaderboard.csv\">csv</a> · <a href=\"cells.csv\">cells csv</a> · "
+                f"<a href=\"leaderboard.md\">markdown</a>")
         (tmp / "index.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>prunebench leaderboard</title><style>{STYLE}{TABLES}</style></head><body>
 {generate_init_offline_itables_html(options.dt_bundle)}
@@ -220,6 +231,34 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
 TABLES = ("div.dt-layout-table{overflow-x:auto}"
           "table.dataTable tfoot input{width:100%;min-width:3em;box-sizing:border-box}")
 HOW_TO = "Sort by a header; filter with the search box or the boxes below a table."
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The leaderboard as Markdown, from its JSON alone (a results page is generated from the data, never copied):
+    per board the best method per cell, the ranking, every cell and the pooled paired tests, with what the
+    intervals, ranks and tests cover."""
+    built = summary.get("built", {})
+    lines = [f"# prunebench leaderboard ({summary['stage_words']})", "",
+             f"Built {built.get('date', '?')} at code {built.get('code', '?')} on {built.get('machine', '?')} from "
+             f"{summary['runs']} pruned runs of {', '.join(summary['experiments'])} "
+             f"({summary['duplicates_counted_once']} found twice, counted once).", "", BOARD_NOTE, ""]
+    for board in summary["boards"]:
+        calibration = calibration_words(json.dumps(board["calibration"], sort_keys=True))
+        lines += [f"## board {board['board']}: protocol {board['protocol']}", "", f"Calibration: {calibration}. "
+                  f"Experiments: {', '.join(board['experiments'])}."
+                  + (f" Differs from board 1 in: {board['differs_from_board_1']}." if board["differs_from_board_1"]
+                     else ""), ""]
+        ranking = pd.DataFrame(board["ranking"])
+        cells = pd.DataFrame(board["cells"])
+        cells["method"] = [marked(m, b) for m, b in zip(cells["method"], cells["broken"], strict=True)]
+        sections = [("best method per model and sparsity", BEST_NOTE, pd.DataFrame(board["best"])),
+                    ("ranking", "", board_display(ranking)),
+                    ("every cell", CELLS_NOTE, cells),
+                    ("paired tests, pooled over cells", MATRIX_NOTE, pd.DataFrame(board.get("pairs", [])))]
+        for title, note, frame in sections:
+            if len(frame):
+                lines += [f"### {title}", ""] + ([note, ""] if note else []) + [frame_markdown(frame)]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def records_of(board: Board) -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from prunebench.cli import main
+from reports.board import markdown
 from suite.testing import tiny_text_model
 
 EVALUATION = {"ppl": ["embedded:test@128/32"], "tasks": ["pb_next_line"], "limit": 12}
@@ -62,6 +63,10 @@ def test_the_leaderboard_counts_duplicates_once_respects_coverage_and_keeps_cali
     assert at_half["ppl [95%]"].str.contains(r"\[").all()  # perplexity with its interval
     coverage = pd.DataFrame(main_board["coverage"]).set_index("method")
     assert coverage.loc["wanda_sp"].tolist() == [0, 1]
+    # the Markdown page is rendered from the JSON alone, and says what its numbers cover
+    page_md = (out / "leaderboard.md").read_text()
+    assert page_md == markdown(summary) and "95% rank interval" in page_md and "### paired tests" in page_md
+    assert summary["built"]["code"] and main_board["best"] and main_board["pairs"]
     csv = pd.read_csv(out / "leaderboard.csv")
     assert set(csv["board"]) == {1, 2} and len(csv[csv["board"] == 2]) == 2
     page = (out / "index.html").read_text()
