@@ -267,3 +267,16 @@ def records_of(board: Board) -> list[str]:
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(df.drop(columns=[c for c in LOCAL if c in df.columns]).to_json(orient="records"))
+
+
+def main(argv: list[str]) -> int:
+    """`python -m reports.board LEADERBOARD_JSON OUT_MD`: a committed results page from a leaderboard's JSON."""
+    source, target = (Path(a) for a in argv)
+    target.write_text(markdown(json.loads(source.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

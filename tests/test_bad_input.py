@@ -110,6 +110,8 @@ CASES = {
                                   "target.units: this llama model has no expert units"),
     "unknown preset": (lambda root, model: _config(model, methods=[{"name": "ddp", "params": {"preset": "fast"}}]),
                        "unknown preset 'fast'"),
+    "truncated model.safetensors": (lambda root, model: _config(model, models=[str(_truncated_copy(root, model))]),
+                                    "a damaged safetensors file model.safetensors"),
     "method label outside the workdir": (lambda root, model: _config(model, methods=[{"name": "random",
                                                                                        "label": "../x"}]),
                                          "not a path"),
@@ -249,6 +251,17 @@ def test_an_unreachable_hub_is_one_line_in_seconds(store, tmp_path, monkeypatch,
     assert time.perf_counter() - started < CONNECT_TIMEOUT_S + 30
     assert _one_error_line(capsys).startswith("error: cannot reach the Hugging Face hub (127.0.0.1)")
     assert attempts and {a[0] for a in attempts} == {"127.0.0.1"}
+
+
+def _truncated_copy(root, model):
+    """The review's F1: a copy of the model whose model.safetensors lost its last two thirds."""
+    import shutil
+
+    path = root / "truncated"
+    if not path.exists():
+        shutil.copytree(model, path)
+        _truncate(path / "model.safetensors")
+    return path
 
 
 def _truncate(path):

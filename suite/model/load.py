@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,38 @@ def _load_hub(model_id: str, dtype: torch.dtype | None, trust_remote_code: bool)
             return model.eval(), _tokenizer(model_id, local_only=reason is not None)
     except (OSError, ValueError) as err:
         raise _load_error(f"cannot load {model_id!r} from the hub", err, trust_remote_code) from None
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Refuse a local checkpoint whose weights would not load, without reading the weights: every safetensors
+    file's header must parse and index exactly the bytes the file holds (what the safetensors loader checks), and
+    every shard a `model.safetensors.index.json` names must exist. `validate` and `run` call it in their preflight,
+    so a truncated download is refused by both with one line before any store is touched."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ModelLoadError(f"cannot load model from {folder}: a damaged {index.name}: {err}") from None
+        missing = sorted(f for f in shards if not (folder / f).is_file())
+        if missing:
+            raise ModelLoadError(f"cannot load model from {folder}: {index.name} names missing shard(s) {missing}")
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            try:
+                if not 0 < length <= size - 8:
+                    raise ValueError(f"the file has {size} bytes, too few for the header it starts with")
+                header = json.loads(handle.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                raise ModelLoadError(f"cannot load model from {folder}: a damaged safetensors file {path.name}: "
+                                     f"{str(err).splitlines()[0]}") from None
+        if 8 + length + end != size:
+            raise ModelLoadError(f"cannot load model from {folder}: a damaged safetensors file {path.name}: its "
+                                 f"header indexes {8 + length + end} bytes, the file has {size} (truncated?)")
 
 
 def _load_error(what: str, err: Exception, trust_remote_code: bool) -> ModelLoadError:

@@ -12,7 +12,7 @@ from suite.evaluation.evaluate import check_positions, check_tasks
 from suite.hub import hub_unreachable_reason, is_cached, require_hub
 from suite.methods.pruner import get_method
 from suite.model.families import FAMILIES
-from suite.model.load import resolve
+from suite.model.load import check_checkpoint, resolve
 from suite.model.masks import Target
 from suite.model.modeling_prunebench import MODEL_TYPE_PREFIX
 from suite.outputs import check_workdir
@@ -32,6 +32,7 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False, confirmed: b
     for spec in exp.models:
         where = resolve(spec)
         if isinstance(where, Path):
+            check_checkpoint(where)
             config = json.loads((where / "config.json").read_text())
             model_type = config.get("model_type", "").removeprefix(MODEL_TYPE_PREFIX)
             if model_type not in FAMILIES:
