@@ -374,8 +374,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"trial budget (tuning.n_trials = {exp.tuning.n_trials} for every tuned method):")
     for s in summaries:
         retried = f"; {s['retried']} retried after their worker died" if s["retried"] else ""
-        print(f"  {s['label']} on {s['model']}: {s['ran']} trials this run{retried}; study total {s['n_trials']} "
-              f"({s['complete']} complete, {s['pruned']} stopped early by the MedianPruner, {s['failed']} failed)")
+        repeats = f", {s['repeats']} repeated samples answered from their earlier twin" if s["repeats"] else ""
+        print(f"  {s['label']} on {s['model']}: {s['distinct']} distinct configurations pruned; {s['ran']} trials "
+              f"this run{retried}; study total {s['n_trials']} ({s['complete']} complete, {s['pruned']} stopped "
+              f"early by the MedianPruner, {s['failed']} failed{repeats})")
         if s["missed_budget"]:
             print(f"  warning: the best trial of {s['label']} missed its budget (relaxed sparsity "
                   f"{s['relaxed_sparsity']:.3f}, target {s['sparsity']}): the exact-budget projection decided the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 
@@ -211,7 +212,6 @@ def test_every_mask_learner_tunes_with_its_own_default_space_and_feeds_run(tmp_p
 
 
 def test_tune_resumes_one_study_and_feeds_run(tmp_path, model_dir):
-    import json
 
     import optuna
 
@@ -703,3 +703,42 @@ def test_a_replaced_folder_is_never_missing_and_leftovers_of_killed_writers_are_
         assert (out / "a.txt").read_text() == "2"  # the old report is back at its path before anything else
         (tmp / "a.txt").write_text("3")
     assert (out / "a.txt").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+SIX_POINTS = {"schedule": {"type": "categorical", "choices": ["geometric", "adaptive"]},
+              "travel": {"type": "categorical", "choices": [5.0, 10.0, 20.0]}}
+
+
+def repeats_answered_from_their_twin(trials) -> list:
+    """The trials that pruned, after checking that no configuration was pruned twice and that every repeated sample
+    carries its twin's number and value."""
+    by_number = {t.number: t for t in trials}
+    pruned = [t for t in trials if "repeat_of" not in t.user_attrs and t.state.name in ("COMPLETE", "PRUNED")]
+    assert len({tuple(sorted(t.params.items())) for t in pruned}) == len(pruned)  # none twice
+    for t in trials:
+        if "repeat_of" in t.user_attrs:
+            twin = by_number[t.user_attrs["repeat_of"]]
+            assert twin.params == t.params and twin.number < t.number and twin.value == t.value
+    return pruned
+
+
+def test_tuning_never_prunes_one_configuration_twice(tmp_path, model_dir, capsys):
+    """The review's F6: 12 trials over a 6-point space on SQLite. Each configuration is pruned once; a repeated
+    sample is answered from its earlier twin (its value, `repeat_of`), and the budget line counts distinct ones."""
+    import optuna
+
+    from suite.run.tuning import storage_uri
+
+    cfg = _config(tmp_path, model_dir)
+    workdir = tmp_path / "runs"
+    overrides = ["tuning.n_trials=12", "tuning.report_every=100", "methods.1.params.steps=4",
+                 f"tuning.search_space={{ddp: {json.dumps(SIX_POINTS)}}}"]
+    assert main(["tune", str(cfg), "--workdir", str(workdir), *(x for o in overrides for x in ("--set", o))]) == 0
+    (summary,) = optuna.get_all_study_summaries(storage_uri(workdir))
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage_uri(workdir)).trials
+    assert len(trials) == 12
+    pruned = repeats_answered_from_their_twin(trials)
+    assert len(pruned) <= 6 and len(trials) - len(pruned) >= 6
+    mlflow_trials = [r for r in _runs(workdir) if r.data.tags.get("prunebench.kind") == "trial"]
+    assert len(mlflow_trials) == len(pruned)  # a repeat prunes nothing, so records no run
+    assert f"{len(pruned)} distinct configurations pruned" in capsys.readouterr().out

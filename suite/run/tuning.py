@@ -145,6 +145,30 @@ def _open(exp: Experiment, workdir: Path, tracker: Tracker, study: _Study, sampl
                        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=exp.tuning.report_every))
 
 
+REPEAT_POLL_S = 2.0  # how often a repeated sample looks again at its earlier twin still running elsewhere
+
+
+def _evaluated_twin(trial: Any) -> Any | None:
+    """The study's earlier trial with exactly these parameters that finished (COMPLETE or PRUNED), if any. A twin
+    still RUNNING (another worker) is waited for, up to PRUNEBENCH_WAIT_S, so two workers never prune one
+    configuration twice; a twin that failed, or never finishes, does not count and the trial runs."""
+    import optuna
+
+    from suite.run.claims import wait_seconds
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    deadline = time.monotonic() + wait_seconds()
+    while True:
+        twins = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number
+                 and t.params == trial.params and "repeat_of" not in t.user_attrs]
+        done = [t for t in twins if t.state in finished]
+        if done:
+            return done[0]
+        if not any(t.state == optuna.trial.TrialState.RUNNING for t in twins) or time.monotonic() > deadline:
+            return None
+        time.sleep(REPEAT_POLL_S)
+
+
 def _trial(trial: Any, study: _Study, tracker: Tracker) -> float:
     """One trial: prune with the suggested parameters (intermediate losses to the MedianPruner), score the
     calibration-valid loss; a nested MLflow run records it, with the host and process that ran it."""
@@ -163,6 +187,13 @@ def _trial(trial: Any, study: _Study, tracker: Tracker) -> float:
     target = Target(**exp.target.model_dump(), sparsity=study.sparsity)
     params = entry.params | suggest(trial, exp.search_spaces()[study.label])
     trial.set_user_attr("sampler_seed", study.sampler_seed)  # which invocation's sampler proposed it
+    twin = _evaluated_twin(trial)
+    if twin is not None:  # Optuna's pattern for a repeated sample: the stored answer, not a second pruning
+        trial.set_user_attr("repeat_of", twin.number)
+        if twin.state == optuna.trial.TrialState.PRUNED:
+            raise optuna.TrialPruned()
+        trial.set_user_attr("relaxed_sparsity", twin.user_attrs.get("relaxed_sparsity"))
+        return float(twin.value)
     run_id = tracker.start(f"tune/{study.label}/{study.model.removeprefix('zoo:')}/trial{trial.number}",
                            _trial_identity(study.name, trial.number), {KIND: "trial"})
     config = method.Config(**params)
@@ -261,6 +292,10 @@ def _summary(workdir: Path, study: _Study, optuna_study: Any, before: int) -> di
                "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
                "failed": states.count("FAIL"), "relaxed_sparsity": best.user_attrs.get("relaxed_sparsity"),
                "retried": sum("failed_trial" in t.system_attrs for t in trials[before:]),
+               # the budget that counts: configurations actually pruned (a repeated sample was answered from its twin)
+               "distinct": sum("repeat_of" not in t.user_attrs and t.state.name in ("COMPLETE", "PRUNED")
+                               for t in trials),
+               "repeats": sum("repeat_of" in t.user_attrs for t in trials),
                "executor": exp.tuning.executor}
     summary["missed_budget"] = missed(summary["relaxed_sparsity"], study.sparsity)
     atomic.write_text(out, json.dumps(summary, indent=1, sort_keys=True))
