@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import suite
 from suite import progress
-from suite.errors import PruneBenchError
+from suite.errors import PruneBenchError, disk_full, no_space
 from suite.outputs import check_dir, check_file, write_json
 
 
@@ -641,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `prunebench methods --json | head`: the reader left; end quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
+    except Exception as err:  # a write that ran out of space anywhere (the store, a checkpoint, a report): one line
+        if no_space(err) is None:
+            raise
+        _close_bars()
+        print(f"error: {disk_full(err, Path(getattr(args, 'workdir', None) or '.'))}", file=sys.stderr)
+        return 2
 
 
 def _close_bars() -> None:

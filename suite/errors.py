@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class PruneBenchError(Exception):
@@ -43,6 +44,45 @@ class NumericalError(PruneBenchError):
 
 class StoreError(PruneBenchError):
     """The tracking or artifact store refused a write (full disk, permissions, a file where a folder should be)."""
+
+
+class DiskFull(StoreError):
+    """A write failed for lack of space (ENOSPC, EFBIG: a file-size limit, SQLite's "database or disk is full")."""
+
+
+NO_SPACE_ERRNOS = {28, 27, 122}  # ENOSPC, EFBIG, EDQUOT
+NO_SPACE_WORDS = ("database or disk is full", "no space left on device", "file too large", "disk quota exceeded")
+
+
+def no_space(err: BaseException | None) -> BaseException | None:
+    """The exception in `err`'s chain (its cause and context, as MLflow and SQLAlchemy wrap them) that says a write
+    ran out of space, or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, DiskFull) or (isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS):
+            return err
+        if any(word in str(err).lower() for word in NO_SPACE_WORDS):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def disk_full(err: BaseException, where: Path) -> DiskFull:
+    """The one line for a write that ran out of space: the path it was writing (the OSError's, else `where`: the
+    store) and the free space on that file system."""
+    import shutil
+
+    found = no_space(err) or err
+    if isinstance(found, DiskFull):
+        return found
+    path = Path(found.filename) if isinstance(found, OSError) and found.filename else Path(where)
+    probe = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    cause = (str(found).strip().splitlines() or [type(found).__name__])[0]
+    return DiskFull(f"no space to write {path} ({free / 2**20:.0f} MiB free on its file system; {cause[:200]}): "
+                    "the run in progress is marked FAILED and the sweep stopped; free some space and run again "
+                    "to resume")
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

@@ -207,6 +207,59 @@ def test_a_failing_artifact_store_is_one_line_and_a_resume_finishes_the_sweep(st
     assert sorted(r.data.tags.get("prunebench.kind", "parent") for r in runs) == ["dense", "parent", "pruned"]
 
 
+@pytest.mark.parametrize("where", ["artifact", "database"])
+def test_a_full_disk_is_one_line_the_run_failed_the_parent_closed_and_a_resume_finishes(store, where, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The review's F2: a write of the second grid point runs out of space (the artifact copy: ENOSPC; the tracking
+    database: SQLite's "database or disk is full", as MLflow wraps it). One error line naming the path and the free
+    space, exit 2; that run FAILED with its cause, the parent closed (not RUNNING), nothing else touched; the next
+    `run` resumes and finishes the sweep."""
+    import errno
+
+    from mlflow.exceptions import MlflowException
+
+    _, model = store
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_config(model, name="full", methods=[{"name": "random"}, {"name": "magnitude"}])))
+    workdir = tmp_path / "w"
+    calls = {"n": 0}
+    if where == "artifact":
+        original = Tracker.log_artifacts
+
+        def full(self, run_id, directory, artifact_path=None):
+            calls["n"] += 1
+            if calls["n"] == 3:  # dense's evaluation.json, random's artifacts, then magnitude's
+                raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "mlartifacts" / "x"))
+            return original(self, run_id, directory, artifact_path)
+
+        monkeypatch.setattr(Tracker, "log_artifacts", full)
+    else:
+        original = Tracker.log
+
+        def full(self, run_id, params=None, metrics=None, tags=None):
+            if metrics and "params_compact" in metrics:
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise MlflowException("(sqlite3.OperationalError) database or disk is full")
+            return original(self, run_id, params=params, metrics=metrics, tags=tags)
+
+        monkeypatch.setattr(Tracker, "log", full)
+    capsys.readouterr()
+    assert main(["--quiet", "run", str(path), "--workdir", str(workdir)]) == 2
+    line = _one_error_line(capsys, "no space to write", "MiB free", "resume")
+    assert (str(workdir / "mlartifacts" / "x") if where == "artifact" else str(workdir)) in line
+    t = Tracker(workdir, "full")
+    runs = t.client.search_runs([t.experiment_id])
+    status = sorted((r.data.tags.get("prunebench.kind", "parent"), r.info.status) for r in runs)
+    assert status == [("dense", "FINISHED"), ("parent", "FAILED"), ("pruned", "FAILED"), ("pruned", "FINISHED")]
+    failed = next(r for r in runs if r.info.status == "FAILED" and r.data.tags.get("prunebench.kind"))
+    assert "full" in failed.data.tags["prunebench.error"] or "space" in failed.data.tags["prunebench.error"]
+    monkeypatch.undo()
+    assert main(["run", str(path), "--workdir", str(workdir)]) == 0
+    done = t.client.search_runs([t.experiment_id], "attributes.status = 'FINISHED'")
+    assert sorted(r.data.params.get("method", "parent") for r in done) == ["dense", "magnitude", "parent", "random"]
+
+
 @pytest.mark.parametrize("case", ["unknown model", "wrong tuning label", "wrong search-space parameter"])
 def test_tune_refuses_before_creating_any_store(store, case, tmp_path, capsys):
     root, model = store

@@ -5,6 +5,7 @@ records. Each dense model is evaluated once per protocol and reused for every re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from suite.data.calibration import Calibration
-from suite.errors import PruneBenchError
+from suite.errors import PruneBenchError, disk_full, no_space
 from suite.evaluation.evaluate import evaluate
 from suite.methods.pruner import PruneResult, get_method
 from suite.model.compact import load_pruned, save_pruned
@@ -87,7 +88,10 @@ class Runner:
                 self.claims = claims
                 self._sweep(rows)
         except BaseException as err:  # the parent says how the sweep ended: FAILED on an error, KILLED on Ctrl-C
-            self.tracker.finish(parent, "FAILED" if isinstance(err, Exception) else "KILLED")
+            try:
+                self.tracker.finish(parent, "FAILED" if isinstance(err, Exception) else "KILLED")
+            except Exception:  # a store that refuses this write too (a full disk) must not hide why the sweep ended
+                log.debug("could not close the parent run", exc_info=True)
             raise
         finally:
             self.claims = None
@@ -215,8 +219,9 @@ class Runner:
         except ClaimLost:
             raise
         except Exception as err:
-            self.tracker.log(run_id, tags={ERROR: error_line(err)})
-            self.tracker.finish(run_id, "FAILED")
+            self._close_failed(run_id, err)
+            if no_space(err) is not None:
+                raise disk_full(err, self.workdir) from None
             raise
 
     def _dense_model(self, model: str) -> Any:
@@ -329,11 +334,24 @@ class Runner:
             self._failed(run_id, err)
 
     def _failed(self, run_id: str, err: Exception) -> None:
+        """Record a grid point's failure and go on; a write that ran out of space ends the sweep instead (every
+        later point would fail the same way), with the run marked FAILED as far as the store still takes it."""
         log.debug("run %s failed", run_id, exc_info=True)
+        if no_space(err) is not None:
+            self._close_failed(run_id, err)
+            raise disk_full(err, self.workdir) from None
         self.tracker.log(run_id, tags={ERROR: error_line(err)})
         self.tracker.finish(run_id, "FAILED")
         if self.fail_fast:
             raise err
+
+    def _close_failed(self, run_id: str, err: Exception) -> None:
+        """Mark a run FAILED with its cause, best effort: on a full disk the store may refuse this write too, and
+        then the run stays RUNNING until the next sweep's orphan check, which fails it."""
+        with contextlib.suppress(Exception):
+            self.tracker.log(run_id, tags={ERROR: error_line(err)})
+        with contextlib.suppress(Exception):
+            self.tracker.finish(run_id, "FAILED")
 
     def _record(self, run_id: str, spec: RunSpec, model: Any, tokenizer: Any, outcome: PruneOutcome, point: Point,
                 fence: Callable[[], None]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import suite
 from suite.atomic import locked, within
-from suite.errors import ConfigError, StoreError
+from suite.errors import ConfigError, StoreError, disk_full, no_space
 from suite.run.record import IDENTITY, NONFINITE, PREFIX, ROLE
 
 ARTIFACTS = "mlartifacts"  # in the workdir: every run's artifacts
@@ -348,6 +348,8 @@ def _store_errors() -> Iterator[None]:
     try:
         yield
     except OSError as err:
+        if no_space(err) is not None:
+            raise disk_full(err, Path(err.filename or ".")) from None
         raise StoreError(f"cannot write to the artifact store: {err}") from None
 
 
