@@ -318,10 +318,25 @@ def _settings(args: argparse.Namespace) -> list[str]:
     return [*args.set, *([f"device={args.device}"] if args.device else [])]
 
 
+def time_estimate(specs: list[Any], timings: dict[tuple[str, str], float]) -> str:
+    """'estimated time: ...' for `specs` from the store's median run time per (model, method); runs of a pair the
+    store has never finished are counted, not guessed."""
+    known = [timings[(s.model, s.method)] for s in specs if (s.model, s.method) in timings]
+    if not known:
+        return "estimated time: unknown (no finished run of these models and methods in this store yet)"
+    total = sum(known)
+    hours, minutes = divmod(round(total / 60), 60)
+    unknown = len(specs) - len(known)
+    return (f"estimated time: {f'{hours} h ' if hours else ''}{minutes} min for {len(known)} of the {len(specs)} runs "
+            "(the median run time of each model and method in this store, runs already done included)"
+            + (f"; {unknown} runs of models or methods this store has not run yet are not in it" if unknown else ""))
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """The same preflight as `run` (models, data, tasks, methods and targets, tuning), and nothing is written."""
     from suite.run.config import load_experiment
     from suite.run.preflight import preflight
+    from suite.run.tracking import run_timings
 
     exp = load_experiment(args.config, _settings(args))
     specs = preflight(exp, Path(args.workdir), confirmed=True)
@@ -330,6 +345,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"{args.config}: ok ({exp.name}: {len(exp.models)} models x {len(exp.methods)} methods x "
           f"{len(exp.sparsities)} sparsities x {len(exp.seeds)} seeds = {len(specs)} runs)")
+    print(time_estimate(specs, run_timings(Path(args.workdir), exp.tracking.uri)))
     if exp.recovery is not None:
         r = exp.recovery
         print(f"recovery: {r.method}, {r.steps} steps x {r.batch_size} x {r.seq_len} tokens on "

@@ -4,6 +4,7 @@ non-zero exit, and leaves what the store already holds as it was."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 
 import pytest
@@ -459,7 +460,12 @@ def test_a_grid_above_max_runs_needs_yes(store, tmp_path, capsys):
     _one_error_line(capsys, "the grid has 3 runs, more than max_runs 2: run with --yes")
     assert _snapshot(root / "w") == before
     assert main(["validate", str(path), "--workdir", str(root / "w")]) == 0
-    assert "3 runs is more than max_runs 2" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "3 runs is more than max_runs 2" in out.err
+    # the store has run this model and method: its median run time, times three
+    assert re.search(r"estimated time: \d+ min for 3 of the 3 runs", out.out), out.out
+    assert main(["validate", str(path), "--workdir", str(tmp_path / "w2")]) == 0
+    assert "estimated time: unknown" in capsys.readouterr().out and not (tmp_path / "w2").exists()
     assert main(["run", str(path), "--workdir", str(tmp_path / "w2"), "--yes"]) == 0
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import suite
 from suite.atomic import locked, within
 from suite.errors import ConfigError, StoreError, disk_full, no_space
-from suite.run.record import IDENTITY, NONFINITE, PREFIX, ROLE
+from suite.run.record import IDENTITY, KIND, NONFINITE, PREFIX, ROLE
 
 ARTIFACTS = "mlartifacts"  # in the workdir: every run's artifacts
 LOCK = ".tracking.lock"  # in the workdir: store creation and the parent run happen under it
@@ -313,6 +313,33 @@ def _count_runs(db: Path) -> int | None:
         return 0 if "no such table" in str(err) else None
     except sqlite3.Error:
         return None
+
+
+def run_timings(workdir: Path, uri: str | None = None) -> dict[tuple[str, str], float]:
+    """Median wall seconds of a FINISHED pruned run (pruning, evaluation and recording) per (model, method), over
+    every experiment of the store; {} where there is no store yet (a sqlite file is never created to find out) or
+    it cannot be read. What `validate` estimates a sweep's time from."""
+    import statistics
+
+    from mlflow.tracking import MlflowClient
+
+    target = store_uri(workdir, uri)
+    db = _sqlite_file(target)
+    if db is not None and not db.is_file():
+        return {}
+    try:
+        client = MlflowClient(tracking_uri=target)
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, f"tags.`{KIND}` = 'pruned' and attributes.status = 'FINISHED'",
+                                  max_results=50_000) if ids else []
+    except Exception:  # a store this version cannot read: no estimate, never an error from validate
+        return {}
+    seconds: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        if run.info.end_time and run.info.start_time:
+            key = (run.data.params.get("model", ""), run.data.params.get("method", ""))
+            seconds.setdefault(key, []).append((run.info.end_time - run.info.start_time) / 1000)
+    return {key: statistics.median(values) for key, values in seconds.items()}
 
 
 def _sqlite_file(uri: str) -> Path | None:
