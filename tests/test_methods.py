@@ -68,3 +68,35 @@ def test_random_depends_on_the_seed_and_magnitude_keeps_large_units():
     s = build_structure(copy.deepcopy(model))
     masks = get_method("magnitude")().prune(model, s, None, Target(sparsity=0.05)).masks
     assert not masks.keep["L00.mlp"][5]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_weights_changed_is_exact(method, family):
+    """`weights_changed` (a run stores a compact checkpoint only when it is true) says whether the method changed a
+    weight the compact model keeps, bit for bit: a layer-wise method that zeroes the consumer columns of the units it
+    removes (Wanda-sp, GISP) changed nothing that survives; a refit (SlimGPT) or an added bias (FLAP) did."""
+    from suite.methods.capture import consumer_weight, unit_columns
+    from suite.run.pipeline import kept_weights_changed, weights_digest
+
+    model = tiny_model(family)
+    s = build_structure(model, "kv_group")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    digest = weights_digest(model, s)
+    cls = get_method(method)
+    calibration = tiny_calibration(n=16, seed=0) if cls.needs_calibration else None
+    masks = cls(quick_config(cls)).prune(model, s, calibration, Target(sparsity=0.5), seed=0).masks
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for g in s.groups:  # what compaction drops: the removed units' consumer columns, whatever was written there
+        removed = unit_columns(g)[~masks.keep[g.name]].flatten()
+        view = consumer_weight(model, g)
+        for state in (before, after):
+            for name, p in model.named_parameters():
+                if p.untyped_storage().data_ptr() == view.untyped_storage().data_ptr() and name in state:
+                    offset = view.storage_offset() - p.storage_offset()
+                    flat = state[name].reshape(-1)
+                    cols = flat.as_strided(view.shape, view.stride(), offset)
+                    cols[:, removed] = 0
+    expected = before.keys() != after.keys() or any(not torch.equal(before[n], after[n]) for n in before)
+    assert kept_weights_changed(digest, weights_digest(model, s), s, masks) == expected
+    if method in ("wanda_sp", "magnitude", "random", "gisp", "llm_pruner"):
+        assert not expected  # these only choose units: nothing they keep may change

@@ -8,7 +8,6 @@ path, so a number means the same thing wherever it is made.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -42,19 +41,61 @@ class PruneOutcome:
     metrics: dict[str, Any]
 
 
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+CHUNK = 512  # the integer copy of a weight is made this many columns of its 2-D view at a time, never at full size
+
+
+def _bit_sums(weight: Tensor, dim: int) -> Tensor:
+    """Exact integer sums of `weight`'s bit patterns along `dim` of its 2-D view, plain and weighted by position,
+    modulo 2^64: [2, size of the other dim]. Integer addition does not depend on order, so the same bits give the
+    same sums on any device and thread count, and any changed bit changes them."""
+    rows = weight.detach().reshape(weight.shape[0], -1) if weight.dim() else weight.detach().reshape(1, 1)
+    rows = rows if dim == 1 else rows.T
+    out = torch.zeros(2, rows.shape[0], dtype=torch.int64, device=rows.device)
+    for start in range(0, rows.shape[1], CHUNK):
+        part = rows[:, start:start + CHUNK].contiguous()
+        bits = part.view(BITS.get(part.dtype, torch.int32)).to(torch.int64) if part.is_floating_point() \
+            else part.to(torch.int64)
+        position = torch.arange(start + 1, start + 1 + bits.shape[1], dtype=torch.int64, device=bits.device)
+        out[0] += bits.sum(1)
+        out[1] += bits @ position if bits.device.type == "cpu" else (bits * position).sum(1)
+    return out
+
+
 @torch.no_grad()
-def weights_digest(model: nn.Module) -> str:
-    """A digest of every parameter's values (its norm and its row and column sums weighted by position): tells
-    whether a method changed weights in place, without a copy of the model or a full-size temporary."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        rows = p.detach().reshape(p.shape[0], -1) if p.dim() else p.detach().reshape(1, 1)
-        r = rows.sum(1, dtype=torch.float32)
-        c = rows.sum(0, dtype=torch.float32)
-        values = (torch.linalg.vector_norm(rows, dtype=torch.float32), r @ torch.arange(len(r), device=r.device,
-                  dtype=torch.float32), c @ torch.arange(len(c), device=c.device, dtype=torch.float32))
-        h.update(f"{name}:{':'.join(f'{v.item():.9g}' for v in values)}".encode())
-    return h.hexdigest()
+def weights_digest(model: nn.Module, structure: Structure) -> dict[str, Tensor]:
+    """Exact digests of the model's weights, made to tell whether a method changed a weight the compact model keeps:
+    per column for every group's consumer weight (o_proj, down_proj, an expert's down projection), so the columns
+    of removed units, which layer-wise methods zero as they go, can be left out of the comparison; per parameter
+    for everything else."""
+    from suite.methods.capture import consumer_weight
+
+    out: dict[str, Tensor] = {}
+    covered = set()
+    for group in structure.groups:
+        view = consumer_weight(model, group)
+        out[f"consumer:{group.name}"] = _bit_sums(view, 0)
+        covered.add(view.untyped_storage().data_ptr())
+    for name, param in model.named_parameters():
+        if param.untyped_storage().data_ptr() not in covered:
+            out[name] = _bit_sums(param, 1)
+    return out
+
+
+def kept_weights_changed(before: dict[str, Tensor], after: dict[str, Tensor], structure: Structure,
+                         masks: Masks) -> bool:
+    """Did the method change any weight the compact model keeps? Consumer columns of removed units are not compared
+    (compaction drops them, whatever the method wrote there); every other digest must be identical."""
+    from suite.methods.capture import unit_columns
+
+    if before.keys() != after.keys():
+        return True
+    for group in structure.groups:
+        key = f"consumer:{group.name}"
+        kept = unit_columns(group)[masks.keep[group.name].cpu()].flatten()
+        if not torch.equal(before[key][:, kept], after[key][:, kept]):
+            return True
+    return any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("consumer:"))
 
 
 def prune_model(
@@ -78,12 +119,12 @@ def prune_model(
             place(model, device)
     torch.manual_seed(seed)
     structure = build_structure(model, granularity, target.units)
-    before = weights_digest(model)
+    before = weights_digest(model, structure)
     start = time.perf_counter()
     result = pruner.prune(model, structure, calibration, target, seed=seed)
     prune_seconds = time.perf_counter() - start
     # a method that rewrote weights (a refit, compensation biases) cannot be replayed from its masks alone
-    weights_changed = weights_digest(model) != before
+    weights_changed = kept_weights_changed(before, weights_digest(model, structure), structure, result.masks)
     stamp(result.masks, pruner.name, seed, target.model_dump(mode="json"))
     metrics = {
         "method": pruner.name,
