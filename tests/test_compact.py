@@ -170,3 +170,27 @@ def test_load_refuses_a_checkpoint_with_missing_weights(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises((RuntimeError, PruneBenchError), match=r"[Mm]issing"):
         load_pruned(tmp_path)
+
+
+def test_a_tied_non_uniform_checkpoint_stores_the_stock_embedding_key(tmp_path):
+    """The real-model review: a pruned model with tied embeddings stored its one matrix only as `lm_head.weight`.
+    It is stored once, under `model.embed_tokens.weight` (the key stock Llama files, GGUF converters and serving
+    engines read); prunebench's loader and stock `from_pretrained` (its shipped code) restore it tied and exact."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    s = build_structure(model, "query_head")
+    compact(model, s, _random_masks(s, 0.4, 2))
+    assert not model.config.prunebench_layout["stock"]
+    save_pruned(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    ids, attention = _inputs()
+    with torch.no_grad():
+        want = model(ids, attention_mask=attention).logits
+        for loaded in (load_pruned(tmp_path),
+                       AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()):
+            assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+            assert torch.equal(loaded(ids, attention_mask=attention).logits, want)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from suite.errors import ConfigError, ModelLoadError
@@ -257,7 +258,7 @@ def save_pruned(model: nn.Module, directory: Path, tokenizer: Any = None) -> Non
         shutil.copyfile(modeling_prunebench.__file__, directory / REMOTE_CODE)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(directory)
-        save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+        save_file(_unique_state(model), str(directory / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -286,6 +287,30 @@ def load_pruned(directory: str | Path, dtype: torch.dtype | None = None, trust_r
     config_class, model_class = PRUNED_CLASSES[family]
     config = config_class.from_dict(raw | {"model_type": config_class.model_type})
     model = model_class(config).to(dtype or getattr(torch, raw.get("dtype") or "float32"))
-    load_model(model, str(directory / WEIGHTS), strict=True)
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except SafetensorError as err:
+        raise ModelLoadError(f"cannot load model from {directory}: a damaged safetensors file: {err}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = set(model.state_dict()) - set(_unique_state(model))  # tied names, present under their partner's
+    if unexpected or set(missing) - shared:
+        raise ModelLoadError(f"{directory}: weights do not match the pruned layout (missing "
+                             f"{sorted(set(missing) - shared)[:5]}, unexpected {sorted(unexpected)[:5]})")
     model.tie_weights()
     return model.eval()
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors, each stored once: a tensor shared by two names (tied input and output embeddings) under
+    the input embedding's stock name (`model.embed_tokens.weight`), the key stock Llama files, GGUF converters and
+    serving engines look for, never only as `lm_head.weight`."""
+    embeddings = model.get_input_embeddings()
+    first = {f"{name}.weight" for name, module in model.named_modules() if module is embeddings}
+    tensors = model.state_dict()
+    state, seen = {}, set()
+    for name, tensor in sorted(tensors.items(), key=lambda item: (item[0] not in first, item[0])):
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor.contiguous()
+    return state
