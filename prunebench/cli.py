@@ -152,6 +152,24 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def anatomy(config: Any, model: Any) -> str:
+    """What a pruning researcher reads first: hidden size, heads and KV heads (how many query heads share one K/V
+    head: a kv_group unit removes all of them at once), head_dim, MLP width, experts, tied embeddings."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    parts = [f"hidden {config.hidden_size}", f"heads {heads}", f"KV heads {kv}"
+             + (f" ({heads // kv} query heads per KV group)" if heads and kv and heads != kv else ""),
+             f"head_dim {head_dim}", f"intermediate {getattr(config, 'intermediate_size', '–')}"]
+    if experts:
+        parts.append(f"experts {experts} (intermediate {getattr(config, 'moe_intermediate_size', '–')} each)")
+    parts += [f"vocab {config.vocab_size}", f"tied embeddings {'yes' if tied else 'no'}"]
+    return "  ".join(parts)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from suite.model.load import load_model
     from suite.model.structures import default_units, full_structure, unit_kinds
@@ -160,6 +178,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     s = full_structure(model, args.granularity)
     default = default_units(unit_kinds(s))
     print(f"family {s.family}  granularity {s.granularity}  layers {s.n_layers}  fingerprint {s.fingerprint}")
+    print(anatomy(model.config, model))
     print(f"pruned by default: {', '.join(default)} (target.units / --units to choose)")
     print(f"{'layer':>5}  {'group':<16} {'units':>6} {'params/unit':>12} {'params':>12}")
     for g in s.groups:

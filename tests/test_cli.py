@@ -93,6 +93,13 @@ def test_methods_and_inspect_list_what_exists(tmp_path, capsys):
     assert main(["inspect", "--model", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert "family mixtral" in out and "L00.expert003" in out and "prunable" in out
+    config = tiny_model("mixtral").config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    assert f"heads {heads}  KV heads {kv} ({heads // kv} query heads per KV group)" in out
+    assert f"head_dim {config.hidden_size // heads}" in out and "tied embeddings no" in out
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    assert main(["inspect", "--model", str(tmp_path / "tied")]) == 0
+    assert "tied embeddings yes" in capsys.readouterr().out
     torch.manual_seed(0)
 
 
