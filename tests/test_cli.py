@@ -240,3 +240,25 @@ def test_a_logged_run_says_each_grid_point_and_beats_during_a_prune(tmp_path, ca
     assert [line.endswith("already done") for line in capsys.readouterr().err.splitlines()] == [True, True]
     assert main(["--quiet", "run", str(path), "--workdir", str(tmp_path / "w")]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_validate_warns_when_kv_groups_are_too_coarse_for_the_target(tmp_path, caplog):
+    """The real-model review: 3 KV groups per layer and 20% per layer removed a third of the heads in most layers,
+    silently. validate (and run, through the same preflight) says so, and what query_head units would do."""
+    import json
+    import logging
+
+    from suite.testing import tiny_experiment, tiny_text_model
+
+    model = tiny_text_model(tmp_path / "m", family="qwen3")
+    config = json.loads((model / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    path = tiny_experiment(tmp_path, model, sparsities=[0.1, 0.5])
+    with caplog.at_level(logging.WARNING):
+        assert main(["validate", str(path), "--workdir", str(tmp_path / "w")]) == 0
+    assert not [r for r in caplog.records if "kv_group" in r.getMessage()]  # 2 groups: 0% vs 10% is close enough
+    path = tiny_experiment(tmp_path, model, sparsities=[0.15])
+    with caplog.at_level(logging.WARNING):
+        assert main(["validate", str(path), "--workdir", str(tmp_path / "w")]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if "kv_group" in r.getMessage()]
+    assert "lose 0% of its heads, not 15%" in warning and "query_head (4 units per layer) would remove 25%" in warning

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,8 @@ from suite.outputs import check_workdir
 from suite.run.claims import lease_seconds, wait_seconds
 from suite.run.config import Experiment
 from suite.run.grid import RunSpec, data_fingerprint, expand
+
+log = logging.getLogger(__name__)
 
 
 def preflight(exp: Experiment, workdir: Path, tuning: bool = False, confirmed: bool = False) -> list[RunSpec]:
@@ -45,6 +48,8 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False, confirmed: b
                 check_units(config, exp.target.units)
             except ConfigError as err:
                 raise ConfigError(f"{spec}: {err}") from None
+            for warning in coarse_kv_groups(config, exp):
+                log.warning("%s: %s", spec, warning)
         elif not is_cached(where, "config.json") and hub_unreachable_reason() is not None:
             require_hub(f"model {where!r}")
     lease_seconds()  # a malformed PRUNEBENCH_LEASE_S or PRUNEBENCH_WAIT_S is refused before anything starts
@@ -66,6 +71,32 @@ def preflight(exp: Experiment, workdir: Path, tuning: bool = False, confirmed: b
         except ConfigError as err:
             raise ConfigError(f"methods.{spec.label}: {err}") from None
     return specs
+
+
+COARSE = 0.10  # a per-layer attention cut further than this from the target: whole KV groups decide it
+
+
+def coarse_kv_groups(config: dict, exp: Experiment) -> list[str]:
+    """Warnings for sparsities that `kv_group` units cannot approach per layer: with few KV heads (SmolLM2-135M has 3
+    per layer) a layer's attention loses 0 or a whole group, a third of its heads, so per-layer selection at 20%
+    removes a third of the heads in most layers. Says what `query_head` units would do instead."""
+    heads = config.get("num_attention_heads") or 0
+    kv = config.get("num_key_value_heads") or heads
+    units = exp.target.units
+    if exp.granularity != "kv_group" or not kv or (units is not None and "attention" not in units):
+        return []
+    if units is None and (config.get("num_experts") or config.get("num_local_experts")):
+        return []  # MoE models prune expert channels by default
+    out = []
+    for sparsity in exp.sparsities:
+        removed = round(sparsity * kv) / kv
+        if abs(removed - sparsity) > COARSE:
+            fine = round(sparsity * heads) / heads
+            out.append(f"at sparsity {sparsity:g}, kv_group units (this model has {kv} KV groups per layer) let a "
+                       f"layer's attention lose {removed:.0%} of its heads, not {sparsity:.0%}, in every layer that "
+                       f"per-layer selection cuts evenly; granularity query_head ({heads} units per layer) would "
+                       f"remove {fine:.0%}, and selection global lets layers differ instead")
+    return out
 
 
 def check_units(config: dict, units: tuple[str, ...] | None) -> None:
