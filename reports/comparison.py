@@ -136,7 +136,9 @@ def render(data: dict[str, Any]) -> str:
         "evaluation items are the same for every row of a cell). *relaxed*: the sparsity the relaxation "
         f"reached before the exact-budget projection; † *missed*: runs more than {MISS:.0%} from the target. "
         "*vs hc*: the paired difference in perplexity to hard-concrete on the same seeds (same calibration "
-        "sample), its 95% t-interval, and in how many seeds the row was lower.",
+        "sample), its 95% t-interval, and in how many seeds the row was lower. These runs were recorded before "
+        "runs stored their item scores, so these intervals cover the seeds (and their calibration draws) but not "
+        "the evaluation items' noise, which the reports' intervals now include ([statistics](statistics.md)).",
         "",
         "| model | sparsity | steps | calibration | method | ppl | mean acc | relaxed | † missed | ppl vs hc | "
         "lower in | reading |",
