@@ -95,6 +95,7 @@ def both_stages(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     rows = [runs[runs["kind"] == "dense"]]
     for stage, words in STAGES.items():
         block = runs[recovered].copy()
+        block["items_stage"] = stage  # the intervals read that stage's stored item scores
         for column in [c for c in block.columns if c.startswith(f"{stage}.")]:
             block[column.removeprefix(f"{stage}.")] = block[column]
         block["method"] = block["method"] + f" ({words})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -213,6 +214,13 @@ def test_a_run_records_both_stages_and_reports_them_side_by_side(text_model, tmp
     assert len(list((tmp_path / "rep" / "figures").glob("*_recovery.png"))) == 1  # the recovery curves
     text = tables[0].read_text()
     assert text.index("random (w/o tune)") < text.index("random (w/ tune)") < text.index("wanda_sp (w/o tune)")
+    # each stage's row reads that stage's own stored item scores: its perplexity is the run's, stage by stage
+    rows = pd.read_csv(tables[0].with_suffix(".csv")).set_index("method")
+    column = next(c for c in rows.columns if c.startswith("ppl.") and c.count(".") == 1)
+    for run in runs:
+        label, m = run.data.params["label"], run.data.metrics
+        for stage, words in (("pruned", "w/o tune"), ("recovered", "w/ tune")):
+            assert rows.loc[f"{label} ({words})", column] == pytest.approx(m[f"{stage}.{column}"], rel=1e-9)
     for stage, words in (("pruned", "w/o tune"), ("recovered", "w/ tune")):
         out = tmp_path / f"board_{stage}"
         assert main(["leaderboard", "--experiment", "unit", "--workdir", str(workdir), "--out", str(out),
@@ -241,7 +249,6 @@ def test_a_run_records_both_stages_and_reports_them_side_by_side(text_model, tmp
     assert "recovery steps" in boards["recovered"]["boards"][1]["differs_from_board_1"]
     assert main(["report", "--experiment", "unit", "--workdir", str(workdir), "--out", str(tmp_path / "rep2"),
                  "--stage", "recovered"]) == 0
-    import pandas as pd
 
     shown = set(pd.read_csv(tmp_path / "rep2" / "results.csv")["method"])  # two stages under one label: told apart
     assert any("[recovery=" in m for m in shown), shown
