@@ -267,7 +267,7 @@ def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
              export(win.reset_index(names="method"), page.out / "tables" / f"{prefix}win_rate.csv"),
              export(sig, page.out / "tables" / f"{prefix}significance.csv"),
              export(grid.reset_index(), page.out / "tables" / f"{prefix}significance_matrix.csv")]
-    files += [export(t, page.out / "tables" / f"{prefix}tests_{measure}.csv") for measure, t in tests if len(t)]
+    files += [export(t, page.out / "tables" / f"{prefix}tests_{slug(measure)}.csv") for measure, t in tests if len(t)]
     missed = leaderboard.missed_runs(pruned)
     if len(missed):
         files.append(export(missed, page.out / "tables" / f"{prefix}missed_budget.csv"))
@@ -391,7 +391,8 @@ def calibration_words(spec: str) -> str:
     if not c:
         return "none"
     seed = c.get("seed")
-    fixed = c.get("fixed_draw", True)  # runs recorded before the setting existed all used one draw
+    # runs recorded before the setting existed all used one draw; MLflow gives the flag back as text
+    fixed = str(c.get("fixed_draw", True)).lower() == "true"
     draw = f"one draw for every run seed (seed {seed})" if fixed else f"each run seed s its own draw (seed {seed} + s)"
     return (f"{c.get('source')}:{c.get('split')}, {c.get('n')} sequences x {c.get('seq_len')} tokens "
             f"(+{c.get('valid_n')} held out), {draw}")

@@ -101,6 +101,7 @@ def test_report_has_every_part(report, store):
     assert set(pd.read_csv(report / "tables" / "significance.csv").columns) == {"a", "b", "cells", "seeds",
                                                                               "mean_diff_acc", "p", "p_holm"}
     assert (report / "tables" / "tests_acc.csv").is_file() and "95% rank interval" in index
+    assert len(list((report / "tables").glob("tests_ppl*.csv"))) == 1  # a perplexity spec holds a "/": one file
     assert json.loads((report / "report.json").read_text())["seconds"] < 60
 
 
@@ -347,3 +348,13 @@ def test_one_label_with_two_configurations_is_two_rows_and_a_non_finite_metric_i
     assert flagged["ppl.embedded_test_64/4"] == float("inf") and flagged["nonfinite"] == "ppl.embedded_test_64/4"
     table = tables.markdown(tables.summarize(df, str(model)))
     assert "magnitude[selection=global] ‡✗" in table and "| inf" in table and tables.NONFINITE_NOTE in table
+
+
+def test_calibration_words_read_the_draw_rule_as_mlflow_returns_it():
+    """MLflow gives params back as text: 'False' is each seed its own draw, never one draw because it is non-empty."""
+    from reports.build import calibration_words
+
+    base = {"source": "embedded", "split": "train", "n": 64, "seq_len": 128, "valid_n": 8, "seed": 0}
+    assert "each run seed s its own draw" in calibration_words(json.dumps(base | {"fixed_draw": "False"}))
+    assert "one draw for every run seed" in calibration_words(json.dumps(base | {"fixed_draw": "True"}))
+    assert "one draw for every run seed" in calibration_words(json.dumps(base))  # recorded before the setting
