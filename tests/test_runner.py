@@ -192,7 +192,7 @@ def test_every_mask_learner_tunes_with_its_own_default_space_and_feeds_run(tmp_p
     sets = [x for o in overrides for x in ("--set", o)]
     assert main(["tune", str(cfg), "--workdir", str(workdir), *sets]) == 0
     out, err = capsys.readouterr()
-    assert f"  {method} on {model_dir}: 2 trials this run; study total 2" in out
+    assert f"  {method} on {model_dir}: 2 distinct configurations pruned; 2 trials this run; study total 2" in out
     best = json.loads(next((workdir / "tuned").rglob("*.json")).read_text())
     # four steps never reach a 0.3 target: the best trial is a projection result, and tune says so
     assert best["missed_budget"] and abs(best["relaxed_sparsity"] - 0.3) > 0.02
