@@ -186,9 +186,10 @@ class Interval:
 NO_INTERVAL = Interval(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
 
 
-def interval(cell: Cell, method: str, strata: list[int] | None = None, retained: bool | None = None) -> Interval:
+def interval(cell: Cell, method: str, strata: list[int] | None = None, retained: bool = True) -> Interval:
     """`method`'s mean in `cell` with its crossed interval. Accuracy: retained % of dense on the same items (or,
-    `retained=False`, accuracy in %), over the strata given (default all tasks); perplexity: exp(mean NLL)."""
+    `retained=False` or without the dense model's items, the accuracy itself, a fraction as the metric is), over
+    the strata given (default all tasks); perplexity: exp(mean NLL)."""
     if method not in cell.runs or method in cell.missing or not cell.strata:
         return NO_INTERVAL
     chosen = list(range(len(cell.strata))) if strata is None else strata
@@ -202,9 +203,8 @@ def interval(cell: Cell, method: str, strata: list[int] | None = None, retained:
         mean, half = float(est.mean), float(est.half)
         return Interval(math.exp(mean), math.exp(mean - half), math.exp(mean + half), float(est.se), float(est.df),
                         seeds)
-    use_dense = (retained is not False) and cell.dense is not None
-    if not use_dense:
-        est = crossed([100 * x for x in tables], w)
+    if not retained or cell.dense is None:
+        est = crossed(tables, w)
         mean, half = float(est.mean), float(est.half)
         return Interval(mean, mean - half, mean + half, float(est.se), float(est.df), seeds)
     dense = [cell.dense[t] for t in chosen]
@@ -351,12 +351,8 @@ def column_interval(block: pd.DataFrame, dense: pd.DataFrame, column: str) -> In
         task = column.removeprefix("acc.")
         if task not in cell.strata:
             return NO_INTERVAL
-        found = interval(cell, "rows", [cell.strata.index(task)], retained=False)
-    else:
-        found = interval(cell, "rows", retained=column == "retained.mean_acc")
-    if column.startswith("acc.") or column == "mean_acc":
-        return Interval(found.value / 100, found.low / 100, found.high / 100, found.se, found.df, found.seeds)
-    return found
+        return interval(cell, "rows", [cell.strata.index(task)], retained=False)
+    return interval(cell, "rows", retained=column == "retained.mean_acc")
 
 
 def rank_text(low: float, high: float) -> str:

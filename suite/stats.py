@@ -53,8 +53,6 @@ class Estimate:
     mean: np.ndarray
     se: np.ndarray
     df: np.ndarray
-    seeds: int
-    items: int
 
     @property
     def half(self) -> np.ndarray:
@@ -85,7 +83,6 @@ def crossed(strata: Sequence[np.ndarray], weights: Sequence[float] | None = None
     if any(x.shape[-2] != seeds for x in strata):
         raise ValueError("every stratum needs the same seed rows")
     mean = sum(wt * x.mean(axis=(-2, -1)) for wt, x in zip(w, strata, strict=True))
-    items = sum(x.shape[-1] for x in strata)
     terms: list[tuple[np.ndarray, float]] = []  # (coefficient x mean square, its degrees of freedom)
     if seeds > 1:  # the seeds' spread of the whole statistic: seed effect + what each seed's items add
         per_seed = sum(wt * x.mean(axis=-1) for wt, x in zip(w, strata, strict=True))
@@ -108,12 +105,12 @@ def crossed(strata: Sequence[np.ndarray], weights: Sequence[float] | None = None
         terms += [(np.where(kept, item, 0.0), n - 1), (np.where(kept, -residual, 0.0), dof)]
     if not terms:
         nan = np.full(np.shape(mean), np.nan)
-        return Estimate(np.asarray(mean), nan, nan, seeds, items)
+        return Estimate(np.asarray(mean), nan, nan)
     variance = np.maximum(sum(t for t, _ in terms), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = variance**2 / sum(t**2 / d for t, d in terms)
     df = np.where(np.isfinite(df), np.maximum(df, 1.0), 1.0)
-    return Estimate(np.asarray(mean), np.sqrt(variance), df, seeds, items)
+    return Estimate(np.asarray(mean), np.sqrt(variance), df)
 
 
 def holm(p: np.ndarray) -> np.ndarray:

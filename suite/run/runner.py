@@ -220,8 +220,6 @@ class Runner:
             raise
         except Exception as err:
             self._close_failed(run_id, err)
-            if no_space(err) is not None:
-                raise disk_full(err, self.workdir) from None
             raise
 
     def _dense_model(self, model: str) -> Any:
@@ -338,8 +336,7 @@ class Runner:
         later point would fail the same way), with the run marked FAILED as far as the store still takes it."""
         log.debug("run %s failed", run_id, exc_info=True)
         if no_space(err) is not None:
-            self._close_failed(run_id, err)
-            raise disk_full(err, self.workdir) from None
+            self._close_failed(run_id, err)  # raises: the sweep stops
         self.tracker.log(run_id, tags={ERROR: error_line(err)})
         self.tracker.finish(run_id, "FAILED")
         if self.fail_fast:
@@ -347,11 +344,14 @@ class Runner:
 
     def _close_failed(self, run_id: str, err: Exception) -> None:
         """Mark a run FAILED with its cause, best effort: on a full disk the store may refuse this write too, and
-        then the run stays RUNNING until the next sweep's orphan check, which fails it."""
+        then the run stays RUNNING until the next sweep's orphan check, which fails it. A write that ran out of
+        space then ends the sweep with its one line (DiskFull)."""
         with contextlib.suppress(Exception):
             self.tracker.log(run_id, tags={ERROR: error_line(err)})
         with contextlib.suppress(Exception):
             self.tracker.finish(run_id, "FAILED")
+        if no_space(err) is not None:
+            raise disk_full(err, self.workdir) from None
 
     def _record(self, run_id: str, spec: RunSpec, model: Any, tokenizer: Any, outcome: PruneOutcome, point: Point,
                 fence: Callable[[], None]) -> None:
