@@ -187,9 +187,9 @@ NO_INTERVAL = Interval(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
 
 
 def interval(cell: Cell, method: str, strata: list[int] | None = None, retained: bool = True) -> Interval:
-    """`method`'s mean in `cell` with its crossed interval. Accuracy: retained % of dense on the same items (or,
-    `retained=False` or without the dense model's items, the accuracy itself, a fraction as the metric is), over
-    the strata given (default all tasks); perplexity: exp(mean NLL)."""
+    """`method`'s mean in `cell` with its crossed interval. Accuracy: retained % of dense on the same items (none when
+    the dense run stored no item scores), or with `retained=False` the accuracy itself, a fraction as the metric is,
+    over the strata given (default all tasks); perplexity: exp(mean NLL)."""
     if method not in cell.runs or method in cell.missing or not cell.strata:
         return NO_INTERVAL
     chosen = list(range(len(cell.strata))) if strata is None else strata
@@ -203,7 +203,9 @@ def interval(cell: Cell, method: str, strata: list[int] | None = None, retained:
         mean, half = float(est.mean), float(est.half)
         return Interval(math.exp(mean), math.exp(mean - half), math.exp(mean + half), float(est.se), float(est.df),
                         seeds)
-    if not retained or cell.dense is None:
+    if retained and cell.dense is None:
+        return NO_INTERVAL  # the dense reference stored no item scores: retained % has no interval of its own
+    if not retained:
         est = crossed(tables, w)
         mean, half = float(est.mean), float(est.half)
         return Interval(mean, mean - half, mean + half, float(est.se), float(est.df), seeds)

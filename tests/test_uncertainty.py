@@ -146,3 +146,18 @@ def test_only_shared_cells_are_ranked(tmp_path):
     rank = leaderboard.ranking(pd.concat(frames, ignore_index=True)).set_index("method")
     assert list(rank.index) == ["a", "b", "c"] and rank.loc["c", "rank"] == "–" and rank.loc["c", "cells"] == "1/2"
     assert np.isnan(rank.loc["c", "retained_acc_%"]) and rank.loc["a", "rank"] == "1"
+
+
+def test_a_dense_reference_without_item_scores_gives_retained_no_interval(tmp_path):
+    """A store resumed with this version: the dense run recorded before item scores, the pruned runs after. Retained %
+    is the runs' own number without an interval (never the raw accuracy passed off as retained)."""
+    rng = np.random.default_rng(6)
+    df = _runs(tmp_path, {"new": [_scores(rng, 0.6)]}, _scores(rng, 0.8))
+    (tmp_path / "dense" / "evaluation.json").write_text(json.dumps({"tasks": {}}))
+    u._evaluation.cache_clear()
+    scores = leaderboard.cell_scores(df).iloc[0]
+    assert scores["retained_acc_%"] == pytest.approx(df.loc[1, "retained.mean_acc"])
+    assert np.isnan(scores["ci95"]) and scores["ci_from"] == "–"
+    table = tables.summarize(df, "m").frame
+    assert np.isnan(table.loc[("new", 0.5), ("retained.mean_acc", "low")])
+    assert table.loc[("new", 0.5), ("mean_acc", "low")] < table.loc[("new", 0.5), ("mean_acc", "mean")]
