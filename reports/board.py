@@ -50,7 +50,6 @@ from reports.build import (
 )
 from reports.query import LOCAL, STAGES, export, load_results, stage_view
 from reports.tables import frame_markdown
-from reports.uncertainty import measures
 from suite.errors import ConfigError
 from suite.outputs import check_dir, output_dir
 from suite.run.record import flatten
@@ -172,7 +171,7 @@ def build_leaderboard(stores: list[Store], experiments: list[str], out: Path, st
         sig = leaderboard.significance(board.runs, order)
         grid = leaderboard.matrix(sig, order) if len(order) > 1 else None
         best = leaderboard.best_per_cell(board.runs)
-        tests = [(measure, leaderboard.cell_significance(board.runs, measure)) for measure in measures(board.runs)]
+        tests = leaderboard.cell_significance_by_measure(board.runs)
         cover = leaderboard.coverage(board.pruned)
         differs = difference(board, found[0]) if i > 1 else ""
         title = f"board {i}: protocol {board.protocol}, calibration {calibration_words(board.calibration)}"

@@ -258,7 +258,7 @@ def leaderboard_section(page: Page, runs: pd.DataFrame, prefix: str) -> str:
     sig = leaderboard.significance(runs, order)
     grid = leaderboard.matrix(sig, order)
     cells = leaderboard.cell_scores(runs)
-    tests = [(measure, leaderboard.cell_significance(runs, measure)) for measure in uncertainty.measures(runs)]
+    tests = leaderboard.cell_significance_by_measure(runs)
     files = [export(rank, page.out / "tables" / f"{prefix}leaderboard.csv"),
              page.write(f"tables/{prefix}leaderboard.md", tables.frame_markdown(board_display(rank))
                         + missed_markdown(pruned)),

@@ -159,6 +159,11 @@ def _separated(tests: pd.DataFrame, a: str, b: str) -> bool:
     return bool(row["p_holm"].iloc[0] < SIGNIFICANT and effect > 0)
 
 
+def cell_significance_by_measure(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """`cell_significance` for every measure the runs have (accuracy, each perplexity), each its own Holm family."""
+    return [(measure, cell_significance(runs, measure)) for measure in u.measures(runs)]
+
+
 def cell_significance(runs: pd.DataFrame, measure: str) -> pd.DataFrame:
     """Every pair of methods in every cell, paired on seeds and items (`measure`: accuracy points, or NLL in nats
     for a perplexity), with Holm's p over all of them."""
